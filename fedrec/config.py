@@ -1,0 +1,306 @@
+"""Compose and validate the run configuration.
+
+conf/ holds every default; the dataclasses below only give each group its keys, their types and
+the values they allow. Hydra refuses a key the schema does not name, OmegaConf refuses a value of
+the wrong type, and ``__post_init__`` refuses a value out of range, so a bad override fails here,
+before any data is read or any model trained.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.utils import setup_globals
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration key holds a value fedrec cannot run with."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+# ---------------------------------------------------------------------------------- dataset
+DATASET_FORMATS = ("synthetic", "movielens_100k", "movielens_1m", "lightgcn", "sequence", "csv")
+
+
+@dataclass
+class DatasetConfig:
+    # Names the run and its outputs; format picks the reader.
+    name: str = MISSING
+    format: str = MISSING
+    # Interactions with rating < min_rating are not positives; null keeps every row.
+    min_rating: float | None = MISSING
+    # Iteratively drop users and items with fewer than kcore interactions; 0 disables.
+    kcore: int = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.format in DATASET_FORMATS, "dataset.format", self.format,
+               f"one of {', '.join(DATASET_FORMATS)}")
+        _check(self.kcore >= 0, "dataset.kcore", self.kcore, "an integer >= 0")
+
+
+@dataclass
+class SyntheticDatasetConfig(DatasetConfig):
+    seed: int = MISSING
+    num_users: int = MISSING
+    num_items: int = MISSING
+    num_categories: int = MISSING
+    brands_per_category: int = MISSING
+    num_price_bands: int = MISSING
+    sessions_per_user: float = MISSING
+    items_per_session: float = MISSING
+    # Dirichlet concentration of a shopper's taste over categories: small means focused shoppers.
+    taste_concentration: float = MISSING
+    zipf_exponent: float = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("num_users", "num_items", "num_categories", "brands_per_category",
+                    "num_price_bands"):
+            value = getattr(self, key)
+            _check(value >= 1, f"dataset.{key}", value, "an integer >= 1")
+        _check(self.num_items >= self.num_categories, "dataset.num_items", self.num_items,
+               f"at least dataset.num_categories ({self.num_categories}) items")
+        for key in ("sessions_per_user", "items_per_session", "taste_concentration"):
+            value = getattr(self, key)
+            _check(value > 0, f"dataset.{key}", value, "a number > 0")
+        _check(self.zipf_exponent >= 0, "dataset.zipf_exponent", self.zipf_exponent,
+               "a number >= 0")
+
+
+@dataclass
+class FileDatasetConfig(DatasetConfig):
+    # The folder (or file) that holds the data; relative paths resolve against the working dir.
+    path: str = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(bool(self.path), "dataset.path", self.path,
+               "the folder or file holding the data (see data/README.md)")
+
+
+@dataclass
+class SequenceDatasetConfig(FileDatasetConfig):
+    # "auto" looks for <stem>_item2attributes.json beside the file; null reads no attributes.
+    attributes_path: str | None = MISSING
+
+
+@dataclass
+class CsvDatasetConfig(FileDatasetConfig):
+    # Optional item metadata CSV with columns item,attributes[,title]; null reads none.
+    items_path: str | None = MISSING
+    # Separates the attributes inside the metadata's attributes column.
+    attribute_separator: str = MISSING
+
+
+# -------------------------------------------------------------------------------- partition
+@dataclass
+class PartitionConfig:
+    kind: str = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("user", "silo"), "partition.kind", self.kind, "'user' or 'silo'")
+
+
+@dataclass
+class SiloPartitionConfig(PartitionConfig):
+    num_silos: int = MISSING
+    assignment: str = MISSING
+    alpha: float = MISSING
+    seed: int = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.num_silos >= 1, "partition.num_silos", self.num_silos, "an integer >= 1")
+        _check(self.assignment in ("iid", "dirichlet"), "partition.assignment", self.assignment,
+               "'iid' or 'dirichlet'")
+        _check(self.alpha > 0, "partition.alpha", self.alpha, "a number > 0")
+
+
+# ------------------------------------------------------------------------------------ model
+MODEL_KINDS = ("two_tower", "popularity")
+
+
+@dataclass
+class ModelConfig:
+    # popularity is the baseline: no parameters, every shopper gets the best sellers.
+    kind: str = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.kind in MODEL_KINDS, "model.kind", self.kind,
+               f"one of {', '.join(MODEL_KINDS)}")
+
+
+@dataclass
+class TwoTowerConfig(ModelConfig):
+    embedding_dim: int = MISSING
+    hidden_dim: int = MISSING
+    # How many of a shopper's most recent items the user tower sees.
+    max_history: int = MISSING
+    # Scores are cosine similarities divided by this temperature.
+    temperature: float = MISSING
+    dropout: float = MISSING
+    use_user_features: bool = MISSING
+    # A per-user vector that stays on the client and never enters the shared parameters.
+    personal_embedding: bool = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("embedding_dim", "hidden_dim", "max_history"):
+            value = getattr(self, key)
+            _check(value >= 1, f"model.{key}", value, "an integer >= 1")
+        _check(self.temperature > 0, "model.temperature", self.temperature, "a number > 0")
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
+
+
+# ------------------------------------------------------------------------------------ train
+LOSSES = ("sampled_softmax", "bpr")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    optimizer: str = MISSING
+    loss: str = MISSING
+    # Uniformly sampled negatives shared by a batch (sampled softmax) or one per example (BPR).
+    num_negatives: int = MISSING
+    logq_correction: bool = MISSING
+    # Threads torch may use; 0 keeps torch's choice.
+    num_threads: int = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer,
+               f"one of {', '.join(OPTIMIZERS)}")
+        _check(self.loss in LOSSES, "train.loss", self.loss, f"one of {', '.join(LOSSES)}")
+        _check(self.num_negatives >= 1, "train.num_negatives", self.num_negatives,
+               "an integer >= 1")
+        _check(self.num_threads >= 0, "train.num_threads", self.num_threads, "an integer >= 0")
+
+
+# ------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalConfig:
+    num_negatives: int = MISSING
+    ks: list[int] = MISSING
+    # Seeds the sampled negatives; kept apart from the run seed so every run ranks the same lists.
+    seed: int = MISSING
+    # Users scored per matrix product.
+    batch_size: int = MISSING
+    # The validation metric that picks the best epoch, as protocol.metric.
+    select_by: str = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.num_negatives >= 1, "eval.num_negatives", self.num_negatives,
+               "an integer >= 1")
+        _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", self.ks,
+               "a non-empty list of integers >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "an integer >= 1")
+        allowed = [f"sampled.{m}@{k}" for k in self.ks for m in ("hr", "ndcg")]
+        allowed += [f"full.{m}@{k}" for k in self.ks for m in ("recall", "ndcg")]
+        _check(self.select_by in allowed, "eval.select_by", self.select_by,
+               f"one of {', '.join(allowed)}")
+
+
+# ------------------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    dataset: DatasetConfig = MISSING
+    partition: PartitionConfig = MISSING
+    model: ModelConfig = MISSING
+    train: TrainConfig = MISSING
+    eval: EvalConfig = MISSING
+    seed: int = MISSING
+    num_rounds: int = MISSING
+    name: str = MISSING
+    # Where a run writes config.yaml, metrics.jsonl, summary.json and model.pt.
+    output_dir: str = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.num_rounds >= 1, "num_rounds", self.num_rounds, "an integer >= 1")
+        _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
+
+
+_SCHEMAS = {
+    "schema": {"fedrec": Config},
+    "schema/dataset": {
+        "synthetic": SyntheticDatasetConfig,
+        "file": FileDatasetConfig,
+        "sequence": SequenceDatasetConfig,
+        "csv": CsvDatasetConfig,
+    },
+    "schema/partition": {"user": PartitionConfig, "silo": SiloPartitionConfig},
+    "schema/model": {"two_tower": TwoTowerConfig, "popularity": ModelConfig},
+    "schema/train": {"train": TrainConfig},
+    "schema/eval": {"eval": EvalConfig},
+}
+
+
+def _register_schemas() -> None:
+    store = ConfigStore.instance()
+    for group, nodes in _SCHEMAS.items():
+        for name, node in nodes.items():
+            store.store(group=group, name=name, node=node)
+
+
+def parse_overrides(overrides: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Accept overrides as one shell-quoted string (as Flower's run_config carries them)."""
+    if isinstance(overrides, str):
+        return shlex.split(overrides)
+    return list(overrides)
+
+
+def compose_config(overrides: str | list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose conf/ with the overrides and validate every value; raise ConfigError if bad."""
+    if not CONF_DIR.is_dir():
+        raise ConfigError(f"config directory {CONF_DIR} is missing: fedrec must run from its "
+                          "project checkout (pip install -e .)")
+    setup_globals()  # registers Hydra's ${now:...} resolver used by output_dir
+    _register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=parse_overrides(overrides))
+        OmegaConf.resolve(cfg)
+        to_typed(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"bad configuration: {_explain(err)}") from err
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def _explain(err: BaseException) -> str:
+    """Hydra wraps the useful OmegaConf message (which key, which type) in its cause."""
+    lines = [str(err).split("\nConfig search path")[0].strip()]
+    cause = err.__cause__
+    while cause is not None:
+        lines.append(str(cause).strip())
+        cause = cause.__cause__
+    return "\n".join(lines)
+
+
+def to_typed(cfg: DictConfig) -> Config:
+    """The validated, typed view of a composed config (runs every __post_init__ check)."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

@@ -1,0 +1,148 @@
+"""The two-tower recommender: a shopper vector and an item vector, scored by their dot product.
+
+Scores are cosine similarities over a temperature, so serving is a dot product against an index
+of normalised item vectors. The item id table is shared by both towers and is looked up once per
+forward pass (history and candidates together): Opacus' ghost clipping refuses a module called
+twice in one forward. The optional personal embedding is the one part that never leaves a client;
+``shared_state`` is everything else and is what the federation exchanges.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedrec.config import TwoTowerConfig
+from fedrec.data.dataset import Dataset
+
+PERSONAL_PREFIX = "personal"
+
+
+class TwoTower(nn.Module):
+    def __init__(
+        self,
+        cfg: TwoTowerConfig,
+        item_attributes: np.ndarray,
+        num_attributes: int,
+        user_features: np.ndarray | None = None,
+        num_user_features: int = 0,
+        personal_users: np.ndarray | None = None,
+    ) -> None:
+        super().__init__()
+        num_items, dim = len(item_attributes), cfg.embedding_dim
+        self.num_items = num_items
+        self.temperature = cfg.temperature
+        # Row num_items is the padding item: it has no attributes and a zero id embedding.
+        attrs = np.vstack([item_attributes, np.zeros((1, item_attributes.shape[1]), np.int64)])
+        self.register_buffer("item_attributes", torch.as_tensor(attrs, dtype=torch.long))
+        self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=num_items)
+        self.attribute_embedding = nn.Embedding(num_attributes, dim, padding_idx=0)
+        self.item_mlp = _mlp(2 * dim, cfg.hidden_dim, dim, cfg.dropout)
+
+        self.feature_embedding: nn.Embedding | None = None
+        if cfg.use_user_features:
+            if user_features is None:
+                raise ValueError("model.use_user_features=true but the dataset has no user "
+                                 "features; set model.use_user_features=false")
+            self.register_buffer("user_features", torch.as_tensor(user_features,
+                                                                  dtype=torch.long))
+            self.feature_embedding = nn.Embedding(num_user_features, dim, padding_idx=0)
+        self.user_mlp = _mlp((2 if cfg.use_user_features else 1) * dim, cfg.hidden_dim, dim,
+                             cfg.dropout)
+
+        self.personal: nn.Embedding | None = None
+        if cfg.personal_embedding:
+            if personal_users is None:
+                raise ValueError("model.personal_embedding=true needs the users it holds")
+            users = torch.as_tensor(np.sort(personal_users), dtype=torch.long)
+            self.register_buffer(f"{PERSONAL_PREFIX}_users", users)
+            self.personal = nn.Embedding(len(users), dim)
+            nn.init.zeros_(self.personal.weight)  # a new shopper starts from the shared tower
+
+    @classmethod
+    def for_dataset(cls, cfg: TwoTowerConfig, dataset: Dataset,
+                    personal_users: np.ndarray | None = None) -> TwoTower:
+        features = dataset.user_features
+        return cls(cfg, dataset.item_attributes, dataset.num_attributes,
+                   user_features=features,
+                   num_user_features=0 if features is None else len(dataset.user_feature_names),
+                   personal_users=personal_users)
+
+    # ------------------------------------------------------------------------------ towers
+    def forward(self, history: torch.Tensor, candidates: torch.Tensor,
+                users: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of candidates for each history: (B, C) for candidates shared by the batch,
+        shape (C,), or for per-example candidates, shape (B, C)."""
+        ids = torch.cat([history.reshape(-1), candidates.reshape(-1)])
+        embedded = self.item_embedding(ids)
+        history_emb = embedded[: history.numel()].view(*history.shape, -1)
+        candidate_emb = embedded[history.numel():]
+        user = self._user_from_embedded(history, history_emb, users)
+        item = self._item_from_embedded(candidates.reshape(-1), candidate_emb)
+        if candidates.dim() == 1:
+            return user @ item.T / self.temperature
+        item = item.view(*candidates.shape, -1)
+        return torch.einsum("bd,bcd->bc", user, item) / self.temperature
+
+    def user_vectors(self, history: torch.Tensor,
+                     users: torch.Tensor | None = None) -> torch.Tensor:
+        return self._user_from_embedded(history, self.item_embedding(history), users)
+
+    def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        if items is None:
+            items = torch.arange(self.num_items, device=self.item_embedding.weight.device)
+        return self._item_from_embedded(items, self.item_embedding(items))
+
+    def _user_from_embedded(self, history: torch.Tensor, embedded: torch.Tensor,
+                            users: torch.Tensor | None) -> torch.Tensor:
+        mask = (history != self.num_items).unsqueeze(-1).float()
+        pooled = (embedded * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        parts = [pooled]
+        if self.feature_embedding is not None:
+            if users is None:
+                raise ValueError("this model reads user features: pass the users")
+            parts.append(_masked_mean(self.feature_embedding(self.user_features[users]),
+                                      self.user_features[users]))
+        vector = self.user_mlp(torch.cat(parts, dim=-1))
+        if self.personal is not None and users is not None:
+            slots = torch.searchsorted(self.personal_users, users)
+            known = (slots < len(self.personal_users)) & (
+                self.personal_users[slots.clamp(max=len(self.personal_users) - 1)] == users)
+            # Users this model holds no personal vector for are served by the shared tower.
+            vector = vector + self.personal(slots.clamp(max=len(self.personal_users) - 1)) * (
+                known.unsqueeze(-1).float())
+        return F.normalize(vector, dim=-1)
+
+    def _item_from_embedded(self, items: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        attrs = self.item_attributes[items]
+        attr_mean = _masked_mean(self.attribute_embedding(attrs), attrs)
+        return F.normalize(self.item_mlp(torch.cat([embedded, attr_mean], dim=-1)), dim=-1)
+
+    # ------------------------------------------------------------------ shared vs personal
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The parameters a client may send: all but the personal embedding."""
+        return {name: p.detach() for name, p in self.named_parameters()
+                if not name.startswith(PERSONAL_PREFIX)}
+
+    def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.shared_state())
+        if set(state) != expected:
+            raise ValueError(f"shared state keys differ: missing {sorted(expected - set(state))}"
+                             f", unexpected {sorted(set(state) - expected)}")
+        with torch.no_grad():
+            params = dict(self.named_parameters())
+            for name, value in state.items():
+                params[name].copy_(torch.as_tensor(value))
+
+
+def _mlp(inputs: int, hidden: int, outputs: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, outputs))
+
+
+def _masked_mean(embedded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-padding (index != 0) entries of the second-to-last axis."""
+    mask = (index != 0).unsqueeze(-1).float()
+    return (embedded * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)

@@ -1,0 +1,133 @@
+"""The one local training loop: the centralized reference and every client call ``train``.
+
+The caller owns the optimizer and the batches, so DP-SGD swaps in Opacus' private model,
+optimizer and Poisson-sampled loader, and FedProx passes its proximal term as ``penalty``,
+without a second copy of the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedrec.config import TrainConfig
+from fedrec.data.sequences import TrainExamples
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # history, target, user
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean batch loss of the last epoch
+    num_examples: int  # examples per epoch
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How a batch becomes a loss: the config's loss plus what it needs about the items."""
+
+    loss: str
+    num_items: int
+    num_negatives: int
+    # log of each item's share of the training targets, for the logQ correction; None disables.
+    item_log_share: torch.Tensor | None
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, examples: TrainExamples, num_items: int) -> Objective:
+        log_share = None
+        if cfg.logq_correction:
+            counts = torch.bincount(examples.target, minlength=num_items).float()
+            log_share = torch.log(counts.clamp(min=1.0) / max(len(examples), 1))
+        return cls(cfg.loss, num_items, cfg.num_negatives, log_share)
+
+    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        if self.loss == "bpr":
+            return self._bpr(model, batch, generator)
+        return self._sampled_softmax(model, batch, generator)
+
+    def _sampled_softmax(self, model: nn.Module, batch: Batch,
+                         generator: torch.Generator) -> torch.Tensor:
+        """Softmax over the batch's targets plus uniform negatives, corrected by logQ: an item
+        shows up as a candidate B*share + N/V times per batch in expectation, and popular items
+        would otherwise be pushed down just for being sampled often."""
+        history, target, user = batch
+        size = len(target)
+        negatives = torch.randint(0, self.num_items, (self.num_negatives,), generator=generator)
+        candidates = torch.cat([target, negatives])
+        logits = model(history, candidates, user)
+        if self.item_log_share is not None:
+            expected = size * self.item_log_share.exp()[candidates] + (
+                self.num_negatives / self.num_items)
+            logits = logits - torch.log(expected)
+        # Another row's target is a false negative when it is this row's item or this user's.
+        in_batch = (target.unsqueeze(1) == target.unsqueeze(0)) | (
+            user.unsqueeze(1) == user.unsqueeze(0))
+        in_batch &= ~torch.eye(size, dtype=torch.bool)
+        sampled = negatives.unsqueeze(0) == target.unsqueeze(1)
+        logits = logits.masked_fill(torch.cat([in_batch, sampled], dim=1), -math.inf)
+        return F.cross_entropy(logits, torch.arange(size))
+
+    def _bpr(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        history, target, user = batch
+        negative = torch.randint(0, self.num_items, target.shape, generator=generator)
+        scores = model(history, torch.stack([target, negative], dim=1), user)
+        return -F.logsigmoid(scores[:, 0] - scores[:, 1]).mean()
+
+
+def make_loader(examples: TrainExamples, batch_size: int, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    data = TensorDataset(examples.history, examples.target, examples.user)
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    objective: Objective,
+    *,
+    epochs: int,
+    seed: int,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train for ``epochs`` passes over ``batches``; ``penalty`` adds a term to every batch loss
+    (FedProx's proximal term)."""
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    last_loss, num_examples = math.nan, 0
+    for _ in range(epochs):
+        total, count, num_examples = 0.0, 0, 0
+        for batch in batches:
+            if len(batch[1]) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = objective(model, batch, generator)
+            if penalty is not None:
+                loss = loss + penalty(model)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            count += 1
+            num_examples += len(batch[1])
+        last_loss = total / max(count, 1)
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"training loss became {last_loss}: lower train.lr")
+    return TrainResult(loss=last_loss, num_examples=num_examples)
