@@ -1,0 +1,71 @@
+"""A run's output folder: config.yaml, metrics.jsonl, summary.json and model.pt (DESIGN.md).
+
+A run never writes into a folder that already holds another run's results, and every metrics
+line is flushed as it is written, so a crash keeps what was measured up to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedrec.data.dataset import Dataset
+from fedrec.model import TwoTower
+
+log = logging.getLogger(__name__)
+
+RESULT_FILES = ("metrics.jsonl", "summary.json", "model.pt")
+
+
+class RunOutputs:
+    def __init__(self, output_dir: str | Path, cfg: DictConfig) -> None:
+        self.path = Path(output_dir).expanduser().resolve()
+        taken = [name for name in RESULT_FILES if (self.path / name).exists()]
+        if taken:
+            raise FileExistsError(f"output_dir={self.path} already holds a run ({', '.join(taken)})"
+                                  ": choose another output_dir")
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        log.info("writing results to %s", self.path)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        (self.path / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+
+    def save_model(self, model: TwoTower | None, dataset: Dataset, cfg: DictConfig,
+                   extra: dict[str, Any] | None = None) -> None:
+        """The shared parameters plus what serving needs: item vectors and the id maps."""
+        payload: dict[str, Any] = {
+            "config": OmegaConf.to_container(cfg),
+            "item_ids": list(dataset.item_ids),
+            "attribute_names": list(dataset.attribute_names),
+            "item_attributes": torch.as_tensor(dataset.item_attributes),
+            "item_titles": None if dataset.item_titles is None else list(dataset.item_titles),
+            **(extra or {}),
+        }
+        if model is not None:
+            with torch.no_grad():
+                model.eval()
+                payload["shared_state"] = model.shared_state()
+                payload["item_vectors"] = model.item_vectors()
+        torch.save(payload, self.path / "model.pt")
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN is not JSON; a metric with nothing to average is written as null."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,43 @@
+import pytest
+
+from fedrec.config import ConfigError, compose_config, to_typed
+
+
+def test_defaults_compose_to_typed_groups():
+    cfg = to_typed(compose_config([]))
+    assert cfg.dataset.format == "synthetic"
+    assert cfg.model.kind == "two_tower"
+    assert cfg.train.lr > 0
+    assert list(cfg.eval.ks) == [10, 20]
+
+
+def test_override_string_is_split_like_a_shell():
+    cfg = to_typed(compose_config("train.lr=0.01 'name=my run'"))
+    assert cfg.train.lr == 0.01
+    assert cfg.name == "my run"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.foo=1", "train.foo"),
+        ("dataset=nope", "dataset/nope"),
+        ("train.lr=-0.1", "train.lr"),
+        ("train.lr=abc", "train.lr"),
+        ("train.loss=hinge", "train.loss"),
+        ("eval.ks=[]", "eval.ks"),
+        ("partition=silo partition.alpha=0", "partition.alpha"),
+        ("dataset=movielens_100k", "dataset.path"),
+        ("model.temperature=0", "model.temperature"),
+        ("eval.select_by=full.recall@50", "eval.select_by"),
+    ],
+)
+def test_bad_override_fails_naming_the_key(override, named):
+    with pytest.raises(ConfigError) as err:
+        compose_config(override)
+    assert named in str(err.value)
+
+
+def test_allowed_values_are_listed():
+    with pytest.raises(ConfigError, match="sampled_softmax, bpr"):
+        compose_config("train.loss=hinge")

@@ -1,0 +1,106 @@
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import typed_config
+
+from fedrec.centralized import reference_cases
+from fedrec.data.sequences import training_examples
+from fedrec.data.split import split_dataset
+from fedrec.metrics import evaluate_model, evaluate_popularity
+from fedrec.model import TwoTower
+from fedrec.train import Objective, make_loader, make_optimizer, train
+
+
+def build(tiny_shop, *overrides, personal=False):
+    cfg = typed_config(*overrides)
+    users = np.arange(tiny_shop.num_users) if personal else None
+    torch.manual_seed(0)
+    return cfg, TwoTower.for_dataset(cfg.model, tiny_shop, personal_users=users)
+
+
+def test_shapes_and_one_score_path(tiny_shop):
+    cfg, model = build(tiny_shop, "model.embedding_dim=8", "model.hidden_dim=16",
+                       "model.max_history=5")
+    model.eval()
+    history = torch.full((3, 5), tiny_shop.num_items)
+    history[:, -2:] = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    shared = model(history, torch.arange(7))
+    per_row = model(history, torch.arange(7).expand(3, 7))
+    assert shared.shape == per_row.shape == (3, 7)
+    direct = model.user_vectors(history) @ model.item_vectors(torch.arange(7)).T
+    assert torch.allclose(shared, direct / cfg.model.temperature, atol=1e-5)
+    assert torch.allclose(shared, per_row, atol=1e-5)
+    assert model.item_vectors().shape == (tiny_shop.num_items, 8)
+
+
+def test_personal_embedding_is_not_shared(tiny_shop):
+    _, model = build(tiny_shop, "model.personal_embedding=true", personal=True)
+    shared = model.shared_state()
+    assert shared and not any(k.startswith("personal") for k in shared)
+    assert any(k.startswith("personal") for k, _ in model.named_parameters())
+    _, plain = build(tiny_shop)
+    assert set(shared) == set(plain.shared_state())
+    plain.load_shared_state({k: v + 1 for k, v in shared.items()})
+    assert torch.allclose(plain.item_mlp[0].bias, model.item_mlp[0].bias + 1)
+    with pytest.raises(ValueError, match="missing"):
+        plain.load_shared_state({})
+
+
+def test_prefix_examples_never_see_their_target():
+    train_rows = pd.DataFrame({"user": [0, 0, 0, 1], "item": [3, 1, 2, 0], "order": [1, 2, 3, 1]})
+    ex = training_examples(train_rows, num_items=4, max_history=2)
+    assert ex.target.tolist() == [1, 2]
+    assert ex.history.tolist() == [[4, 3], [3, 1]]
+    assert ex.user.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("loss", ["sampled_softmax", "bpr"])
+def test_training_beats_popularity_on_the_shop(tiny_shop, loss):
+    cfg, model = build(tiny_shop, f"train.loss={loss}", "model.embedding_dim=16",
+                       "model.hidden_dim=32", "train.lr=0.01", "train.num_negatives=16")
+    split = split_dataset(tiny_shop)
+    _, test = reference_cases(split, tiny_shop.interactions, tiny_shop.num_items, 50, 10, 0)
+    examples = training_examples(split.train, tiny_shop.num_items, 50)
+    before = evaluate_model(model, test, [5], 64).means()["sampled"]["hr@5"]
+    result = train(model, make_optimizer(model, cfg.train), make_loader(examples, 32, 0),
+                   Objective.from_config(cfg.train, examples, tiny_shop.num_items),
+                   epochs=15, seed=0)
+    after = evaluate_model(model, test, [5], 64).means()["sampled"]["hr@5"]
+    counts = torch.bincount(torch.as_tensor(split.train["item"].to_numpy()),
+                            minlength=tiny_shop.num_items)
+    popularity = evaluate_popularity(counts, test, [5], 64).means()["sampled"]["hr@5"]
+    assert result.num_examples == len(examples) and np.isfinite(result.loss)
+    assert after > before
+    assert after > popularity
+
+
+def test_penalty_changes_the_update(tiny_shop):
+    cfg, model = build(tiny_shop, "model.embedding_dim=8", "model.hidden_dim=8")
+    split = split_dataset(tiny_shop)
+    examples = training_examples(split.train, tiny_shop.num_items, 50)
+    objective = Objective.from_config(cfg.train, examples, tiny_shop.num_items)
+    start = copy.deepcopy(model)
+
+    def run(penalty):
+        m = copy.deepcopy(start)
+        train(m, make_optimizer(m, cfg.train), make_loader(examples, 64, 0), objective,
+              epochs=1, seed=0, penalty=penalty)
+        return torch.cat([p.flatten() for p in m.shared_state().values()])
+
+    plain, again = run(None), run(None)
+    anchored = run(lambda m: 10.0 * sum((p ** 2).sum() for p in m.parameters()))
+    assert torch.equal(plain, again)  # deterministic given the seed
+    assert not torch.allclose(plain, anchored)
+
+
+def test_diverging_loss_is_reported(tiny_shop):
+    cfg, model = build(tiny_shop)
+    split = split_dataset(tiny_shop)
+    examples = training_examples(split.train, tiny_shop.num_items, 50)
+    with pytest.raises(FloatingPointError, match=r"train\.lr"):
+        train(model, make_optimizer(model, cfg.train), make_loader(examples, 64, 0),
+              Objective.from_config(cfg.train, examples, tiny_shop.num_items), epochs=1,
+              seed=0, penalty=lambda m: torch.tensor(float("nan")))
