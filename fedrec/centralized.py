@@ -15,12 +15,11 @@ import sys
 import time
 from typing import Any
 
-import pandas as pd
 import torch
 
 from fedrec.config import ConfigError, TwoTowerConfig, compose_config, to_typed
 from fedrec.data.loaders import load_dataset
-from fedrec.data.sequences import EvalCases, eval_cases, training_examples
+from fedrec.data.sequences import EvalCases, heldout_cases, training_examples
 from fedrec.data.split import Split, split_dataset
 from fedrec.metrics import evaluate_model, evaluate_popularity
 from fedrec.model import TwoTower
@@ -28,17 +27,6 @@ from fedrec.outputs import RunOutputs
 from fedrec.train import Objective, make_loader, make_optimizer, train
 
 log = logging.getLogger("fedrec.centralized")
-
-
-def reference_cases(split: Split, interacted: pd.DataFrame, num_items: int, max_history: int,
-                    num_negatives: int, seed: int) -> tuple[EvalCases, EvalCases]:
-    """Validation cases know train; test cases know train and validation."""
-    common = dict(num_items=num_items, max_history=max_history, num_negatives=num_negatives,
-                  seed=seed)
-    valid = eval_cases(split.train, split.valid, interacted, **common)
-    known = pd.concat([split.train, split.valid], ignore_index=True)
-    test = eval_cases(known, split.test, interacted, **common)
-    return valid, test
 
 
 def run(overrides: str | list[str]) -> dict[str, Any]:
@@ -53,9 +41,10 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
     split = split_dataset(dataset)
     outputs = RunOutputs(c.output_dir, cfg)
     max_history = c.model.max_history if isinstance(c.model, TwoTowerConfig) else 1
-    valid_cases, test_cases = reference_cases(
-        split, dataset.interactions[["user", "item"]], dataset.num_items, max_history,
-        c.eval.num_negatives, c.eval.seed)
+    common = dict(num_items=dataset.num_items, max_history=max_history,
+                  num_negatives=c.eval.num_negatives, seed=c.eval.seed)
+    valid_cases = heldout_cases(split, "valid", **common)
+    test_cases = heldout_cases(split, "test", **common)
     log.info("%d training interactions, %d validation and %d test users", len(split.train),
              len(valid_cases), len(test_cases))
 

@@ -174,7 +174,10 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 
 @dataclass
 class TrainConfig:
+    # Epochs of the centralized reference.
     epochs: int = MISSING
+    # Epochs each client trains per federated round.
+    local_epochs: int = MISSING
     batch_size: int = MISSING
     lr: float = MISSING
     weight_decay: float = MISSING
@@ -188,6 +191,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.local_epochs >= 1, "train.local_epochs", self.local_epochs,
+               "an integer >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
@@ -210,6 +215,11 @@ class EvalConfig:
     batch_size: int = MISSING
     # The validation metric that picks the best epoch, as protocol.metric.
     select_by: str = MISSING
+    # Federated runs evaluate after every `every` rounds (and always after the last).
+    every: int = MISSING
+    # Also evaluate the global model on the server (simulation and benchmarks only: the server
+    # then reads the whole dataset, which a real deployment does not have).
+    server: bool = MISSING
 
     def __post_init__(self) -> None:
         _check(self.num_negatives >= 1, "eval.num_negatives", self.num_negatives,
@@ -217,10 +227,38 @@ class EvalConfig:
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), "eval.ks", self.ks,
                "a non-empty list of integers >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.every >= 1, "eval.every", self.every, "an integer >= 1")
         allowed = [f"sampled.{m}@{k}" for k in self.ks for m in ("hr", "ndcg")]
         allowed += [f"full.{m}@{k}" for k in self.ks for m in ("recall", "ndcg")]
         _check(self.select_by in allowed, "eval.select_by", self.select_by,
                f"one of {', '.join(allowed)}")
+
+
+# --------------------------------------------------------------------------------- strategy
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+              "fedtrimmedavg", "fedmedian", "krum", "multikrum")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = MISSING
+    fraction_train: float = MISSING
+    fraction_evaluate: float = MISSING
+    min_train_nodes: int = MISSING
+    min_evaluate_nodes: int = MISSING
+    min_available_nodes: int = MISSING
+    # Keyword arguments of the Flower strategy class beyond the ones above (eta, beta, ...).
+    params: dict[str, Any] = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.name in STRATEGIES, "strategy.name", self.name,
+               f"one of {', '.join(STRATEGIES)}")
+        for key in ("fraction_train", "fraction_evaluate"):
+            value = getattr(self, key)
+            _check(0 < value <= 1, f"strategy.{key}", value, "a number in (0, 1]")
+        for key in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
+            value = getattr(self, key)
+            _check(value >= 1, f"strategy.{key}", value, "an integer >= 1")
 
 
 # ------------------------------------------------------------------------------------- root
@@ -231,6 +269,7 @@ class Config:
     model: ModelConfig = MISSING
     train: TrainConfig = MISSING
     eval: EvalConfig = MISSING
+    strategy: StrategyConfig = MISSING
     seed: int = MISSING
     num_rounds: int = MISSING
     name: str = MISSING
@@ -254,6 +293,7 @@ _SCHEMAS = {
     "schema/model": {"two_tower": TwoTowerConfig, "popularity": ModelConfig},
     "schema/train": {"train": TrainConfig},
     "schema/eval": {"eval": EvalConfig},
+    "schema/strategy": {"strategy": StrategyConfig},
 }
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from conftest import typed_config
 
-from fedrec.centralized import reference_cases
-from fedrec.data.sequences import training_examples
+from fedrec.data.sequences import heldout_cases, training_examples
 from fedrec.data.split import split_dataset
 from fedrec.metrics import evaluate_model, evaluate_popularity
 from fedrec.model import TwoTower
@@ -62,7 +61,8 @@ def test_training_beats_popularity_on_the_shop(tiny_shop, loss):
     cfg, model = build(tiny_shop, f"train.loss={loss}", "model.embedding_dim=16",
                        "model.hidden_dim=32", "train.lr=0.01", "train.num_negatives=16")
     split = split_dataset(tiny_shop)
-    _, test = reference_cases(split, tiny_shop.interactions, tiny_shop.num_items, 50, 10, 0)
+    test = heldout_cases(split, "test", num_items=tiny_shop.num_items, max_history=50,
+                         num_negatives=10, seed=0)
     examples = training_examples(split.train, tiny_shop.num_items, 50)
     before = evaluate_model(model, test, [5], 64).means()["sampled"]["hr@5"]
     result = train(model, make_optimizer(model, cfg.train), make_loader(examples, 32, 0),

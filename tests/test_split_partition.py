@@ -46,7 +46,7 @@ def test_presplit_data_keeps_its_split():
 
 def test_user_partition_gives_exactly_one_users_rows(tiny_shop):
     split = split_dataset(tiny_shop)
-    assignment = assign_clients(typed_config().partition, tiny_shop, split)
+    assignment = assign_clients(typed_config("partition=user").partition, tiny_shop, split)
     assert num_clients(assignment) == tiny_shop.num_users
     part = client_split(assignment, split, 7)
     for frame, full in zip((part.train, part.valid, part.test),

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedrec.data.split import Split
+
 
 @dataclass(frozen=True)
 class TrainExamples:
@@ -88,6 +90,21 @@ def eval_cases(
         heldout_items=torch.from_numpy(np.array(heldout["item"], dtype=np.int64)),
         negatives=torch.from_numpy(negatives),
     )
+
+
+def heldout_cases(split: Split, which: str, *, num_items: int, max_history: int,
+                  num_negatives: int, seed: int) -> EvalCases:
+    """Cases for the validation items (knowing train) or the test items (knowing train and
+    validation), with negatives drawn from items outside all three."""
+    interacted = pd.concat([split.train, split.valid, split.test], ignore_index=True)
+    if which == "valid":
+        known, heldout = split.train, split.valid
+    elif which == "test":
+        known, heldout = pd.concat([split.train, split.valid], ignore_index=True), split.test
+    else:
+        raise ValueError(f"which={which!r}: expected 'valid' or 'test'")
+    return eval_cases(known, heldout, interacted, num_items=num_items, max_history=max_history,
+                      num_negatives=num_negatives, seed=seed)
 
 
 def sample_negatives(

@@ -1,0 +1,146 @@
+"""What one federated node holds and does: its shoppers' data, a round of training, evaluation.
+
+``client_app.py`` only moves Flower records in and out of these functions. A node's data is
+read once per process and kept (a simulation process serves many virtual nodes, so the dataset is
+loaded once and each node's slice cut once). Raw interactions, user ids and personal vectors stay
+here: what leaves is the shared parameters and counts.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from fedrec.config import Config, ConfigError, TwoTowerConfig, compose_config, to_typed
+from fedrec.data.dataset import Dataset
+from fedrec.data.loaders import load_dataset
+from fedrec.data.partition import assign_clients, client_users, num_clients
+from fedrec.data.sequences import EvalCases, TrainExamples, heldout_cases, training_examples
+from fedrec.data.split import Split, split_dataset
+from fedrec.metrics import RankingSums, evaluate_model
+from fedrec.model import TwoTower
+from fedrec.train import Objective, TrainResult, make_loader, make_optimizer, train
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The dataset as a simulation process sees it: loaded, split and assigned to clients."""
+
+    cfg: Config
+    dataset: Dataset
+    split: Split
+    assignment: np.ndarray
+
+    @property
+    def num_clients(self) -> int:
+        return num_clients(self.assignment)
+
+
+@dataclass(frozen=True)
+class NodeData:
+    cfg: Config
+    dataset: Dataset  # the catalogue (ids, attributes) every node shares
+    users: np.ndarray
+    split: Split
+    examples: TrainExamples
+    objective: Objective
+    test_cases: EvalCases
+
+
+@functools.lru_cache(maxsize=2)
+def compose_once(overrides: str) -> DictConfig:
+    """One composition per process, so ${now:...} in output_dir resolves once."""
+    return compose_config(overrides)
+
+
+@functools.lru_cache(maxsize=2)
+def load_config(overrides: str) -> Config:
+    cfg = to_typed(compose_once(overrides))
+    if not isinstance(cfg.model, TwoTowerConfig):
+        raise ConfigError(f"model={cfg.model.kind} has no parameters to federate: "
+                          "use model=two_tower (run the baseline with fedrec.centralized)")
+    return cfg
+
+
+@functools.lru_cache(maxsize=2)
+def load_federation(overrides: str, data_path: str | None = None) -> Federation:
+    cfg = load_config(overrides)
+    dataset_cfg = cfg.dataset
+    if data_path is not None:
+        dataset_cfg = type(dataset_cfg)(**{**vars(dataset_cfg), "path": data_path})
+    dataset = load_dataset(dataset_cfg)
+    split = split_dataset(dataset)
+    return Federation(cfg, dataset, split, assign_clients(cfg.partition, dataset, split))
+
+
+@functools.lru_cache(maxsize=4096)
+def load_node(overrides: str, partition_id: int | None, num_partitions: int | None,
+              data_path: str | None = None) -> NodeData:
+    """A simulated node's partition (partition_id of num_partitions), or, in a deployment,
+    everything in the node's own ``data_path``."""
+    fed = load_federation(overrides, data_path)
+    if data_path is not None:
+        users = np.arange(fed.dataset.num_users)
+    else:
+        if partition_id is None or num_partitions is None:
+            raise ConfigError("this node has neither partition-id/num-partitions (simulation) "
+                              "nor data-path (deployment) in its node config")
+        if num_partitions != fed.num_clients:
+            raise ConfigError(
+                f"the federation has {num_partitions} nodes but partition={fed.cfg.partition.kind}"
+                f" gives {fed.num_clients} clients on {fed.dataset.name}: run with "
+                f"--federation-config \"num-supernodes={fed.num_clients}\"")
+        users = client_users(fed.assignment, partition_id)
+    return _node_data(fed, users)
+
+
+def _node_data(fed: Federation, users: np.ndarray) -> NodeData:
+    cfg, dataset = fed.cfg, fed.dataset
+    split = fed.split.for_users(users)
+    examples = training_examples(split.train, dataset.num_items, cfg.model.max_history)
+    test_cases = heldout_cases(split, "test", num_items=dataset.num_items,
+                               max_history=cfg.model.max_history,
+                               num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed)
+    objective = Objective.from_config(cfg.train, examples, dataset.num_items)
+    return NodeData(cfg, dataset, users, split, examples, objective, test_cases)
+
+
+def node_model(node: NodeData) -> TwoTower:
+    personal = node.users if node.cfg.model.personal_embedding else None
+    return TwoTower.for_dataset(node.cfg.model, node.dataset, personal_users=personal)
+
+
+def train_round(
+    node: NodeData,
+    model: TwoTower,
+    *,
+    lr: float,
+    local_epochs: int,
+    batch_size: int,
+    proximal_mu: float,
+    seed: int,
+) -> TrainResult:
+    """Train ``model`` (already holding the global shared state) on the node's examples."""
+    train_cfg = type(node.cfg.train)(**{**vars(node.cfg.train), "lr": lr})
+    penalty = None
+    if proximal_mu > 0:
+        anchor = {name: p.detach().clone() for name, p in model.named_parameters()
+                  if name in model.shared_state()}
+
+        def penalty(m: torch.nn.Module) -> torch.Tensor:
+            # FedProx: keep the local model near the global one it started from.
+            return proximal_mu / 2 * sum(((p - anchor[n]) ** 2).sum()
+                                         for n, p in m.named_parameters() if n in anchor)
+
+    return train(model, make_optimizer(model, train_cfg),
+                 make_loader(node.examples, batch_size, seed), node.objective,
+                 epochs=local_epochs, seed=seed, penalty=penalty)
+
+
+def evaluate_node(node: NodeData, model: TwoTower) -> RankingSums:
+    return evaluate_model(model, node.test_cases, list(node.cfg.eval.ks),
+                          node.cfg.eval.batch_size)

@@ -1,0 +1,133 @@
+"""What the server records every round: traffic, training loss and evaluation, as one line each.
+
+Flower's strategy loop calls the aggregation functions and then ``evaluate_fn`` once per round;
+``RoundLog`` hooks into exactly those calls, so a round's line is written (and logged) as soon
+as the round ends, and a crash later keeps every finished round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # type: ignore[attr-defined]
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore.run import Run
+
+from fedrec.metrics import RankingSums
+from fedrec.outputs import RunOutputs
+from fedrec.strategy import sum_metric_records
+
+log = logging.getLogger("fedrec.server")
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message: its arrays, metrics and configs."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+class MeteredGrid(Grid):
+    """The run's Grid, counting the payload bytes of every message sent and every reply."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.bytes_down = 0
+        self.bytes_up = 0
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.bytes_down += sum(record_bytes(m.content) for m in messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.bytes_up += sum(record_bytes(r.content) for r in replies if not r.has_error())
+        return replies
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+
+ServerEvaluation = Callable[[ArrayRecord], RankingSums]
+
+
+class RoundLog:
+    def __init__(self, outputs: RunOutputs, grid: MeteredGrid, num_rounds: int,
+                 server_evaluation: ServerEvaluation | None) -> None:
+        self.outputs = outputs
+        self.grid = grid
+        self.num_rounds = num_rounds
+        self.server_evaluation = server_evaluation
+        self.started = time.perf_counter()
+        self._train: dict[str, float] = {}
+        self._federated: RankingSums | None = None
+        self._bytes_seen = (0, 0)
+        self.last: dict[str, Any] = {}
+        self.last_federated: dict[str, Any] | None = None
+
+    def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
+        metrics = aggregate_metricrecords(records, weighting_key)
+        self._train = {**dict(metrics), "clients": len(records)}
+        return metrics
+
+    def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
+        total = sum_metric_records(records, weighting_key)
+        self._federated = RankingSums.from_flat(dict(total))
+        return total
+
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's evaluate_fn: called after every round (and before the first, as round 0)."""
+        record: dict[str, Any] = {"round": server_round}
+        if self._federated is not None:
+            record.update(self._federated.means())
+            record["evaluated_clients_users"] = self._federated.counts["full"]
+            self.last_federated = record.copy()
+        if self.server_evaluation is not None:
+            record["server"] = self.server_evaluation(arrays).means()
+        if self._train:
+            record["train_loss"] = self._train.get("train_loss")
+            record["train_clients"] = self._train["clients"]
+        up = self.grid.bytes_up - self._bytes_seen[0]
+        down = self.grid.bytes_down - self._bytes_seen[1]
+        self._bytes_seen = (self.grid.bytes_up, self.grid.bytes_down)
+        record.update(bytes_up=up, bytes_down=down,
+                      seconds=round(time.perf_counter() - self.started, 3))
+        self._train, self._federated = {}, None
+        self.outputs.log_metrics(record)
+        log.info("round %d/%d %s", server_round, self.num_rounds, _brief(record))
+        self.last = record
+        return None
+
+
+def _brief(record: dict[str, Any]) -> str:
+    parts = []
+    if "train_loss" in record and record["train_loss"] is not None:
+        parts.append(f"loss {record['train_loss']:.4f}")
+    for label, source in (("", record), ("server ", record.get("server", {}))):
+        for protocol, metric in (("sampled", "hr@10"), ("sampled", "ndcg@10"),
+                                 ("full", "recall@20")):
+            if protocol in source:
+                parts.append(f"{label}{protocol}.{metric} {source[protocol][metric]:.4f}")
+    parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB down {record['bytes_down'] / 1e6:.2f} MB")
+    return "  ".join(parts)

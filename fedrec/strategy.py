@@ -1,0 +1,86 @@
+"""Config -> Flower strategy, and the aggregation of ranking metrics as exact sums.
+
+Every strategy is Flower's own class from ``flwr.serverapp.strategy``; fedrec only chooses it,
+passes the hyper-parameters from conf/strategy/, and gives it two hooks: evaluation replies are
+added up (sums and counts, not a weighted mean of means), and federated evaluation is skipped
+between ``eval.every`` rounds.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategy
+
+from fedrec.config import ConfigError, StrategyConfig
+
+STRATEGY_CLASSES: dict[str, type[flwr_strategy.Strategy]] = {
+    "fedavg": flwr_strategy.FedAvg,
+    "fedprox": flwr_strategy.FedProx,
+    "fedadam": flwr_strategy.FedAdam,
+    "fedyogi": flwr_strategy.FedYogi,
+    "fedadagrad": flwr_strategy.FedAdagrad,
+    "fedavgm": flwr_strategy.FedAvgM,
+    "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
+    "fedmedian": flwr_strategy.FedMedian,
+    "krum": flwr_strategy.Krum,
+    "multikrum": flwr_strategy.MultiKrum,
+}
+# Keys every strategy takes from the top of its config group, not from params.
+COMMON_KEYS = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+               "min_available_nodes")
+# Keys fedrec sets itself and a user must not override through params.
+RESERVED_KEYS = ("weighted_by_key", "arrayrecord_key", "configrecord_key",
+                 "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn")
+
+
+def sum_metric_records(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Add the clients' metric sums and counts: averages of averages would weight a client with
+    one test user like a shop with a thousand."""
+    total = MetricRecord()
+    for record in records:
+        for metrics in record.metric_records.values():
+            for key, value in metrics.items():
+                total[key] = total.get(key, 0.0) + value  # type: ignore[operator]
+    return total
+
+
+MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
+
+
+def build_strategy(cfg: StrategyConfig, *, eval_every: int, num_rounds: int,
+                   train_metrics: MetricsAggregation,
+                   evaluate_metrics: MetricsAggregation) -> flwr_strategy.Strategy:
+    """The configured Flower strategy; unknown or reserved params fail here, before training."""
+    cls = STRATEGY_CLASSES[cfg.name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    allowed = sorted(accepted - set(COMMON_KEYS) - set(RESERVED_KEYS))
+    for key in cfg.params:
+        if key not in allowed:
+            raise ConfigError(f"strategy.params.{key} is not a parameter of {cls.__name__}: "
+                              f"expected one of {', '.join(allowed) or '(none)'}")
+    kwargs = {key: getattr(cfg, key) for key in COMMON_KEYS}
+    strategy = cls(**kwargs, **dict(cfg.params), train_metrics_aggr_fn=train_metrics,
+                   evaluate_metrics_aggr_fn=evaluate_metrics)
+    _evaluate_every(strategy, eval_every, num_rounds)
+    return strategy
+
+
+def _evaluate_every(strategy: flwr_strategy.Strategy, every: int, num_rounds: int) -> None:
+    """Skip federated evaluation except every ``every`` rounds and after the last round."""
+    configure = strategy.configure_evaluate
+
+    def configure_evaluate(server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if server_round % every and server_round != num_rounds:
+            return []
+        return configure(server_round, arrays, config, grid)
+
+    strategy.configure_evaluate = configure_evaluate  # type: ignore[method-assign]
+
+
+def evaluation_rounds(every: int, num_rounds: int) -> list[int]:
+    return [r for r in range(1, num_rounds + 1) if r % every == 0 or r == num_rounds]

@@ -1,0 +1,158 @@
+"""Federated training through the real Flower runtime: `flwr run` on this project, on a tiny shop.
+
+The managed local SuperLink these runs start is stopped at the end, unless it was already
+running before the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import typed_config
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedrec.client_app import PERSONAL_STATE
+from fedrec.client_app import app as client_app
+from fedrec.config import ConfigError
+from fedrec.model import TwoTower
+from fedrec.node import load_node, node_model, train_round
+from fedrec.simulation import SimulationError, run_federated, stop_local_superlink, superlink_pids
+from fedrec.strategy import STRATEGY_CLASSES, build_strategy
+
+TINY = ("dataset.num_users=60 dataset.num_items=40 dataset.num_categories=4 partition=silo "
+        "partition.num_silos=3 eval.num_negatives=10 train.local_epochs=2 train.lr=0.01 "
+        "model.embedding_dim=16 model.hidden_dim=32")
+
+
+@pytest.fixture(scope="module")
+def flower():
+    was_running = bool(superlink_pids())
+    yield run_federated
+    if not was_running:
+        stop_local_superlink()
+
+
+def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
+    out = tmp_path / "run"
+    summary = flower(f"{TINY} num_rounds=3 eval.server=true", num_supernodes=3, output_dir=out)
+
+    assert summary["mode"] == "federated" and summary["num_clients"] == 3
+    assert summary["num_users"] == 60 and summary["num_items"] == 40 and summary["rounds"] == 3
+    assert set(summary["metrics"]) == {"sampled", "full"}
+    assert set(summary["metrics"]["sampled"]) == {"hr@10", "ndcg@10", "hr@20", "ndcg@20"}
+    assert set(summary["metrics"]["full"]) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
+    assert summary["privacy"] == {"mechanism": "none", "epsilon": None, "delta": None,
+                                  "secagg": False}
+    assert summary["communication"]["bytes_up"] > 0 and summary["communication"]["bytes_down"] > 0
+    assert summary["wall_seconds"] > 0
+    assert "server_metrics" in summary  # labelled apart from the federated metrics
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2, 3]
+    for line in lines[1:]:
+        assert {"sampled", "full", "server", "train_loss", "bytes_up", "bytes_down",
+                "seconds"} <= set(line)
+        assert line["bytes_up"] > 0 and line["bytes_down"] > 0
+    assert lines[-1]["sampled"]["hr@10"] > lines[0]["sampled"]["hr@10"]
+    assert sum(line["bytes_up"] for line in lines) == summary["communication"]["bytes_up"]
+
+    saved = torch.load(out / "model.pt", weights_only=False)
+    cfg = typed_config(*TINY.split())
+    assert set(saved["shared_state"]) == set(
+        TwoTower.for_dataset(cfg.model, load_node(TINY, 0, 3).dataset).shared_state())
+    assert saved["item_vectors"].shape == (40, 16)
+    assert "dataset" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedavgm", "fedtrimmedavg",
+                                      "fedmedian", "multikrum"])
+def test_each_strategy_family_runs(flower, tmp_path, strategy):
+    summary = flower(f"{TINY} num_rounds=1 strategy={strategy}", num_supernodes=3,
+                     output_dir=tmp_path / strategy)
+    assert summary["strategy"] == strategy
+    assert 0 <= summary["metrics"]["sampled"]["hr@10"] <= 1
+
+
+def test_bad_override_fails_before_training(flower, tmp_path):
+    with pytest.raises(SimulationError, match=r"train\.lr=-1"):
+        flower(f"{TINY} train.lr=-1", num_supernodes=3, output_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGY_CLASSES))
+def test_every_strategy_builds_from_its_config(name):
+    cfg = typed_config(f"strategy={name}")
+    strategy = build_strategy(cfg.strategy, eval_every=1, num_rounds=2,
+                              train_metrics=lambda r, k: None, evaluate_metrics=lambda r, k: None)
+    assert isinstance(strategy, STRATEGY_CLASSES[name])
+
+
+def test_unknown_strategy_param_is_refused():
+    cfg = typed_config("strategy=fedadam", "+strategy.params.momentum=0.5")
+    with pytest.raises(ConfigError, match=r"strategy\.params\.momentum.*eta"):
+        build_strategy(cfg.strategy, eval_every=1, num_rounds=2,
+                       train_metrics=lambda r, k: None, evaluate_metrics=lambda r, k: None)
+
+
+def test_proximal_term_changes_the_update():
+    node = load_node(TINY, 0, 3)
+    torch.manual_seed(0)
+    start = node_model(node)
+
+    def trained(mu: float) -> torch.Tensor:
+        model = copy.deepcopy(start)
+        train_round(node, model, lr=0.05, local_epochs=2, batch_size=16, proximal_mu=mu, seed=0)
+        return torch.cat([p.flatten() for p in model.shared_state().values()])
+
+    origin = torch.cat([p.flatten() for p in start.shared_state().values()])
+    plain, proximal = trained(0.0), trained(5.0)
+    assert not torch.allclose(plain, proximal)
+    assert (proximal - origin).norm() < (plain - origin).norm()
+
+
+def test_node_data_is_loaded_once_and_partitions_must_match():
+    assert load_node(TINY, 1, 3) is load_node(TINY, 1, 3)
+    with pytest.raises(ConfigError, match="num-supernodes=3"):
+        load_node(TINY, 0, 5)
+
+
+def _train_message(overrides: str) -> tuple[Message, Context]:
+    # What Flower's runtime sets in a process before it builds messages for a run.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    node = load_node(overrides, 0, 3)
+    model = node_model(node)
+    content = RecordDict({
+        "arrays": ArrayRecord(torch_state_dict=model.shared_state()),
+        "config": ConfigRecord({"lr": 0.01, "local-epochs": 1, "batch-size": 16, "seed": 0,
+                                "server-round": 1}),
+    })
+    message = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config={"overrides": overrides})
+    return message, context
+
+
+def test_client_reply_holds_only_shared_parameters_and_counts():
+    overrides = f"{TINY} model.personal_embedding=true"
+    message, context = _train_message(overrides)
+    reply = client_app(message, context)
+    node = load_node(overrides, 0, 3)
+
+    arrays = reply.content["arrays"]
+    assert set(arrays.keys()) == set(node_model(node).shared_state())
+    assert not any("personal" in key for key in arrays)
+    assert set(reply.content["metrics"].keys()) == {"num-examples", "train_loss"}
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    # The personal vectors stayed on the node, one per user it holds.
+    personal = context.state[PERSONAL_STATE].to_torch_state_dict()
+    assert personal["personal.weight"].shape[0] == len(node.users)
+    assert personal["personal.weight"].abs().sum() > 0  # it trained
+    # Nothing rides along: every array is a shared parameter of exactly its shape, so no user
+    # id, interaction or personal vector is in what is sent back.
+    shared = node_model(node).shared_state()
+    assert {k: tuple(a.shape) for k, a in arrays.items()} == {
+        k: tuple(v.shape) for k, v in shared.items()}
