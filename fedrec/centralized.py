@@ -53,7 +53,7 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
         model, epochs = _train_two_tower(c, dataset, split, valid_cases, outputs, started)
         test = evaluate_model(model, test_cases, list(c.eval.ks), c.eval.batch_size)
     else:
-        counts = torch.bincount(torch.as_tensor(split.train["item"].to_numpy()),
+        counts = torch.bincount(torch.tensor(split.train["item"].to_numpy()),
                                 minlength=dataset.num_items)
         test = evaluate_popularity(counts, test_cases, list(c.eval.ks), c.eval.batch_size)
         epochs = 0

@@ -15,7 +15,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fedrec.config import Config, ConfigError, TwoTowerConfig, compose_config, to_typed
+from fedrec.config import (
+    Config,
+    ConfigError,
+    FileDatasetConfig,
+    TwoTowerConfig,
+    compose_config,
+    to_typed,
+)
 from fedrec.data.dataset import Dataset
 from fedrec.data.loaders import load_dataset
 from fedrec.data.partition import assign_clients, client_users, num_clients
@@ -71,9 +78,14 @@ def load_federation(overrides: str, data_path: str | None = None) -> Federation:
     cfg = load_config(overrides)
     dataset_cfg = cfg.dataset
     if data_path is not None:
+        if not isinstance(dataset_cfg, FileDatasetConfig):
+            raise ConfigError(f"node config data-path={data_path!r} needs a file dataset, but "
+                              f"dataset={dataset_cfg.format} reads no files")
         dataset_cfg = type(dataset_cfg)(**{**vars(dataset_cfg), "path": data_path})
     dataset = load_dataset(dataset_cfg)
     split = split_dataset(dataset)
+    if data_path is not None:  # a deployed node is one client holding everything it reads
+        return Federation(cfg, dataset, split, np.zeros(dataset.num_users, dtype=np.int64))
     return Federation(cfg, dataset, split, assign_clients(cfg.partition, dataset, split))
 
 
@@ -84,7 +96,7 @@ def load_node(overrides: str, partition_id: int | None, num_partitions: int | No
     everything in the node's own ``data_path``."""
     fed = load_federation(overrides, data_path)
     if data_path is not None:
-        users = np.arange(fed.dataset.num_users)
+        partition_id = 0  # the node's own data is one client's
     else:
         if partition_id is None or num_partitions is None:
             raise ConfigError("this node has neither partition-id/num-partitions (simulation) "
@@ -94,8 +106,7 @@ def load_node(overrides: str, partition_id: int | None, num_partitions: int | No
                 f"the federation has {num_partitions} nodes but partition={fed.cfg.partition.kind}"
                 f" gives {fed.num_clients} clients on {fed.dataset.name}: run with "
                 f"--federation-config \"num-supernodes={fed.num_clients}\"")
-        users = client_users(fed.assignment, partition_id)
-    return _node_data(fed, users)
+    return _node_data(fed, client_users(fed.assignment, partition_id))
 
 
 def _node_data(fed: Federation, users: np.ndarray) -> NodeData:

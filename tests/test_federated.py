@@ -156,3 +156,24 @@ def test_client_reply_holds_only_shared_parameters_and_counts():
     shared = node_model(node).shared_state()
     assert {k: tuple(a.shape) for k, a in arrays.items()} == {
         k: tuple(v.shape) for k, v in shared.items()}
+
+
+def test_federated_evaluation_runs_every_n_rounds(flower, tmp_path):
+    out = tmp_path / "every"
+    flower(f"{TINY} num_rounds=3 eval.every=2", num_supernodes=3, output_dir=out)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [line["round"] for line in lines if "sampled" in line]
+    assert evaluated == [0, 2, 3]  # round 0, every 2nd round, and always the last
+
+
+def test_deployed_node_reads_its_own_data_path(tmp_path):
+    node_file = tmp_path / "shop_a.csv"
+    rows = [f"u{u},i{(u * 3 + k) % 12},{k}" for u in range(4) for k in range(5)]
+    node_file.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+    overrides = (f"dataset=csv dataset.path={tmp_path}/unused.csv eval.num_negatives=3 "
+                 "model.embedding_dim=8 model.hidden_dim=8")
+    node = load_node(overrides, None, None, str(node_file))
+    assert len(node.users) == 4 and node.dataset.num_items == 12
+    assert len(node.split.test) == 4
+    with pytest.raises(ConfigError, match="data-path"):
+        load_node(TINY, None, None, str(node_file))

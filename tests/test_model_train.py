@@ -69,7 +69,7 @@ def test_training_beats_popularity_on_the_shop(tiny_shop, loss):
                    Objective.from_config(cfg.train, examples, tiny_shop.num_items),
                    epochs=15, seed=0)
     after = evaluate_model(model, test, [5], 64).means()["sampled"]["hr@5"]
-    counts = torch.bincount(torch.as_tensor(split.train["item"].to_numpy()),
+    counts = torch.bincount(torch.tensor(split.train["item"].to_numpy()),
                             minlength=tiny_shop.num_items)
     popularity = evaluate_popularity(counts, test, [5], 64).means()["sampled"]["hr@5"]
     assert result.num_examples == len(examples) and np.isfinite(result.loss)

@@ -217,6 +217,21 @@ def _coverage(source: Path, described: Iterable[str], used: Iterable[str], what:
 
 
 # --------------------------------------------------------------------------------- MovieLens
+def _read_ratings(folder: Path, name: str, fmt: str, requires: str, layout: str, sep: str,
+                  lines_are: str) -> pd.DataFrame:
+    """Both MovieLens layouts: four fields a line, user item rating timestamp."""
+    text = _Text(_require(folder, name, fmt, requires), "latin-1", f"{lines_are} {layout}",
+                 sep=sep)
+    (user, item, rating, stamp), lines = _fields(text, 4, layout)
+    _not_empty(text, user, lines, "user id", layout)
+    _not_empty(text, item, lines, "item id", layout)
+    return pd.DataFrame({
+        "user": user, "item": item,
+        "order": _numbers(text, stamp, lines, "timestamp", layout),
+        "rating": _numbers(text, rating, lines, "rating", layout),
+    })
+
+
 def read_movielens_100k(folder: Path) -> RawData:
     """The stock GroupLens ML-100K folder: ratings, genres as attributes, demographics.
 
@@ -224,17 +239,8 @@ def read_movielens_100k(folder: Path) -> RawData:
     """
     folder = Path(folder)
     requires = "u.data and u.item (u.user and u.genre are read when present)"
-    layout = '"user item rating timestamp"'
-    text = _Text(_require(folder, "u.data", "movielens_100k", requires), "latin-1",
-                 f"tab-separated lines {layout}", sep="\t")
-    (user, item, rating, stamp), lines = _fields(text, 4, layout)
-    _not_empty(text, user, lines, "user id", layout)
-    _not_empty(text, item, lines, "item id", layout)
-    interactions = pd.DataFrame({
-        "user": user, "item": item,
-        "order": _numbers(text, stamp, lines, "timestamp", layout),
-        "rating": _numbers(text, rating, lines, "rating", layout),
-    })
+    interactions = _read_ratings(folder, "u.data", "movielens_100k", requires,
+                                 '"user item rating timestamp"', "\t", "tab-separated lines")
 
     genres = list(ML100K_GENRES)
     genre_path = _optional(folder, "u.genre", "the standard 19 genre names are used")
@@ -311,18 +317,10 @@ def _read_users(path: Path, sep: str, layout: str, columns: tuple[int, int, int,
 def read_movielens_1m(folder: Path) -> RawData:
     """The GroupLens ML-1M layout ("::"-separated); the metadata files are optional."""
     folder = Path(folder)
-    requires = "ratings.dat (movies.dat and users.dat are read when present)"
-    layout = '"UserID::MovieID::Rating::Timestamp"'
-    text = _Text(_require(folder, "ratings.dat", "movielens_1m", requires), "latin-1",
-                 f"lines {layout}", sep="::")
-    (user, item, rating, stamp), lines = _fields(text, 4, layout)
-    _not_empty(text, user, lines, "user id", layout)
-    _not_empty(text, item, lines, "item id", layout)
-    interactions = pd.DataFrame({
-        "user": user, "item": item,
-        "order": _numbers(text, stamp, lines, "timestamp", layout),
-        "rating": _numbers(text, rating, lines, "rating", layout),
-    })
+    interactions = _read_ratings(
+        folder, "ratings.dat", "movielens_1m",
+        "ratings.dat (movies.dat and users.dat are read when present)",
+        '"UserID::MovieID::Rating::Timestamp"', "::", "lines")
 
     attributes = titles = features = None
     movies = _optional(folder, "movies.dat", "items get no titles or genres")
