@@ -92,9 +92,11 @@ class RoundLog:
         return metrics
 
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
-        total = sum_metric_records(records, weighting_key)
-        self._federated = RankingSums.from_flat(dict(total))
-        return total
+        self._federated = RankingSums.from_flat(dict(sum_metric_records(records, weighting_key)))
+        # Flower keeps and logs what this returns: the means read better than the raw sums.
+        return MetricRecord({f"{protocol}.{metric}": value
+                             for protocol, values in self._federated.means().items()
+                             for metric, value in values.items()})
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's evaluate_fn: called after every round (and before the first, as round 0)."""
