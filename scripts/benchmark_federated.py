@@ -1,10 +1,11 @@
 """Centralized versus federated training in one run, through the real Flower runtime.
 
-    python scripts/benchmark_federated.py [--data ../shared/data] [--rounds 30] [overrides...]
+    python scripts/benchmark_federated.py [--data ../shared/data] [--fed "..."] [overrides...]
 
-Default: ML-100K, FedAvg, partition=user (every shopper is a client). Prints sampled HR@10 and
-NDCG@10, full Recall@20, wall time and bytes up/down, and the federated/centralized HR@10 ratio.
-Overrides after the options apply to both runs (the centralized run ignores federation keys).
+Default: ML-100K, FedAvg with the cross-device recipe (conf/experiment/cross_device.yaml: every
+shopper is a client). Prints sampled HR@10 and NDCG@10, full Recall@20, wall time and bytes
+up/down, and the federated/centralized HR@10 ratio. Positional overrides apply to both runs;
+--fed overrides only the federated one (the centralized reference keeps its own recipe).
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ def main() -> None:
                         help="folder holding ml-100k/ (default: %(default)s)")
     parser.add_argument("--dataset", default="dataset=movielens_100k dataset.path={data}/ml-100k",
                         help="dataset overrides; {data} expands to --data")
-    parser.add_argument("--strategy", default="fedavg")
-    parser.add_argument("--partition", default="user")
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--fed", default="experiment=cross_device strategy=fedavg",
+                        help="overrides for the federated run only (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="where runs write (default: temp)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs")
     args = parser.parse_args()
@@ -37,14 +37,15 @@ def main() -> None:
     out = (args.out or Path(tempfile.mkdtemp(prefix="fedrec-fedbench-"))).resolve()
     data = args.dataset.format(data=args.data.resolve()).split()
     common = [*data, *args.overrides]
-    federated = [*common, f"strategy={args.strategy}", f"partition={args.partition}",
-                 f"num_rounds={args.rounds}"]
-    num_clients = load_federation(" ".join(federated)).num_clients
+    federated = [*common, *args.fed.split()]
+    fed_cfg = load_federation(" ".join(federated))
+    num_clients, strategy = fed_cfg.num_clients, fed_cfg.cfg.strategy.name
 
     print(f"centralized on {data[0]} ...", flush=True)
     central = run_centralized([*common, f"output_dir={out}/centralized"])
-    print(f"federated: {args.strategy}, partition={args.partition}, {num_clients} clients, "
-          f"{args.rounds} rounds (log: {out}/federated.flwr.log) ...", flush=True)
+    print(f"federated: {strategy}, partition={fed_cfg.cfg.partition.kind}, {num_clients} "
+          f"clients, {fed_cfg.cfg.num_rounds} rounds (log: {out}/federated.flwr.log) ...",
+          flush=True)
     was_running = bool(superlink_pids())
     try:
         fed = run_federated(federated, num_supernodes=num_clients, output_dir=out / "federated")
@@ -55,7 +56,7 @@ def main() -> None:
     print()
     print("| run | HR@10 | NDCG@10 | Recall@20 | wall s | MB up | MB down |")
     print("|---|---|---|---|---|---|---|")
-    for name, s in (("centralized", central), (f"federated {args.strategy}", fed)):
+    for name, s in (("centralized", central), (f"federated {strategy}", fed)):
         m, c = s["metrics"], s["communication"]
         print(f"| {name} | {m['sampled']['hr@10']:.4f} | {m['sampled']['ndcg@10']:.4f} | "
               f"{m['full']['recall@20']:.4f} | {s['wall_seconds']:.1f} | "

@@ -41,3 +41,11 @@ def test_bad_override_fails_naming_the_key(override, named):
 def test_allowed_values_are_listed():
     with pytest.raises(ConfigError, match="sampled_softmax, bpr"):
         compose_config("train.loss=hinge")
+
+
+def test_experiment_preset_sets_keys_across_groups_and_yields_to_overrides():
+    cfg = to_typed(compose_config("experiment=cross_device train.lr=0.5"))
+    assert cfg.partition.kind == "user"
+    assert cfg.train.optimizer == "sgd"
+    assert cfg.train.lr == 0.5  # the command line wins over the preset
+    assert cfg.strategy.fraction_train < 1
