@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.model import PERSONAL_PREFIX
+from fedrec.model import PERSONAL_PREFIX, TwoTower
 from fedrec.node import NodeData, evaluate_node, load_node, node_model, train_round
 
 app = ClientApp()
@@ -30,7 +30,7 @@ def _node(context: Context) -> NodeData:
     )
 
 
-def _model(node: NodeData, msg: Message, context: Context):
+def _model(node: NodeData, msg: Message, context: Context) -> TwoTower:
     model = node_model(node)
     model.load_shared_state(msg.content["arrays"].to_torch_state_dict())
     if model.personal is not None and PERSONAL_STATE in context.state:

@@ -39,12 +39,12 @@ def main(grid: Grid, context: Context) -> None:
     _log_through_flower()
     overrides = str(context.run_config["overrides"])
     cfg = load_config(overrides)
-    torch.manual_seed(cfg.seed)
-    fed = load_federation(overrides)
-    model = TwoTower.for_dataset(cfg.model, fed.dataset)
     if not Path(cfg.output_dir).expanduser().is_absolute():
         raise ConfigError(f"output_dir={cfg.output_dir!r} must be absolute in a federated run: "
                           f"the ServerApp runs in {Path.cwd()}, not in your project")
+    torch.manual_seed(cfg.seed)
+    fed = load_federation(overrides)
+    model = TwoTower.for_dataset(cfg.model, fed.dataset)
     outputs = RunOutputs(cfg.output_dir, compose_once(overrides))
 
     metered = MeteredGrid(grid)

@@ -104,3 +104,23 @@ def test_diverging_loss_is_reported(tiny_shop):
         train(model, make_optimizer(model, cfg.train), make_loader(examples, 64, 0),
               Objective.from_config(cfg.train, examples, tiny_shop.num_items), epochs=1,
               seed=0, penalty=lambda m: torch.tensor(float("nan")))
+
+
+def test_user_features_change_the_user_vector():
+    from fedrec.data.dataset import RawData, build_dataset
+
+    frame = pd.DataFrame({"user": ["a", "a", "b", "b"], "item": ["x", "y", "x", "y"],
+                          "order": [1, 2, 1, 2]})
+    ds = build_dataset("feat", RawData(frame, user_features={"a": ["gender=F", "age=20s"],
+                                                             "b": ["gender=M", "age=20s"]}),
+                       min_rating=None, kcore=0, source="feat")
+    cfg = typed_config("model.use_user_features=true", "model.embedding_dim=8",
+                       "model.hidden_dim=8")
+    torch.manual_seed(0)
+    model = TwoTower.for_dataset(cfg.model, ds)
+    history = torch.tensor([[0, 1], [0, 1]])  # the same history for both users
+    vectors = model.user_vectors(history, torch.tensor([0, 1]))
+    assert not torch.allclose(vectors[0], vectors[1])
+    with pytest.raises(ValueError, match="use_user_features"):
+        TwoTower.for_dataset(cfg.model, build_dataset("plain", RawData(frame), min_rating=None,
+                                                      kcore=0, source="plain"))
