@@ -139,8 +139,7 @@ def train_round(
     train_cfg = type(node.cfg.train)(**{**vars(node.cfg.train), "lr": lr})
     penalty = None
     if proximal_mu > 0:
-        anchor = {name: p.detach().clone() for name, p in model.named_parameters()
-                  if name in model.shared_state()}
+        anchor = {name: p.clone() for name, p in model.shared_state().items()}
 
         def penalty(m: torch.nn.Module) -> torch.Tensor:
             # FedProx: keep the local model near the global one it started from.

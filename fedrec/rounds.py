@@ -103,7 +103,7 @@ class RoundLog:
         record: dict[str, Any] = {"round": server_round}
         if self._federated is not None:
             record.update(self._federated.means())
-            record["evaluated_clients_users"] = self._federated.counts["full"]
+            record["evaluated_users"] = self._federated.counts["full"]
             self.last_federated = record.copy()
         if self.server_evaluation is not None:
             record["server"] = self.server_evaluation(arrays).means()

@@ -80,7 +80,3 @@ def _evaluate_every(strategy: flwr_strategy.Strategy, every: int, num_rounds: in
         return configure(server_round, arrays, config, grid)
 
     strategy.configure_evaluate = configure_evaluate  # type: ignore[method-assign]
-
-
-def evaluation_rounds(every: int, num_rounds: int) -> list[int]:
-    return [r for r in range(1, num_rounds + 1) if r % every == 0 or r == num_rounds]
