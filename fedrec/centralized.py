@@ -88,11 +88,12 @@ def _train_two_tower(c: Any, dataset: Any, split: Split, valid_cases: EvalCases,
     examples = training_examples(split.train, dataset.num_items, c.model.max_history)
     objective = Objective.from_config(c.train, examples, dataset.num_items)
     loader = make_loader(examples, c.train.batch_size, c.seed)
-    optimizer = make_optimizer(model, c.train)
+    optimizer = make_optimizer(model.parameters(), c.train)
     protocol, metric = c.eval.select_by.split(".")
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     for epoch in range(1, c.train.epochs + 1):
-        result = train(model, optimizer, loader, objective, epochs=1, seed=c.seed * 10007 + epoch)
+        result = train(model, [optimizer], loader, objective, epochs=1,
+                       seed=c.seed * 10007 + epoch)
         record: dict[str, Any] = {"round": epoch, "train_loss": result.loss}
         if len(valid_cases):
             valid = evaluate_model(model, valid_cases, list(c.eval.ks), c.eval.batch_size)

@@ -7,15 +7,20 @@ enabled, lives in Context.state and never enters a reply.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
+from fedrec.config import CentralDpConfig, DpSgdConfig
 from fedrec.model import PERSONAL_PREFIX, TwoTower
-from fedrec.node import NodeData, evaluate_node, load_node, node_model, train_round
+from fedrec.node import NodeData, evaluate_node, load_config, load_node, node_model, train_round
+from fedrec.privacy import BUDGET_EXHAUSTED, DpSgdLedger, plan_dp_sgd
 
 app = ClientApp()
 
 PERSONAL_STATE = "fedrec.personal"
+DP_SGD_STATE = "fedrec.dp_sgd"
 
 
 def _node(context: Context) -> NodeData:
@@ -39,31 +44,69 @@ def _model(node: NodeData, msg: Message, context: Context) -> TwoTower:
     return model
 
 
-@app.train()
+def client_side_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """privacy=central_dp with side=client: clip the update here, with Flower's mod for the
+    configured clipping, before it leaves the node."""
+    privacy = load_config(str(context.run_config["overrides"])).privacy
+    if not isinstance(privacy, CentralDpConfig) or privacy.side != "client":
+        return call_next(msg, context)
+    mod = fixedclipping_mod if privacy.clipping == "fixed" else adaptiveclipping_mod
+    return mod(msg, context, call_next)
+
+
+@app.train(mods=[client_side_clipping])
 def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     model = _model(node, msg, context)
     config = msg.content["config"]
+    local_epochs, batch_size = int(config["local-epochs"]), int(config["batch-size"])
+    ledger = None
+    if isinstance(node.cfg.privacy, DpSgdConfig):
+        ledger = _dp_sgd_ledger(node, node.cfg.privacy, context, local_epochs, batch_size,
+                                int(config["dp-planned-rounds"]))
+        if not ledger.can_train():
+            return Message(Error(BUDGET_EXHAUSTED, (
+                f"privacy budget exhausted: epsilon {ledger.epsilon():.4f} spent, another round"
+                f" would reach {ledger.epsilon(with_next_round=True):.4f} > target "
+                f"{ledger.target_epsilon}")), reply_to=msg)
     result = train_round(
         node, model,
         lr=float(config["lr"]),
-        local_epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
+        local_epochs=local_epochs,
+        batch_size=batch_size,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         seed=int(config["seed"]) * 100003 + int(config["server-round"]),
+        ledger=ledger,
     )
     if model.personal is not None:
         context.state[PERSONAL_STATE] = ArrayRecord(torch_state_dict={
             k: v for k, v in model.state_dict().items() if k.startswith(PERSONAL_PREFIX)})
-    metrics = MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss})
+    # unit-weight: DP-FedAvg averages the clients uniformly (see server_app).
+    metrics = MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss,
+                            "unit-weight": 1})
+    if ledger is not None:
+        context.state[DP_SGD_STATE] = ledger.to_record()
+        metrics.update({"epsilon": ledger.epsilon(), "delta": ledger.plan.delta,
+                        "noise-multiplier": ledger.plan.noise_multiplier})
     reply = RecordDict({"arrays": ArrayRecord(torch_state_dict=model.shared_state()),
                         "metrics": metrics})
     return Message(content=reply, reply_to=msg)
+
+
+def _dp_sgd_ledger(node: NodeData, cfg: DpSgdConfig, context: Context, local_epochs: int,
+                   batch_size: int, planned_rounds: int) -> DpSgdLedger:
+    """The node's budget as earlier rounds left it, or a new plan on its first round."""
+    if DP_SGD_STATE in context.state:
+        return DpSgdLedger.from_record(context.state.config_records[DP_SGD_STATE])
+    plan = plan_dp_sgd(cfg, num_records=len(node.examples), batch_size=batch_size,
+                       local_epochs=local_epochs, planned_rounds=planned_rounds)
+    return DpSgdLedger(cfg.accountant, cfg.target_epsilon, plan, [])
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context)
     sums = evaluate_node(node, _model(node, msg, context))
-    metrics = MetricRecord({"num-examples": sums.counts["sampled"], **sums.flat()})
+    metrics = MetricRecord({"num-examples": sums.counts["sampled"], "unit-weight": 1,
+                            **sums.flat()})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

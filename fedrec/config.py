@@ -237,6 +237,8 @@ class EvalConfig:
 # --------------------------------------------------------------------------------- strategy
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
               "fedtrimmedavg", "fedmedian", "krum", "multikrum")
+# Strategies whose aggregate is a weighted mean of the updates (the rest pick or trim updates).
+MEAN_STRATEGIES = STRATEGIES[:6]
 
 
 @dataclass
@@ -261,6 +263,96 @@ class StrategyConfig:
             _check(value >= 1, f"strategy.{key}", value, "an integer >= 1")
 
 
+# ---------------------------------------------------------------------------------- privacy
+MECHANISMS = ("none", "dp_sgd", "central_dp")
+
+
+@dataclass
+class PrivacyConfig:
+    mechanism: str = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.mechanism in MECHANISMS, "privacy.mechanism", self.mechanism,
+               f"one of {', '.join(MECHANISMS)}")
+
+
+@dataclass
+class DpSgdConfig(PrivacyConfig):
+    # The (epsilon, delta) bound on one record of a client over the whole run.
+    target_epsilon: float = MISSING
+    # null: 1 / (10 x the client's training records), below 1 / records as it must be.
+    delta: float | None = MISSING
+    max_grad_norm: float = MISSING
+    accountant: str = MISSING
+    grad_sample_mode: str = MISSING
+    # Rounds a client plans its noise for; null: its expected share of num_rounds (the
+    # strategy's sample size over the number of nodes). A client picked more often than
+    # planned runs out of budget and stops training.
+    planned_rounds: int | None = MISSING
+    # Each example's own uniform negatives (DP-SGD cannot use the batch's other targets): the
+    # per-example candidates cost batch x this many item-tower passes per step.
+    negatives_per_example: int = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.negatives_per_example >= 1, "privacy.negatives_per_example",
+               self.negatives_per_example, "an integer >= 1")
+        _check(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon,
+               "a number > 0")
+        _check(self.delta is None or 0 < self.delta < 1, "privacy.delta", self.delta,
+               "null or a number in (0, 1)")
+        _check(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm,
+               "a number > 0")
+        _check(self.accountant in ("rdp", "prv"), "privacy.accountant", self.accountant,
+               "rdp or prv")
+        _check(self.grad_sample_mode in ("hooks", "ghost"), "privacy.grad_sample_mode",
+               self.grad_sample_mode, "hooks or ghost")
+        _check(self.planned_rounds is None or self.planned_rounds >= 1,
+               "privacy.planned_rounds", self.planned_rounds, "null or an integer >= 1")
+
+
+@dataclass
+class CentralDpConfig(PrivacyConfig):
+    # server: the server clips each update (it sees them unclipped); client: each client clips
+    # its own update before sending it, the server only adds the noise.
+    side: str = MISSING
+    # fixed: every update clipped to clipping_norm; adaptive: the norm starts at clipping_norm
+    # and follows the target_clipped_quantile of the update norms (Andrew et al., 2021).
+    clipping: str = MISSING
+    clipping_norm: float = MISSING
+    # null: the smallest noise that lets num_rounds rounds fit in max_epsilon.
+    noise_multiplier: float | None = MISSING
+    # The run stops, and saves its model, before a round would take epsilon past this.
+    max_epsilon: float = MISSING
+    # null: 1 / (10 x the number of clients).
+    delta: float | None = MISSING
+    target_clipped_quantile: float = MISSING
+    clip_norm_lr: float = MISSING
+    # Noise on the count of clipped updates (adaptive only); null: Flower's choice, the number
+    # of sampled clients / 20.
+    clipped_count_stddev: float | None = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.side in ("server", "client"), "privacy.side", self.side, "server or client")
+        _check(self.clipping in ("fixed", "adaptive"), "privacy.clipping", self.clipping,
+               "fixed or adaptive")
+        _check(self.clipping_norm > 0, "privacy.clipping_norm", self.clipping_norm,
+               "a number > 0")
+        _check(self.noise_multiplier is None or self.noise_multiplier > 0,
+               "privacy.noise_multiplier", self.noise_multiplier, "null or a number > 0")
+        _check(self.max_epsilon > 0, "privacy.max_epsilon", self.max_epsilon, "a number > 0")
+        _check(self.delta is None or 0 < self.delta < 1, "privacy.delta", self.delta,
+               "null or a number in (0, 1)")
+        _check(0 < self.target_clipped_quantile < 1, "privacy.target_clipped_quantile",
+               self.target_clipped_quantile, "a number in (0, 1)")
+        _check(self.clip_norm_lr > 0, "privacy.clip_norm_lr", self.clip_norm_lr,
+               "a number > 0")
+        _check(self.clipped_count_stddev is None or self.clipped_count_stddev > 0,
+               "privacy.clipped_count_stddev", self.clipped_count_stddev,
+               "null or a number > 0")
+
+
 # ------------------------------------------------------------------------------------- root
 @dataclass
 class Config:
@@ -270,6 +362,7 @@ class Config:
     train: TrainConfig = MISSING
     eval: EvalConfig = MISSING
     strategy: StrategyConfig = MISSING
+    privacy: PrivacyConfig = MISSING
     seed: int = MISSING
     num_rounds: int = MISSING
     name: str = MISSING
@@ -279,6 +372,11 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num_rounds", self.num_rounds, "an integer >= 1")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
+        if self.privacy.mechanism == "central_dp":
+            # The noise covers a mean of clipped updates, not a pick or a trim of them.
+            _check(self.strategy.name in MEAN_STRATEGIES, "strategy", self.strategy.name,
+                   f"with privacy=central_dp, a strategy that averages the updates: one of "
+                   f"{', '.join(MEAN_STRATEGIES)}")
 
 
 _SCHEMAS = {
@@ -294,6 +392,8 @@ _SCHEMAS = {
     "schema/train": {"train": TrainConfig},
     "schema/eval": {"eval": EvalConfig},
     "schema/strategy": {"strategy": StrategyConfig},
+    "schema/privacy": {"none": PrivacyConfig, "dp_sgd": DpSgdConfig,
+                       "central_dp": CentralDpConfig},
 }
 
 

@@ -75,15 +75,19 @@ class TwoTower(nn.Module):
                 users: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of candidates for each history: (B, C) for candidates shared by the batch,
         shape (C,), or for per-example candidates, shape (B, C)."""
-        ids = torch.cat([history.reshape(-1), candidates.reshape(-1)])
-        embedded = self.item_embedding(ids)
-        history_emb = embedded[: history.numel()].view(*history.shape, -1)
-        candidate_emb = embedded[history.numel():]
-        user = self._user_from_embedded(history, history_emb, users)
-        item = self._item_from_embedded(candidates.reshape(-1), candidate_emb)
         if candidates.dim() == 1:
+            ids = torch.cat([history.reshape(-1), candidates])
+            embedded = self.item_embedding(ids)
+            history_emb = embedded[: history.numel()].view(*history.shape, -1)
+            user = self._user_from_embedded(history, history_emb, users)
+            item = self._item_from_embedded(candidates, embedded[history.numel():])
             return user @ item.T / self.temperature
-        item = item.view(*candidates.shape, -1)
+        # Per-example candidates keep the batch axis first through every layer, which is what
+        # Opacus needs to tell one example's gradient from another's.
+        embedded = self.item_embedding(torch.cat([history, candidates], dim=1))
+        length = history.shape[1]
+        user = self._user_from_embedded(history, embedded[:, :length], users)
+        item = self._item_from_embedded(candidates, embedded[:, length:])
         return torch.einsum("bd,bcd->bc", user, item) / self.temperature
 
     def user_vectors(self, history: torch.Tensor,

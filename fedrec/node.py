@@ -8,7 +8,9 @@ here: what leaves is the shared parameters and counts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,7 @@ from omegaconf import DictConfig
 from fedrec.config import (
     Config,
     ConfigError,
+    DpSgdConfig,
     FileDatasetConfig,
     TwoTowerConfig,
     compose_config,
@@ -29,7 +32,8 @@ from fedrec.data.partition import assign_clients, client_users, num_clients
 from fedrec.data.sequences import EvalCases, TrainExamples, heldout_cases, training_examples
 from fedrec.data.split import Split, split_dataset
 from fedrec.metrics import RankingSums, evaluate_model
-from fedrec.model import TwoTower
+from fedrec.model import PERSONAL_PREFIX, TwoTower
+from fedrec.privacy import DpSgdLedger, train_dp_sgd
 from fedrec.train import Objective, TrainResult, make_loader, make_optimizer, train
 
 
@@ -116,7 +120,10 @@ def _node_data(fed: Federation, users: np.ndarray) -> NodeData:
     test_cases = heldout_cases(split, "test", num_items=dataset.num_items,
                                max_history=cfg.model.max_history,
                                num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed)
-    objective = Objective.from_config(cfg.train, examples, dataset.num_items)
+    dp_negatives = (cfg.privacy.negatives_per_example
+                    if isinstance(cfg.privacy, DpSgdConfig) else None)
+    objective = Objective.from_config(cfg.train, examples, dataset.num_items,
+                                      per_example_negatives=dp_negatives)
     return NodeData(cfg, dataset, users, split, examples, objective, test_cases)
 
 
@@ -134,21 +141,60 @@ def train_round(
     batch_size: int,
     proximal_mu: float,
     seed: int,
+    ledger: DpSgdLedger | None = None,
 ) -> TrainResult:
-    """Train ``model`` (already holding the global shared state) on the node's examples."""
+    """Train ``model`` (already holding the global shared state) on the node's examples; with a
+    ``ledger``, the shared parameters train by DP-SGD and the ledger records the round."""
     train_cfg = type(node.cfg.train)(**{**vars(node.cfg.train), "lr": lr})
-    penalty = None
-    if proximal_mu > 0:
-        anchor = {name: p.clone() for name, p in model.shared_state().items()}
+    after_step = _proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
+    loader = make_loader(node.examples, batch_size, seed)
+    if ledger is None:
+        return train(model, [make_optimizer(model.parameters(), train_cfg)], loader,
+                     node.objective, epochs=local_epochs, seed=seed, after_step=after_step)
+    shared = [p for n, p in model.named_parameters() if not n.startswith(PERSONAL_PREFIX)]
+    personal = [p for n, p in model.named_parameters() if n.startswith(PERSONAL_PREFIX)]
+    with _trainable(model, shared):
+        result = train_dp_sgd(model, make_optimizer(shared, train_cfg), loader, node.objective,
+                              ledger, node.cfg.privacy, epochs=local_epochs, seed=seed,
+                              after_step=after_step)
+    if personal:
+        # The personal vector never leaves the client, so it trains without noise, on its own,
+        # with the shared tower held fixed (Opacus then sees only the shared parameters).
+        with _trainable(model, personal):
+            train(model, [make_optimizer(personal, train_cfg)], loader, node.objective,
+                  epochs=local_epochs, seed=seed)
+    return result
 
-        def penalty(m: torch.nn.Module) -> torch.Tensor:
-            # FedProx: keep the local model near the global one it started from.
-            return proximal_mu / 2 * sum(((p - anchor[n]) ** 2).sum()
-                                         for n, p in m.named_parameters() if n in anchor)
 
-    return train(model, make_optimizer(model, train_cfg),
-                 make_loader(node.examples, batch_size, seed), node.objective,
-                 epochs=local_epochs, seed=seed, penalty=penalty)
+def _proximal_step(model: TwoTower, strength: float):
+    """FedProx's proximal term mu/2 |w - w_global|^2, applied as its exact proximal step after
+    each optimizer step. Being a separate step, it also works under DP-SGD, where Opacus
+    builds the gradient from per-example gradients only (and it needs no data, so it costs no
+    privacy)."""
+    anchor = {name: p.detach().clone() for name, p in model.shared_state().items()}
+    params = [(p, anchor[n]) for n, p in model.named_parameters() if n in anchor]
+    shrink = strength / (1.0 + strength)
+
+    def step() -> None:
+        with torch.no_grad():
+            for p, a in params:
+                p.sub_(shrink * (p - a))
+
+    return step
+
+
+@contextlib.contextmanager
+def _trainable(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Freeze every parameter of ``model`` but ``params`` for the duration."""
+    keep = {id(p) for p in params}
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(before[id(p)])
 
 
 def evaluate_node(node: NodeData, model: TwoTower) -> RankingSums:

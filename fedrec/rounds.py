@@ -20,6 +20,7 @@ from flwr.supercore.run import Run
 
 from fedrec.metrics import RankingSums
 from fedrec.outputs import RunOutputs
+from fedrec.privacy import BUDGET_EXHAUSTED, PrivacyReport
 from fedrec.strategy import sum_metric_records
 
 log = logging.getLogger("fedrec.server")
@@ -37,6 +38,7 @@ class MeteredGrid(Grid):
         self._grid = grid
         self.bytes_down = 0
         self.bytes_up = 0
+        self.errors: list[Message] = []  # error replies not yet reported by the round log
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -44,6 +46,7 @@ class MeteredGrid(Grid):
         self.bytes_down += sum(record_bytes(m.content) for m in messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self.bytes_up += sum(record_bytes(r.content) for r in replies if not r.has_error())
+        self.errors += [r for r in replies if r.has_error()]
         return replies
 
     def set_run(self, run: Run) -> None:
@@ -74,8 +77,9 @@ ServerEvaluation = Callable[[ArrayRecord], RankingSums]
 
 class RoundLog:
     def __init__(self, outputs: RunOutputs, grid: MeteredGrid, num_rounds: int,
-                 server_evaluation: ServerEvaluation | None) -> None:
+                 server_evaluation: ServerEvaluation | None, privacy: PrivacyReport) -> None:
         self.outputs = outputs
+        self.privacy = privacy
         self.grid = grid
         self.num_rounds = num_rounds
         self.server_evaluation = server_evaluation
@@ -89,6 +93,7 @@ class RoundLog:
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         metrics = aggregate_metricrecords(records, weighting_key)
         self._train = {**dict(metrics), "clients": len(records)}
+        self.privacy.trained([dict(m) for r in records for m in r.metric_records.values()])
         return metrics
 
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -110,6 +115,15 @@ class RoundLog:
         if self._train:
             record["train_loss"] = self._train.get("train_loss")
             record["train_clients"] = self._train["clients"]
+        exhausted = [e for e in self.grid.errors if e.error.code == BUDGET_EXHAUSTED]
+        self.privacy.exhausted.update(e.metadata.src_node_id for e in exhausted)
+        if len(exhausted) < len(self.grid.errors):
+            record["failed_clients"] = len(self.grid.errors) - len(exhausted)
+        self.grid.errors = []
+        if self.privacy.cfg.mechanism != "none":
+            report = self.privacy.as_dict()
+            record["epsilon"] = report["epsilon"]
+            record["privacy"] = {**report, "exhausted_this_round": len(exhausted)}
         up = self.grid.bytes_up - self._bytes_seen[0]
         down = self.grid.bytes_down - self._bytes_seen[1]
         self._bytes_seen = (self.grid.bytes_up, self.grid.bytes_down)
@@ -131,5 +145,7 @@ def _brief(record: dict[str, Any]) -> str:
                                  ("full", "recall@20")):
             if protocol in source:
                 parts.append(f"{label}{protocol}.{metric} {source[protocol][metric]:.4f}")
+    if record.get("epsilon") is not None:
+        parts.append(f"epsilon {record['epsilon']:.3f}")
     parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB down {record['bytes_down'] / 1e6:.2f} MB")
     return "  ".join(parts)

@@ -5,19 +5,22 @@ writes the run's outputs. The federation logic is Flower's; the model and data l
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedrec.config import ConfigError
+from fedrec.config import CentralDpConfig, Config, ConfigError, DpSgdConfig
 from fedrec.data.sequences import heldout_cases
 from fedrec.metrics import RankingSums, evaluate_model
 from fedrec.model import TwoTower
 from fedrec.node import Federation, compose_once, load_config, load_federation
 from fedrec.outputs import RunOutputs
+from fedrec.privacy import CentralDp, PrivacyReport, plan_central_dp, wrap_strategy
 from fedrec.rounds import MeteredGrid, RoundLog
 from fedrec.strategy import build_strategy
 
@@ -48,19 +51,31 @@ def main(grid: Grid, context: Context) -> None:
     outputs = RunOutputs(cfg.output_dir, compose_once(overrides))
 
     metered = MeteredGrid(grid)
-    rounds = RoundLog(outputs, metered, cfg.num_rounds,
-                      _server_evaluation(fed, model) if cfg.eval.server else None)
-    strategy = build_strategy(cfg.strategy, eval_every=cfg.eval.every,
-                              num_rounds=cfg.num_rounds, train_metrics=rounds.aggregate_train,
-                              evaluate_metrics=rounds.aggregate_evaluate)
-    initial = ArrayRecord(torch_state_dict=model.shared_state())
     train_config = ConfigRecord({"lr": cfg.train.lr, "local-epochs": cfg.train.local_epochs,
                                  "batch-size": cfg.train.batch_size, "seed": cfg.seed})
+    central = _plan_privacy(cfg, metered, train_config)
+    num_rounds = cfg.num_rounds if central is None else central.rounds
+    if num_rounds < cfg.num_rounds:
+        log.info("privacy.max_epsilon=%s allows %d of the %d rounds asked for: the run stops "
+                 "after round %d", cfg.privacy.max_epsilon, num_rounds, cfg.num_rounds,
+                 num_rounds)
+    privacy = PrivacyReport(cfg.privacy, central)
+    rounds = RoundLog(outputs, metered, num_rounds,
+                      _server_evaluation(fed, model) if cfg.eval.server else None, privacy)
+    strategy = build_strategy(cfg.strategy, eval_every=cfg.eval.every,
+                              num_rounds=num_rounds, train_metrics=rounds.aggregate_train,
+                              evaluate_metrics=rounds.aggregate_evaluate,
+                              # DP-FedAvg's noise is calibrated to a uniform mean of clipped
+                              # updates: weighting by examples would enlarge one client's share.
+                              weighted_by_key="num-examples" if central is None else "unit-weight")
+    if central is not None:
+        strategy = privacy.strategy = wrap_strategy(strategy, central)
+    initial = ArrayRecord(torch_state_dict=model.shared_state())
     # Round 0: the untrained model, evaluated federated, so every run shows where it started.
     rounds.aggregate_evaluate([r.content for r in metered.send_and_receive(
         strategy.configure_evaluate(0, initial, ConfigRecord(), metered)) if not r.has_error()],
         "num-examples")
-    result = strategy.start(grid=metered, initial_arrays=initial, num_rounds=cfg.num_rounds,
+    result = strategy.start(grid=metered, initial_arrays=initial, num_rounds=num_rounds,
                             train_config=train_config, evaluate_fn=rounds.end_of_round)
 
     model.load_shared_state(result.arrays.to_torch_state_dict())
@@ -72,10 +87,11 @@ def main(grid: Grid, context: Context) -> None:
         "num_users": fed.dataset.num_users,
         "num_items": fed.dataset.num_items,
         "num_clients": fed.num_clients,
-        "rounds": cfg.num_rounds,
+        "rounds": num_rounds,
+        "rounds_requested": cfg.num_rounds,
         "strategy": cfg.strategy.name,
         "metrics": {"sampled": final.get("sampled", {}), "full": final.get("full", {})},
-        "privacy": {"mechanism": "none", "epsilon": None, "delta": None, "secagg": False},
+        "privacy": privacy.as_dict(),
         "communication": {"bytes_up": metered.bytes_up, "bytes_down": metered.bytes_down},
         "wall_seconds": time.perf_counter() - started,
     }
@@ -90,6 +106,34 @@ def main(grid: Grid, context: Context) -> None:
     print(f"fedrec: final HR@10 {sampled.get('hr@10', float('nan')):.4f} "
           f"NDCG@10 {sampled.get('ndcg@10', float('nan')):.4f}; results in {outputs.path}",
           flush=True)
+
+
+def _plan_privacy(cfg: Config, grid: Grid, train_config: ConfigRecord) -> CentralDp | None:
+    """Plan what privacy needs to know about the federation before the first round: DP-SGD
+    clients get the rounds to plan their noise for; DP-FedAvg gets its noise and the rounds that
+    fit in its budget."""
+    privacy = cfg.privacy
+    if privacy.mechanism == "none":
+        return None
+    _, nodes = sample_nodes(grid, cfg.strategy.min_available_nodes, 0)
+    population = len(nodes)
+    # As Flower's strategies size a round's sample.
+    sample_size = min(population, max(int(population * cfg.strategy.fraction_train),
+                                      cfg.strategy.min_train_nodes))
+    if isinstance(privacy, DpSgdConfig):
+        planned = privacy.planned_rounds or math.ceil(cfg.num_rounds * sample_size / population)
+        train_config["dp-planned-rounds"] = planned
+        log.info("DP-SGD: each client plans its noise for %d rounds (target epsilon %s)",
+                 planned, privacy.target_epsilon)
+        return None
+    assert isinstance(privacy, CentralDpConfig)
+    central = plan_central_dp(privacy, population=population, sample_size=sample_size,
+                              num_rounds=cfg.num_rounds)
+    log.info("DP-FedAvg: %d of %d clients a round, noise multiplier %.4f, clipping norm %s, "
+             "delta %.3g: epsilon reaches at most %s", sample_size, population,
+             central.noise_multiplier, privacy.clipping_norm, central.delta,
+             privacy.max_epsilon)
+    return central
 
 
 def _server_evaluation(fed: Federation, model: TwoTower):

@@ -52,9 +52,10 @@ MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
 def build_strategy(cfg: StrategyConfig, *, eval_every: int, num_rounds: int,
-                   train_metrics: MetricsAggregation,
-                   evaluate_metrics: MetricsAggregation) -> flwr_strategy.Strategy:
-    """The configured Flower strategy; unknown or reserved params fail here, before training."""
+                   train_metrics: MetricsAggregation, evaluate_metrics: MetricsAggregation,
+                   weighted_by_key: str = "num-examples") -> flwr_strategy.Strategy:
+    """The configured Flower strategy; unknown or reserved params fail here, before training.
+    ``weighted_by_key`` is the reply metric that weights each client in the mean."""
     cls = STRATEGY_CLASSES[cfg.name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     allowed = sorted(accepted - set(COMMON_KEYS) - set(RESERVED_KEYS))
@@ -64,7 +65,7 @@ def build_strategy(cfg: StrategyConfig, *, eval_every: int, num_rounds: int,
                               f"expected one of {', '.join(allowed) or '(none)'}")
     kwargs = {key: getattr(cfg, key) for key in COMMON_KEYS}
     strategy = cls(**kwargs, **dict(cfg.params), train_metrics_aggr_fn=train_metrics,
-                   evaluate_metrics_aggr_fn=evaluate_metrics)
+                   evaluate_metrics_aggr_fn=evaluate_metrics, weighted_by_key=weighted_by_key)
     _evaluate_every(strategy, eval_every, num_rounds)
     return strategy
 

@@ -1,7 +1,7 @@
 """The one local training loop: the centralized reference and every client call ``train``.
 
-The caller owns the optimizer and the batches, so DP-SGD swaps in Opacus' private model,
-optimizer and Poisson-sampled loader, and FedProx passes its proximal term as ``penalty``,
+The caller owns the optimizers and the batches, so DP-SGD swaps in Opacus' private model,
+optimizer and Poisson-sampled loader, and FedProx passes its proximal step as ``after_step``,
 without a second copy of the loop.
 """
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,22 +41,46 @@ class Objective:
     num_negatives: int
     # log of each item's share of the training targets, for the logQ correction; None disables.
     item_log_share: torch.Tensor | None
+    # DP-SGD bounds each example's influence, so an example's loss must depend on that example
+    # alone: no in-batch negatives (they are other records), its own uniform negatives instead.
+    per_example: bool = False
+    # (logits, labels) -> mean loss; Opacus' ghost clipping substitutes its own wrapper.
+    criterion: Callable[[torch.Tensor, torch.Tensor], Any] = F.cross_entropy
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, examples: TrainExamples, num_items: int) -> Objective:
+    def from_config(cls, cfg: TrainConfig, examples: TrainExamples, num_items: int, *,
+                    per_example_negatives: int | None = None) -> Objective:
+        """``per_example_negatives``: DP-SGD's count of negatives each example draws."""
+        per_example = per_example_negatives is not None or cfg.loss == "bpr"
         log_share = None
-        if cfg.logq_correction:
+        # With per-example uniform negatives every item is equally likely: logQ is a constant.
+        if cfg.logq_correction and not per_example:
             counts = torch.bincount(examples.target, minlength=num_items).float()
             log_share = torch.log(counts.clamp(min=1.0) / max(len(examples), 1))
-        return cls(cfg.loss, num_items, cfg.num_negatives, log_share)
+        # BPR is the per-example softmax over the target and one negative:
+        # -log sigmoid(a - b) = cross-entropy of [a, b] at label 0.
+        negatives = cfg.num_negatives
+        if cfg.loss == "bpr":
+            negatives = 1
+        elif per_example_negatives is not None:
+            negatives = per_example_negatives
+        return cls(cfg.loss, num_items, negatives, log_share, per_example=per_example)
 
-    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        if self.loss == "bpr":
-            return self._bpr(model, batch, generator)
-        return self._sampled_softmax(model, batch, generator)
+    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Any:
+        history, target, user = batch
+        if self.per_example:
+            negatives = torch.randint(0, self.num_items, (len(target), self.num_negatives),
+                                      generator=generator)
+            logits = model(history, torch.cat([target.unsqueeze(1), negatives], dim=1), user)
+            false_negative = torch.cat([torch.zeros_like(target, dtype=torch.bool).unsqueeze(1),
+                                        negatives == target.unsqueeze(1)], dim=1)
+            logits = logits.masked_fill(false_negative, -math.inf)
+            return self.criterion(logits, torch.zeros_like(target))
+        return self.criterion(self._shared_logits(model, batch, generator),
+                              torch.arange(len(target)))
 
-    def _sampled_softmax(self, model: nn.Module, batch: Batch,
-                         generator: torch.Generator) -> torch.Tensor:
+    def _shared_logits(self, model: nn.Module, batch: Batch,
+                       generator: torch.Generator) -> torch.Tensor:
         """Softmax over the batch's targets plus uniform negatives, corrected by logQ: an item
         shows up as a candidate B*share + N/V times per batch in expectation, and popular items
         would otherwise be pushed down just for being sampled often."""
@@ -73,14 +98,7 @@ class Objective:
             user.unsqueeze(1) == user.unsqueeze(0))
         in_batch &= ~torch.eye(size, dtype=torch.bool)
         sampled = negatives.unsqueeze(0) == target.unsqueeze(1)
-        logits = logits.masked_fill(torch.cat([in_batch, sampled], dim=1), -math.inf)
-        return F.cross_entropy(logits, torch.arange(size))
-
-    def _bpr(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        history, target, user = batch
-        negative = torch.randint(0, self.num_items, target.shape, generator=generator)
-        scores = model(history, torch.stack([target, negative], dim=1), user)
-        return -F.logsigmoid(scores[:, 0] - scores[:, 1]).mean()
+        return logits.masked_fill(torch.cat([in_batch, sampled], dim=1), -math.inf)
 
 
 def make_loader(examples: TrainExamples, batch_size: int, seed: int) -> DataLoader:
@@ -89,8 +107,8 @@ def make_loader(examples: TrainExamples, batch_size: int, seed: int) -> DataLoad
     return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -100,16 +118,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def train(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Sequence[torch.optim.Optimizer],
     batches: Iterable[Batch],
     objective: Objective,
     *,
     epochs: int,
     seed: int,
-    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Train for ``epochs`` passes over ``batches``; ``penalty`` adds a term to every batch loss
-    (FedProx's proximal term)."""
+    """Train for ``epochs`` passes over ``batches``, stepping every optimizer on every batch;
+    ``after_step`` runs after each step (FedProx's proximal pull toward the global model)."""
     model.train()
     generator = torch.Generator().manual_seed(seed)
     last_loss, num_examples = math.nan, 0
@@ -118,12 +136,14 @@ def train(
         for batch in batches:
             if len(batch[1]) == 0:  # Poisson sampling can draw an empty batch
                 continue
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss = objective(model, batch, generator)
-            if penalty is not None:
-                loss = loss + penalty(model)
             loss.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
+            if after_step is not None:
+                after_step()
             total += float(loss.detach())
             count += 1
             num_examples += len(batch[1])

@@ -1,15 +1,21 @@
-"""Shared fixtures: tiny hand-made datasets, and where the licensed real data lives."""
+"""Shared fixtures: tiny hand-made datasets, the Flower runtime on a tiny shop, and where the
+licensed real data lives."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.config import compose_config, to_typed
 from fedrec.data.dataset import Dataset, RawData, build_dataset
+from fedrec.node import load_node, node_model
+from fedrec.simulation import run_federated, stop_local_superlink, superlink_pids
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -39,3 +45,35 @@ def tiny_shop():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# A tiny federation: 3 silos of a 60-shopper synthetic shop.
+TINY = ("dataset.num_users=60 dataset.num_items=40 dataset.num_categories=4 partition=silo "
+        "partition.num_silos=3 eval.num_negatives=10 train.local_epochs=2 train.lr=0.01 "
+        "model.embedding_dim=16 model.hidden_dim=32")
+
+
+@pytest.fixture(scope="module")
+def flower():
+    """Runs `flwr run` on this project; stops the managed SuperLink unless it ran before."""
+    was_running = bool(superlink_pids())
+    yield run_federated
+    if not was_running:
+        stop_local_superlink()
+
+
+def train_message(overrides: str, **config: Any) -> tuple[Message, Context]:
+    """A train message for partition 0 of 3, as the server would send it, and its context."""
+    # What Flower's runtime sets in a process before it builds messages for a run.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    node = load_node(overrides, 0, 3)
+    model = node_model(node)
+    content = RecordDict({
+        "arrays": ArrayRecord(torch_state_dict=model.shared_state()),
+        "config": ConfigRecord({"lr": 0.01, "local-epochs": 1, "batch-size": 16, "seed": 0,
+                                "server-round": 1, **config}),
+    })
+    message = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config={"overrides": overrides})
+    return message, context

@@ -11,29 +11,15 @@ import json
 
 import pytest
 import torch
-from conftest import typed_config
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from conftest import TINY, train_message, typed_config
 
 from fedrec.client_app import PERSONAL_STATE
 from fedrec.client_app import app as client_app
 from fedrec.config import ConfigError
 from fedrec.model import TwoTower
 from fedrec.node import load_node, node_model, train_round
-from fedrec.simulation import SimulationError, run_federated, stop_local_superlink, superlink_pids
+from fedrec.simulation import SimulationError
 from fedrec.strategy import STRATEGY_CLASSES, build_strategy
-
-TINY = ("dataset.num_users=60 dataset.num_items=40 dataset.num_categories=4 partition=silo "
-        "partition.num_silos=3 eval.num_negatives=10 train.local_epochs=2 train.lr=0.01 "
-        "model.embedding_dim=16 model.hidden_dim=32")
-
-
-@pytest.fixture(scope="module")
-def flower():
-    was_running = bool(superlink_pids())
-    yield run_federated
-    if not was_running:
-        stop_local_superlink()
 
 
 def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
@@ -120,32 +106,16 @@ def test_node_data_is_loaded_once_and_partitions_must_match():
         load_node(TINY, 0, 5)
 
 
-def _train_message(overrides: str) -> tuple[Message, Context]:
-    # What Flower's runtime sets in a process before it builds messages for a run.
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    node = load_node(overrides, 0, 3)
-    model = node_model(node)
-    content = RecordDict({
-        "arrays": ArrayRecord(torch_state_dict=model.shared_state()),
-        "config": ConfigRecord({"lr": 0.01, "local-epochs": 1, "batch-size": 16, "seed": 0,
-                                "server-round": 1}),
-    })
-    message = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
-                      state=RecordDict(), run_config={"overrides": overrides})
-    return message, context
-
-
 def test_client_reply_holds_only_shared_parameters_and_counts():
     overrides = f"{TINY} model.personal_embedding=true"
-    message, context = _train_message(overrides)
+    message, context = train_message(overrides)
     reply = client_app(message, context)
     node = load_node(overrides, 0, 3)
 
     arrays = reply.content["arrays"]
     assert set(arrays.keys()) == set(node_model(node).shared_state())
     assert not any("personal" in key for key in arrays)
-    assert set(reply.content["metrics"].keys()) == {"num-examples", "train_loss"}
+    assert set(reply.content["metrics"].keys()) == {"num-examples", "train_loss", "unit-weight"}
     assert set(reply.content.keys()) == {"arrays", "metrics"}
     # The personal vectors stayed on the node, one per user it holds.
     personal = context.state[PERSONAL_STATE].to_torch_state_dict()
