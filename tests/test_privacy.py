@@ -23,6 +23,7 @@ from fedrec.privacy import (
     BUDGET_EXHAUSTED,
     DpSgdLedger,
     _epsilon_after,
+    embedding_norm_sample,
     plan_central_dp,
     plan_dp_sgd,
 )
@@ -121,6 +122,18 @@ def test_opacus_sees_each_example_alone_and_clips_it():
     # Unclipped, the same example's gradient is far larger: the bound is not vacuous.
     alone = (8 * step(everyone, None) - 7 * step(without_5, None)).norm()
     assert alone > 10 * clip
+
+
+def test_faster_embedding_norms_equal_opacus_own():
+    from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
+
+    layer = torch.nn.Embedding(30, 4)
+    ids = torch.randint(0, 30, (6, 9))
+    ids[0, :3] = 7  # an id repeated within one example sums before the norm
+    backprops = torch.randn(6, 9, 4)
+    ours = embedding_norm_sample(layer, [ids], backprops)[layer.weight]
+    theirs = compute_embedding_norm_sample(layer, [ids], backprops)[layer.weight]
+    assert torch.allclose(ours, theirs, atol=1e-6)
 
 
 def test_exhausted_client_replies_with_an_error_and_keeps_its_ledger():
