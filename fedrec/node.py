@@ -154,9 +154,9 @@ def train_round(
     shared = [p for n, p in model.named_parameters() if not n.startswith(PERSONAL_PREFIX)]
     personal = [p for n, p in model.named_parameters() if n.startswith(PERSONAL_PREFIX)]
     with _trainable(model, shared):
-        result = train_dp_sgd(model, make_optimizer(shared, train_cfg), loader, node.objective,
-                              ledger, node.cfg.privacy, epochs=local_epochs, seed=seed,
-                              after_step=after_step)
+        result = train_dp_sgd(model, make_optimizer(shared, train_cfg), node.examples,
+                              batch_size, node.objective, ledger, node.cfg.privacy,
+                              epochs=local_epochs, seed=seed, after_step=after_step)
     if personal:
         # The personal vector never leaves the client, so it trains without noise, on its own,
         # with the shared tower held fixed (Opacus then sees only the shared parameters).

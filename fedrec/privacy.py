@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +40,10 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample.utils import register_norm_sampler
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fedrec.config import CentralDpConfig, ConfigError, DpSgdConfig, PrivacyConfig
-from fedrec.train import Objective, TrainResult, train
+from fedrec.data.sequences import TrainExamples
+from fedrec.train import Objective, TrainResult, make_loader, train
 
 # Error code of a train reply from a client whose budget cannot pay for another round
 # (Flower's own codes are small integers).
@@ -122,6 +124,10 @@ class DpSgdLedger:
                    plan, history)
 
 
+def _secret_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") >> 1  # torch seeds are signed 64-bit
+
+
 def _merge(history: list[Step]) -> list[Step]:
     """Join consecutive entries with the same noise and rate, as Opacus' step hook does."""
     merged: list[Step] = []
@@ -152,21 +158,27 @@ def embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor],
     return {layer.weight: norms.sqrt()}
 
 
-def train_dp_sgd(model: nn.Module, shared_optimizer: torch.optim.Optimizer, loader: DataLoader,
-                 objective: Objective, ledger: DpSgdLedger, cfg: DpSgdConfig, *, epochs: int,
-                 seed: int, after_step=None) -> TrainResult:
+def train_dp_sgd(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
+                 examples: TrainExamples, batch_size: int, objective: Objective,
+                 ledger: DpSgdLedger, cfg: DpSgdConfig, *, epochs: int, seed: int,
+                 after_step: Callable[[], None] | None = None) -> TrainResult:
     """One round of DP-SGD on the parameters ``shared_optimizer`` holds; every other parameter
-    must be frozen. Appends the round's steps to ``ledger.history``."""
+    must be frozen. Appends the round's steps to ``ledger.history``.
+
+    ``seed`` only drives the negatives, which are independent of the data. The Poisson sampling
+    and the noise draw from fresh OS randomness: the server sends the seed, and the guarantee
+    (amplification by sampling included) assumes it can predict neither."""
     if not objective.per_example:
         raise ValueError("DP-SGD needs a per-example objective (no in-batch negatives)")
     engine = PrivacyEngine(accountant=ledger.accountant)
     engine.accountant.history = list(ledger.history)
     private = engine.make_private(
-        module=model, optimizer=shared_optimizer, data_loader=loader,
+        module=model, optimizer=shared_optimizer,
+        data_loader=make_loader(examples, batch_size, _secret_seed()),
         noise_multiplier=ledger.plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
         poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,
         criterion=nn.CrossEntropyLoss(),
-        noise_generator=torch.Generator().manual_seed(seed))
+        noise_generator=torch.Generator().manual_seed(_secret_seed()))
     if cfg.grad_sample_mode == "ghost":
         module, optimizer, criterion, private_loader = private
         objective = dataclasses.replace(objective, criterion=criterion)
