@@ -42,7 +42,11 @@ def run_federated(
     """Run `flwr run` on this project and return its summary.json."""
     output_dir = Path(output_dir).resolve()
     args = [*parse_overrides(overrides), f"output_dir={output_dir}"]
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    # flwr starts flower-superlink by name: put this interpreter's scripts first on PATH, so a
+    # venv that is used but not activated still finds its own.
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                    os.environ.get("PATH", "")])}
     log_path = log_path or output_dir.with_name(output_dir.name + ".flwr.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as run_config:
