@@ -13,6 +13,7 @@ configured strategy, accounted by Flower's RdpAccountant (see ``CentralLedger``)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import warnings
@@ -70,11 +71,18 @@ def plan_dp_sgd(cfg: DpSgdConfig, *, num_records: int, batch_size: int, local_ep
     steps_per_epoch = math.ceil(num_records / batch_size)  # Opacus: sample rate 1 / len(loader)
     sample_rate = 1.0 / steps_per_epoch
     delta = cfg.delta if cfg.delta is not None else 1.0 / (10 * num_records)
-    noise = get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=delta,
-                                 sample_rate=sample_rate,
-                                 steps=planned_rounds * local_epochs * steps_per_epoch,
-                                 accountant=cfg.accountant)
+    noise = _noise_multiplier(cfg.target_epsilon, delta, sample_rate,
+                              planned_rounds * local_epochs * steps_per_epoch, cfg.accountant)
     return DpSgdPlan(noise, sample_rate, local_epochs * steps_per_epoch, delta)
+
+
+@functools.lru_cache(maxsize=4096)
+def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int,
+                      accountant: str) -> float:
+    """Opacus' bisection (about half a second); a simulation process plans for many clients,
+    and clients with the same number of records share a plan."""
+    return get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                sample_rate=sample_rate, steps=steps, accountant=accountant)
 
 
 Step = tuple[float, float, int]  # Opacus accountant history: (noise multiplier, rate, steps)
