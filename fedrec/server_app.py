@@ -103,9 +103,11 @@ def main(grid: Grid, context: Context) -> None:
     log.info("final federated HR@10 %.4f NDCG@10 %.4f", sampled.get("hr@10", float("nan")),
              sampled.get("ndcg@10", float("nan")))
     log.info("results: %s", outputs.path)
+    spent = summary["privacy"]["epsilon"]
+    private = "" if spent is None else f" at epsilon {spent:.3f} ({cfg.privacy.mechanism})"
     print(f"fedrec: final HR@10 {sampled.get('hr@10', float('nan')):.4f} "
-          f"NDCG@10 {sampled.get('ndcg@10', float('nan')):.4f}; results in {outputs.path}",
-          flush=True)
+          f"NDCG@10 {sampled.get('ndcg@10', float('nan')):.4f}{private}; results in "
+          f"{outputs.path}", flush=True)
 
 
 def _plan_privacy(cfg: Config, grid: Grid, train_config: ConfigRecord) -> CentralDp | None:
