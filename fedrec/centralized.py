@@ -92,7 +92,7 @@ def _train_two_tower(c: Any, dataset: Any, split: Split, valid_cases: EvalCases,
     protocol, metric = c.eval.select_by.split(".")
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     for epoch in range(1, c.train.epochs + 1):
-        result = train(model, [optimizer], loader, objective, epochs=1,
+        result = train(model, optimizer, loader, objective, epochs=1,
                        seed=c.seed * 10007 + epoch)
         record: dict[str, Any] = {"round": epoch, "train_loss": result.loss}
         if len(valid_cases):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,7 +149,7 @@ def train_round(
     after_step = _proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
     loader = make_loader(node.examples, batch_size, seed)
     if ledger is None:
-        return train(model, [make_optimizer(model.parameters(), train_cfg)], loader,
+        return train(model, make_optimizer(model.parameters(), train_cfg), loader,
                      node.objective, epochs=local_epochs, seed=seed, after_step=after_step)
     shared = [p for n, p in model.named_parameters() if not n.startswith(PERSONAL_PREFIX)]
     personal = [p for n, p in model.named_parameters() if n.startswith(PERSONAL_PREFIX)]
@@ -161,12 +161,12 @@ def train_round(
         # The personal vector never leaves the client, so it trains without noise, on its own,
         # with the shared tower held fixed (Opacus then sees only the shared parameters).
         with _trainable(model, personal):
-            train(model, [make_optimizer(personal, train_cfg)], loader, node.objective,
+            train(model, make_optimizer(personal, train_cfg), loader, node.objective,
                   epochs=local_epochs, seed=seed)
     return result
 
 
-def _proximal_step(model: TwoTower, strength: float):
+def _proximal_step(model: TwoTower, strength: float) -> Callable[[], None]:
     """FedProx's proximal term mu/2 |w - w_global|^2, applied as its exact proximal step after
     each optimizer step. Being a separate step, it also works under DP-SGD, where Opacus
     builds the gradient from per-example gradients only (and it needs no data, so it costs no

@@ -7,7 +7,7 @@ step it expects over the whole run, and keeps the accountant's history in its Co
 and a client whose next round would pass its budget refuses to train.
 
 DP-FedAvg (``privacy=central_dp``) is Flower's DifferentialPrivacy*Clipping wrappers around the
-configured strategy, accounted by Flower's RdpAccountant (see ``CentralLedger``).
+configured strategy, accounted by Flower's RdpAccountant (see ``CentralDp``).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def plan_dp_sgd(cfg: DpSgdConfig, *, num_records: int, batch_size: int, local_ep
 @functools.lru_cache(maxsize=4096)
 def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int,
                       accountant: str) -> float:
-    """Opacus' bisection (about half a second); a simulation process plans for many clients,
-    and clients with the same number of records share a plan."""
+    """Opacus' bisection, once per distinct input: a simulation process plans for many
+    clients, and clients with the same number of records share a plan."""
     return get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
                                 sample_rate=sample_rate, steps=steps, accountant=accountant,
                                 **_orders(accountant))
@@ -214,7 +214,7 @@ def train_dp_sgd(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
         with warnings.catch_warnings():
             # Opacus' hooks on the first layer fire although item ids need no gradient.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            result = train(module, [optimizer], private_loader, objective, epochs=epochs,
+            result = train(module, optimizer, private_loader, objective, epochs=epochs,
                            seed=seed, after_step=after_step)
     finally:
         module.remove_hooks()

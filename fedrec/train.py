@@ -1,6 +1,6 @@
 """The one local training loop: the centralized reference and every client call ``train``.
 
-The caller owns the optimizers and the batches, so DP-SGD swaps in Opacus' private model,
+The caller owns the optimizer and the batches, so DP-SGD swaps in Opacus' private model,
 optimizer and Poisson-sampled loader, and FedProx passes its proximal step as ``after_step``,
 without a second copy of the loop.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,6 @@ class TrainResult:
 class Objective:
     """How a batch becomes a loss: the config's loss plus what it needs about the items."""
 
-    loss: str
     num_items: int
     num_negatives: int
     # log of each item's share of the training targets, for the logQ correction; None disables.
@@ -64,7 +63,7 @@ class Objective:
             negatives = 1
         elif per_example_negatives is not None:
             negatives = per_example_negatives
-        return cls(cfg.loss, num_items, negatives, log_share, per_example=per_example)
+        return cls(num_items, negatives, log_share, per_example=per_example)
 
     def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Any:
         history, target, user = batch
@@ -118,7 +117,7 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
 
 def train(
     model: nn.Module,
-    optimizers: Sequence[torch.optim.Optimizer],
+    optimizer: torch.optim.Optimizer,
     batches: Iterable[Batch],
     objective: Objective,
     *,
@@ -126,8 +125,8 @@ def train(
     seed: int,
     after_step: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Train for ``epochs`` passes over ``batches``, stepping every optimizer on every batch;
-    ``after_step`` runs after each step (FedProx's proximal pull toward the global model)."""
+    """Train for ``epochs`` passes over ``batches``; ``after_step`` runs after each optimizer
+    step (FedProx's proximal pull toward the global model)."""
     model.train()
     generator = torch.Generator().manual_seed(seed)
     last_loss, num_examples = math.nan, 0
@@ -136,12 +135,10 @@ def train(
         for batch in batches:
             if len(batch[1]) == 0:  # Poisson sampling can draw an empty batch
                 continue
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss = objective(model, batch, generator)
             loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
+            optimizer.step()
             if after_step is not None:
                 after_step()
             total += float(loss.detach())

@@ -65,7 +65,7 @@ def test_training_beats_popularity_on_the_shop(tiny_shop, loss):
                          num_negatives=10, seed=0)
     examples = training_examples(split.train, tiny_shop.num_items, 50)
     before = evaluate_model(model, test, [5], 64).means()["sampled"]["hr@5"]
-    result = train(model, [make_optimizer(model.parameters(), cfg.train)],
+    result = train(model, make_optimizer(model.parameters(), cfg.train),
                    make_loader(examples, 32, 0),
                    Objective.from_config(cfg.train, examples, tiny_shop.num_items),
                    epochs=15, seed=0)
@@ -93,7 +93,7 @@ def test_after_step_changes_the_update(tiny_shop):
                 for p in m.parameters():
                     p.mul_(1 - shrink)
 
-        train(m, [make_optimizer(m.parameters(), cfg.train)], make_loader(examples, 64, 0),
+        train(m, make_optimizer(m.parameters(), cfg.train), make_loader(examples, 64, 0),
               objective, epochs=1, seed=0, after_step=after_step)
         return torch.cat([p.flatten() for p in m.shared_state().values()])
 
@@ -112,7 +112,7 @@ def test_diverging_loss_is_reported(tiny_shop):
             model.user_mlp[0].weight.fill_(float("nan"))
 
     with pytest.raises(FloatingPointError, match=r"train\.lr"):
-        train(model, [make_optimizer(model.parameters(), cfg.train)],
+        train(model, make_optimizer(model.parameters(), cfg.train),
               make_loader(examples, 64, 0),
               Objective.from_config(cfg.train, examples, tiny_shop.num_items), epochs=1,
               seed=0, after_step=poison)

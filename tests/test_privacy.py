@@ -39,8 +39,9 @@ def _ledger(overrides: str, planned_rounds: int, batch_size: int = 16) -> DpSgdL
     return DpSgdLedger(cfg.accountant, cfg.target_epsilon, plan, [])
 
 
-@pytest.mark.parametrize("extra", ["", "privacy.accountant=prv privacy.grad_sample_mode=ghost "
-                                       "model.personal_embedding=true"])
+@pytest.mark.parametrize("extra", ["privacy.grad_sample_mode=hooks",
+                                   "privacy.accountant=prv privacy.grad_sample_mode=ghost "
+                                   "model.personal_embedding=true"])
 def test_dp_sgd_budget_composes_across_rounds_and_then_stops(extra):
     overrides = f"{DP} {extra}"
     node = load_node(overrides, 0, 3)
