@@ -16,6 +16,7 @@ from fedrec.config import CentralDpConfig, DpSgdConfig
 from fedrec.model import PERSONAL_PREFIX, TwoTower
 from fedrec.node import NodeData, evaluate_node, load_config, load_node, node_model, train_round
 from fedrec.privacy import BUDGET_EXHAUSTED, DpSgdLedger, plan_dp_sgd
+from fedrec.secagg import secure_aggregation, starts_round
 
 app = ClientApp()
 
@@ -54,7 +55,28 @@ def client_side_clipping(msg: Message, context: Context, call_next: ClientAppCal
     return mod(msg, context, call_next)
 
 
-@app.train(mods=[client_side_clipping])
+def dp_sgd_budget(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """privacy=dp_sgd: a node whose next round would pass its target epsilon declines at once
+    (with secagg=on, at SecAgg+'s setup stage, before it joins the round)."""
+    if DP_SGD_STATE not in context.state or not starts_round(msg):
+        # No round trained yet (the plan fits at least one), or a later SecAgg+ stage of a
+        # round this node already joined.
+        return call_next(msg, context)
+    ledger = DpSgdLedger.from_record(context.state.config_records[DP_SGD_STATE])
+    if ledger.can_train():
+        return call_next(msg, context)
+    return Message(Error(BUDGET_EXHAUSTED, (
+        f"privacy budget exhausted: epsilon {ledger.epsilon():.4f} spent, another round would "
+        f"reach {ledger.epsilon(with_next_round=True):.4f} > target {ledger.target_epsilon}")),
+        reply_to=msg)
+
+
+# Outermost first. secure_aggregation hands the plain train message on, so the clipping mod
+# and train() are the same with and without secagg.
+TRAIN_MODS = [dp_sgd_budget, secure_aggregation, client_side_clipping]
+
+
+@app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     model = _model(node, msg, context)
@@ -64,11 +86,6 @@ def train(msg: Message, context: Context) -> Message:
     if isinstance(node.cfg.privacy, DpSgdConfig):
         ledger = _dp_sgd_ledger(node, node.cfg.privacy, context, local_epochs, batch_size,
                                 int(config["dp-planned-rounds"]))
-        if not ledger.can_train():
-            return Message(Error(BUDGET_EXHAUSTED, (
-                f"privacy budget exhausted: epsilon {ledger.epsilon():.4f} spent, another round"
-                f" would reach {ledger.epsilon(with_next_round=True):.4f} > target "
-                f"{ledger.target_epsilon}")), reply_to=msg)
     result = train_round(
         node, model,
         lr=float(config["lr"]),

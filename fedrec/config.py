@@ -353,6 +353,47 @@ class CentralDpConfig(PrivacyConfig):
                "null or a number > 0")
 
 
+# ----------------------------------------------------------------------------------- secagg
+@dataclass
+class SecAggConfig:
+    # off: the server sees every client's update; on: SecAgg+ (Flower's legacy workflow), the
+    # server learns only their weighted sum.
+    enabled: bool = MISSING
+    # Each client secret-shares its mask seeds with this many neighbours. Odd: Flower's SecAgg+
+    # crashes on an even count smaller than the round's sample.
+    num_shares: int = MISSING
+    # Shares needed to rebuild a dropped client's masks; fewer colluding neighbours learn nothing.
+    reconstruction_threshold: int = MISSING
+    # Values are clipped to +-clipping_range (after weighting) and quantized to
+    # quantization_range levels before masking: the aggregate's rounding error is about
+    # 2 * clipping_range / quantization_range per unit weight.
+    clipping_range: float = MISSING
+    quantization_range: int = MISSING
+    # The largest client weight (training examples, or 1 under central_dp): updates are scaled
+    # by weight / max_weight, so a client above it would overflow (it refuses and drops out),
+    # and one far below it loses precision. null: twice the largest client's examples, which
+    # the server knows only in simulation (twice: Poisson sampling under DP-SGD varies them).
+    max_weight: float | None = MISSING
+    # Seconds the server waits for each SecAgg+ stage; a client slower than this drops out.
+    # null waits for ever.
+    timeout: float | None = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.num_shares >= 3 and self.num_shares % 2 == 1, "secagg.num_shares",
+               self.num_shares, "an odd integer >= 3 (Flower's SecAgg+ fails on even counts)")
+        _check(2 <= self.reconstruction_threshold < self.num_shares,
+               "secagg.reconstruction_threshold", self.reconstruction_threshold,
+               f"an integer from 2 to secagg.num_shares - 1 = {self.num_shares - 1}")
+        _check(self.clipping_range > 0, "secagg.clipping_range", self.clipping_range,
+               "a number > 0")
+        _check(0 < self.quantization_range < 2**32, "secagg.quantization_range",
+               self.quantization_range, "an integer in [1, 2**32)")
+        _check(self.max_weight is None or self.max_weight > 0, "secagg.max_weight",
+               self.max_weight, "null or a number > 0")
+        _check(self.timeout is None or self.timeout > 0, "secagg.timeout", self.timeout,
+               "null or a number of seconds > 0")
+
+
 # ------------------------------------------------------------------------------------- root
 @dataclass
 class Config:
@@ -363,6 +404,7 @@ class Config:
     eval: EvalConfig = MISSING
     strategy: StrategyConfig = MISSING
     privacy: PrivacyConfig = MISSING
+    secagg: SecAggConfig = MISSING
     seed: int = MISSING
     num_rounds: int = MISSING
     name: str = MISSING
@@ -377,6 +419,22 @@ class Config:
             _check(self.strategy.name in MEAN_STRATEGIES, "strategy", self.strategy.name,
                    f"with privacy=central_dp, a strategy that averages the updates: one of "
                    f"{', '.join(MEAN_STRATEGIES)}")
+        if self.secagg.enabled:
+            self._check_secagg()
+
+    def _check_secagg(self) -> None:
+        """What cannot work when the server sees only the sum of the updates."""
+        _check(self.strategy.name in MEAN_STRATEGIES, "strategy", self.strategy.name,
+               f"with secagg=on, a strategy built on the weighted mean, which is all SecAgg+ "
+               f"reveals (Krum, trimmed mean and median need each update): one of "
+               f"{', '.join(MEAN_STRATEGIES)}")
+        privacy = self.privacy
+        if isinstance(privacy, CentralDpConfig):
+            _check(privacy.side == "client", "privacy.side", privacy.side,
+                   "client with secagg=on: server-side clipping needs each update in the clear")
+            _check(privacy.clipping == "fixed", "privacy.clipping", privacy.clipping,
+                   "fixed with secagg=on: adaptive clipping sends each client's clipped-or-not "
+                   "bit in the clear, next to the masked update")
 
 
 _SCHEMAS = {
@@ -394,6 +452,7 @@ _SCHEMAS = {
     "schema/strategy": {"strategy": StrategyConfig},
     "schema/privacy": {"none": PrivacyConfig, "dp_sgd": DpSgdConfig,
                        "central_dp": CentralDpConfig},
+    "schema/secagg": {"secagg": SecAggConfig},
 }
 
 

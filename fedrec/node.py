@@ -50,6 +50,12 @@ class Federation:
     def num_clients(self) -> int:
         return num_clients(self.assignment)
 
+    def client_examples(self) -> np.ndarray:
+        """Training examples per client: one per interaction after each user's first."""
+        per_user = (self.split.train.groupby("user").size() - 1).clip(lower=0)
+        return np.bincount(self.assignment[per_user.index.to_numpy()],
+                           weights=per_user.to_numpy(), minlength=self.num_clients)
+
 
 @dataclass(frozen=True)
 class NodeData:

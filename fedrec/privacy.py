@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from flwr.app import ConfigRecord
+from flwr.server import strategy as legacy_strategy
 from flwr.serverapp import RdpAccountant
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -324,20 +325,37 @@ def wrap_strategy(strategy: Strategy, central: CentralDp) -> Strategy:
                clip_norm_lr=cfg.clip_norm_lr, clipped_count_stddev=cfg.clipped_count_stddev)
 
 
+def wrap_legacy_strategy(strategy: legacy_strategy.Strategy,
+                         central: CentralDp) -> legacy_strategy.Strategy:
+    """Distributed DP for secagg=on: each client clips its own update (Flower's legacy
+    fixedclipping wrapper sends the norm), SecAgg+ reveals only the sum, and the server adds the
+    noise to it. Server-side and adaptive clipping are refused with secagg when the config is
+    composed. Flower's wrapper releases nothing in a round with any failed client."""
+    cfg = central.cfg
+    if cfg.side != "client" or cfg.clipping != "fixed":
+        raise ConfigError(f"privacy.side={cfg.side} privacy.clipping={cfg.clipping} cannot run "
+                          "with secagg=on: use privacy.side=client privacy.clipping=fixed")
+    return legacy_strategy.DifferentialPrivacyClientSideFixedClipping(
+        strategy, central.noise_multiplier, cfg.clipping_norm, central.sample_size)
+
+
 # -------------------------------------------------------------------------------- report
 class PrivacyReport:
     """The run's privacy as the server can state it, updated after every training round.
 
     dp_sgd: each client accounts for itself and reports its epsilon; the run's epsilon is the
     largest any client reported, its delta and noise multiplier the weakest (largest delta,
-    smallest noise). central_dp: the server's own accountant.
+    smallest noise). central_dp: the server's own accountant. ``secagg``: the SecAgg+
+    parameters the run used, or None without secure aggregation.
     """
 
     def __init__(self, cfg: PrivacyConfig, central: CentralDp | None = None,
-                 strategy: Strategy | None = None) -> None:
+                 strategy: Strategy | None = None,
+                 secagg: dict[str, object] | None = None) -> None:
         self.cfg = cfg
         self.central = central
         self.strategy = strategy
+        self.secagg = secagg
         self.epsilon: float | None = None
         self.delta: float | None = None
         self.noise_multiplier: float | None = None
@@ -364,7 +382,9 @@ class PrivacyReport:
 
     def as_dict(self) -> dict[str, object]:
         report: dict[str, object] = {"mechanism": self.cfg.mechanism, "epsilon": self.epsilon,
-                                     "delta": self.delta, "secagg": False}
+                                     "delta": self.delta, "secagg": self.secagg is not None}
+        if self.secagg is not None:
+            report["secagg_parameters"] = self.secagg
         if isinstance(self.cfg, DpSgdConfig):
             report.update(noise_multiplier=self.noise_multiplier,
                           clipping_norm=self.cfg.max_grad_norm, unit="record",

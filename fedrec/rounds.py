@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # type: ignore[attr-defined]
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -24,11 +24,22 @@ from fedrec.privacy import BUDGET_EXHAUSTED, PrivacyReport
 from fedrec.strategy import sum_metric_records
 
 log = logging.getLogger("fedrec.server")
+# How often the server asks the SuperLink for replies.
+POLL_SECONDS = 0.1
 
 
 def record_bytes(content: RecordDict) -> int:
     """Payload bytes of a message: its arrays, metrics and configs."""
-    return sum(record.count_bytes() for record in content.values())
+    return sum(_count_bytes(record) for record in content.values())
+
+
+def _count_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
+    if isinstance(record, ConfigRecord) and any(v == [] for v in record.values()):
+        # Flower's ConfigRecord.count_bytes fails on an empty list (SecAgg+ sends some); an
+        # empty list carries only its key.
+        return ConfigRecord({k: v for k, v in record.items() if v != []}).count_bytes() + sum(
+            len(k) for k, v in record.items() if v == [])
+    return record.count_bytes()
 
 
 class MeteredGrid(Grid):
@@ -42,9 +53,19 @@ class MeteredGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
+        """As Flower's Grid, but polling for replies every POLL_SECONDS instead of every 3 s:
+        SecAgg+ makes four exchanges a round, and each would otherwise wait out the interval."""
         messages = list(messages)
         self.bytes_down += sum(record_bytes(m.content) for m in messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        pending = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            pulled = list(self._grid.pull_messages(pending))
+            replies += pulled
+            pending -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if pending:
+                time.sleep(POLL_SECONDS)
         self.bytes_up += sum(record_bytes(r.content) for r in replies if not r.has_error())
         self.errors += [r for r in replies if r.has_error()]
         return replies
@@ -115,6 +136,11 @@ class RoundLog:
         if self._train:
             record["train_loss"] = self._train.get("train_loss")
             record["train_clients"] = self._train["clients"]
+        elif server_round > 0:
+            record["aggregated"] = False
+            log.warning("round %d aggregated no update (the model is unchanged): every client "
+                        "failed, or SecAgg+ lost too many of them; see the Flower log",
+                        server_round)
         exhausted = [e for e in self.grid.errors if e.error.code == BUDGET_EXHAUSTED]
         self.privacy.exhausted.update(e.metadata.src_node_id for e in exhausted)
         if len(exhausted) < len(self.grid.errors):

@@ -4,6 +4,7 @@ writes the run's outputs. The federation logic is Flower's; the model and data l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from fedrec.node import Federation, compose_once, load_config, load_federation
 from fedrec.outputs import RunOutputs
 from fedrec.privacy import CentralDp, PrivacyReport, plan_central_dp, wrap_strategy
 from fedrec.rounds import MeteredGrid, RoundLog
+from fedrec.secagg import plan_secagg, run_secure_rounds
 from fedrec.strategy import build_strategy
 
 app = ServerApp()
@@ -53,32 +55,47 @@ def main(grid: Grid, context: Context) -> None:
     metered = MeteredGrid(grid)
     train_config = ConfigRecord({"lr": cfg.train.lr, "local-epochs": cfg.train.local_epochs,
                                  "batch-size": cfg.train.batch_size, "seed": cfg.seed})
-    central = _plan_privacy(cfg, metered, train_config)
+    population, sample_size = _round_sample(cfg, metered)
+    central = _plan_privacy(cfg, population, sample_size, train_config)
     num_rounds = cfg.num_rounds if central is None else central.rounds
     if num_rounds < cfg.num_rounds:
         log.info("privacy.max_epsilon=%s allows %d of the %d rounds asked for: the run stops "
                  "after round %d", cfg.privacy.max_epsilon, num_rounds, cfg.num_rounds,
                  num_rounds)
-    privacy = PrivacyReport(cfg.privacy, central)
+    # DP-FedAvg's noise is calibrated to a uniform mean of clipped updates: weighting by
+    # examples would enlarge one client's share.
+    weighted_by_key = "num-examples" if central is None else "unit-weight"
+    secagg = None
+    if cfg.secagg.enabled:
+        largest = 1.0 if central is not None else float(fed.client_examples().max())
+        secagg = plan_secagg(cfg.secagg, sample_size=sample_size, largest_weight=largest)
+    privacy = PrivacyReport(cfg.privacy, central,
+                            secagg=None if secagg is None else dataclasses.asdict(secagg))
     rounds = RoundLog(outputs, metered, num_rounds,
                       _server_evaluation(fed, model) if cfg.eval.server else None, privacy)
     strategy = build_strategy(cfg.strategy, eval_every=cfg.eval.every,
                               num_rounds=num_rounds, train_metrics=rounds.aggregate_train,
                               evaluate_metrics=rounds.aggregate_evaluate,
-                              # DP-FedAvg's noise is calibrated to a uniform mean of clipped
-                              # updates: weighting by examples would enlarge one client's share.
-                              weighted_by_key="num-examples" if central is None else "unit-weight")
-    if central is not None:
+                              weighted_by_key=weighted_by_key)
+    if central is not None and secagg is None:
         strategy = privacy.strategy = wrap_strategy(strategy, central)
     initial = ArrayRecord(torch_state_dict=model.shared_state())
     # Round 0: the untrained model, evaluated federated, so every run shows where it started.
     rounds.aggregate_evaluate([r.content for r in metered.send_and_receive(
         strategy.configure_evaluate(0, initial, ConfigRecord(), metered)) if not r.has_error()],
         "num-examples")
-    result = strategy.start(grid=metered, initial_arrays=initial, num_rounds=num_rounds,
-                            train_config=train_config, evaluate_fn=rounds.end_of_round)
+    if secagg is None:
+        final_arrays = strategy.start(grid=metered, initial_arrays=initial,
+                                      num_rounds=num_rounds, train_config=train_config,
+                                      evaluate_fn=rounds.end_of_round).arrays
+    else:
+        rounds.end_of_round(0, initial)
+        final_arrays = run_secure_rounds(
+            metered, context, secagg=secagg, strategy_cfg=cfg.strategy, strategy=strategy,
+            rounds=rounds, initial=initial, train_config=train_config, num_rounds=num_rounds,
+            weighted_by_key=weighted_by_key, central=central)
 
-    model.load_shared_state(result.arrays.to_torch_state_dict())
+    model.load_shared_state(final_arrays.to_torch_state_dict())
     final = rounds.last_federated or {}
     summary = {
         "mode": "federated",
@@ -110,18 +127,22 @@ def main(grid: Grid, context: Context) -> None:
           f"{outputs.path}", flush=True)
 
 
-def _plan_privacy(cfg: Config, grid: Grid, train_config: ConfigRecord) -> CentralDp | None:
+def _round_sample(cfg: Config, grid: Grid) -> tuple[int, int]:
+    """The federation's size and a training round's sample, as Flower's strategies size it."""
+    _, nodes = sample_nodes(grid, cfg.strategy.min_available_nodes, 0)
+    population = len(nodes)
+    return population, min(population, max(int(population * cfg.strategy.fraction_train),
+                                           cfg.strategy.min_train_nodes))
+
+
+def _plan_privacy(cfg: Config, population: int, sample_size: int,
+                  train_config: ConfigRecord) -> CentralDp | None:
     """Plan what privacy needs to know about the federation before the first round: DP-SGD
     clients get the rounds to plan their noise for; DP-FedAvg gets its noise and the rounds that
     fit in its budget."""
     privacy = cfg.privacy
     if privacy.mechanism == "none":
         return None
-    _, nodes = sample_nodes(grid, cfg.strategy.min_available_nodes, 0)
-    population = len(nodes)
-    # As Flower's strategies size a round's sample.
-    sample_size = min(population, max(int(population * cfg.strategy.fraction_train),
-                                      cfg.strategy.min_train_nodes))
     if isinstance(privacy, DpSgdConfig):
         planned = privacy.planned_rounds or math.ceil(cfg.num_rounds * sample_size / population)
         train_config["dp-planned-rounds"] = planned

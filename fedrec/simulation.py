@@ -38,8 +38,9 @@ def run_federated(
     timeout: float = 3600,
     cpus_per_client: float = 1,
     echo: bool = False,
+    project_dir: Path = PROJECT_DIR,
 ) -> dict[str, Any]:
-    """Run `flwr run` on this project and return its summary.json."""
+    """Run `flwr run` on ``project_dir`` (default: this project) and return its summary.json."""
     output_dir = Path(output_dir).resolve()
     args = [*parse_overrides(overrides), f"output_dir={output_dir}"]
     # flwr starts flower-superlink by name: put this interpreter's scripts first on PATH, so a
@@ -53,7 +54,7 @@ def run_federated(
         # A TOML file sidesteps shell and TOML quoting of the override string.
         run_config.write(f"overrides = {json.dumps(' '.join(map(_quote, args)))}\n")
     command = [
-        _flwr(), "run", str(PROJECT_DIR), "--stream",
+        _flwr(), "run", str(project_dir), "--stream",
         "--federation-config",
         f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
         "--run-config", run_config.name,
@@ -61,7 +62,7 @@ def run_federated(
     try:
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, env=env, cwd=PROJECT_DIR)
+                                       text=True, env=env, cwd=project_dir)
             deadline = time.monotonic() + timeout
             assert process.stdout is not None
             for line in process.stdout:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
+from typing import Any, cast
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import Scalar, ndarrays_to_parameters
+from flwr.server import strategy as legacy_strategy
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
@@ -28,6 +32,17 @@ STRATEGY_CLASSES: dict[str, type[flwr_strategy.Strategy]] = {
     "fedmedian": flwr_strategy.FedMedian,
     "krum": flwr_strategy.Krum,
     "multikrum": flwr_strategy.MultiKrum,
+}
+# SecAgg+ runs in Flower's legacy workflow, which drives the legacy twins of the strategies
+# that post-process a weighted mean (the only thing SecAgg+ reveals). Their hyper-parameters
+# have the same names.
+LEGACY_STRATEGY_CLASSES: dict[str, type[legacy_strategy.Strategy]] = {
+    "fedavg": legacy_strategy.FedAvg,
+    "fedprox": legacy_strategy.FedProx,
+    "fedadam": legacy_strategy.FedAdam,
+    "fedyogi": legacy_strategy.FedYogi,
+    "fedadagrad": legacy_strategy.FedAdagrad,
+    "fedavgm": legacy_strategy.FedAvgM,
 }
 # Keys every strategy takes from the top of its config group, not from params.
 COMMON_KEYS = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
@@ -57,17 +72,45 @@ def build_strategy(cfg: StrategyConfig, *, eval_every: int, num_rounds: int,
     """The configured Flower strategy; unknown or reserved params fail here, before training.
     ``weighted_by_key`` is the reply metric that weights each client in the mean."""
     cls = STRATEGY_CLASSES[cfg.name]
+    _check_params(cfg, cls)
+    kwargs = {key: getattr(cfg, key) for key in COMMON_KEYS}
+    strategy = cls(**kwargs, **dict(cfg.params), train_metrics_aggr_fn=train_metrics,
+                   evaluate_metrics_aggr_fn=evaluate_metrics, weighted_by_key=weighted_by_key)
+    _evaluate_every(strategy, eval_every, num_rounds)
+    return strategy
+
+
+def build_legacy_strategy(cfg: StrategyConfig, *, initial: list[np.ndarray],
+                          fit_config: Callable[[int], dict[str, Scalar]],
+                          train_metrics: MetricsAggregation,
+                          weighted_by_key: str) -> legacy_strategy.Strategy:
+    """The legacy twin of the configured strategy, for SecAgg+'s training rounds. It samples
+    the clients and post-processes the mean; fedrec evaluates with the new-API strategy."""
+    if cfg.name not in LEGACY_STRATEGY_CLASSES:
+        raise ConfigError(f"strategy={cfg.name} needs each client's update, which secagg=on "
+                          f"hides: use one of {', '.join(LEGACY_STRATEGY_CLASSES)}")
+    _check_params(cfg, STRATEGY_CLASSES[cfg.name])
+
+    def fit_metrics(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+        records = [RecordDict({"metrics": MetricRecord(cast(Any, metrics))})
+                   for _, metrics in results]
+        return dict(train_metrics(records, weighted_by_key))
+
+    return LEGACY_STRATEGY_CLASSES[cfg.name](
+        fraction_fit=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+        min_fit_clients=cfg.min_train_nodes, min_evaluate_clients=cfg.min_evaluate_nodes,
+        min_available_clients=cfg.min_available_nodes, **dict(cfg.params),
+        initial_parameters=ndarrays_to_parameters(initial), on_fit_config_fn=fit_config,
+        fit_metrics_aggregation_fn=fit_metrics)
+
+
+def _check_params(cfg: StrategyConfig, cls: type) -> None:
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     allowed = sorted(accepted - set(COMMON_KEYS) - set(RESERVED_KEYS))
     for key in cfg.params:
         if key not in allowed:
             raise ConfigError(f"strategy.params.{key} is not a parameter of {cls.__name__}: "
                               f"expected one of {', '.join(allowed) or '(none)'}")
-    kwargs = {key: getattr(cfg, key) for key in COMMON_KEYS}
-    strategy = cls(**kwargs, **dict(cfg.params), train_metrics_aggr_fn=train_metrics,
-                   evaluate_metrics_aggr_fn=evaluate_metrics, weighted_by_key=weighted_by_key)
-    _evaluate_every(strategy, eval_every, num_rounds)
-    return strategy
 
 
 def _evaluate_every(strategy: flwr_strategy.Strategy, every: int, num_rounds: int) -> None:

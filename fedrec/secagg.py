@@ -1,0 +1,219 @@
+"""Secure aggregation (secagg=on): Flower's SecAgg+ around fedrec's own rounds.
+
+SecAgg+ exists only in Flower's legacy workflow API, which speaks its own message layout
+("fitins.*", "fitres.*") and drives legacy strategies. This module is the whole adaptation, one
+function per side:
+
+- ``run_secure_rounds`` (server): Flower's ``DefaultWorkflow`` with ``SecAggPlusWorkflow`` as the
+  training step and the legacy twin of the configured strategy, which only post-processes the
+  mean that SecAgg+ reveals. Evaluation, round logging and privacy reporting are the plain
+  path's: the same new-API strategy samples and sums the evaluation replies.
+- ``secure_aggregation`` (client mod): runs Flower's ``secaggplus_mod`` and, for the one stage that
+  trains, translates the legacy request into fedrec's train message and the reply back. The
+  ClientApp's ``train`` is the plain path's, unchanged.
+
+What each party learns: the server sees each client's metrics (loss, example count, epsilon) in
+the clear, and only the weighted sum of the updates; a client's masks fall away only in that sum,
+unless ``reconstruction_threshold`` of its neighbours collude with the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import flwr.compat.common.recorddict_compat as compat
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedrec.config import ConfigError, SecAggConfig, StrategyConfig
+from fedrec.privacy import CentralDp, wrap_legacy_strategy
+from fedrec.rounds import RoundLog
+from fedrec.strategy import build_legacy_strategy
+
+log = logging.getLogger("fedrec.server")
+
+# Keys fedrec adds to the legacy train config, so a client can translate without its model.
+ARRAY_NAMES = "secagg-array-names"
+WEIGHT_KEY = "secagg-weight-key"
+MAX_WEIGHT = "secagg-max-weight"
+# SecAgg+ sums in integers modulo this (Flower's default): it bounds the clients per round.
+_MODULUS_RANGE = 2**32
+# Legacy strategies name their config keys differently from the new API's.
+LEGACY_CONFIG_KEYS = {"proximal_mu": "proximal-mu"}
+
+
+# ------------------------------------------------------------------------------------ server
+@dataclass(frozen=True)
+class SecAggPlan:
+    """The SecAgg+ parameters of a run: the config's, with max_weight resolved."""
+
+    num_shares: int
+    reconstruction_threshold: int
+    clipping_range: float
+    quantization_range: int
+    max_weight: float
+    timeout: float | None
+
+
+def plan_secagg(cfg: SecAggConfig, *, sample_size: int, largest_weight: float) -> SecAggPlan:
+    """Check the config against the round's sample before any client is asked to train.
+
+    ``largest_weight``: the largest client weight the server knows of (used when
+    ``max_weight`` is null)."""
+    if sample_size < 2:
+        raise ConfigError(f"secagg=on needs at least 2 clients a round, but the strategy samples "
+                          f"{sample_size}: raise strategy.fraction_train or "
+                          "strategy.min_train_nodes")
+    neighbours = min(cfg.num_shares, sample_size)
+    if neighbours < cfg.reconstruction_threshold:
+        raise ConfigError(
+            f"secagg.reconstruction_threshold={cfg.reconstruction_threshold} exceeds the "
+            f"{neighbours} neighbours a client has when {sample_size} clients train a round: "
+            f"lower it to at most {neighbours}")
+    most = _MODULUS_RANGE // cfg.quantization_range
+    if sample_size > most:
+        raise ConfigError(
+            f"secagg.quantization_range={cfg.quantization_range} leaves room for the sum of "
+            f"{most} clients, but a round samples {sample_size}: lower the quantization range")
+    max_weight = cfg.max_weight
+    if max_weight is None:
+        max_weight = 1.0 if largest_weight == 1.0 else 2.0 * largest_weight
+    elif max_weight < largest_weight:
+        raise ConfigError(f"secagg.max_weight={max_weight:g} is below the largest client's "
+                          f"weight {largest_weight:g}: its masked update would overflow; set "
+                          f"at least {largest_weight:g}, or null")
+    return SecAggPlan(cfg.num_shares, cfg.reconstruction_threshold, cfg.clipping_range,
+                      cfg.quantization_range, max_weight, cfg.timeout)
+
+
+def run_secure_rounds(
+    grid: Grid,
+    context: Context,
+    *,
+    secagg: SecAggPlan,
+    strategy_cfg: StrategyConfig,
+    strategy: Strategy,
+    rounds: RoundLog,
+    initial: ArrayRecord,
+    train_config: ConfigRecord,
+    num_rounds: int,
+    weighted_by_key: str,
+    central: CentralDp | None,
+) -> ArrayRecord:
+    """Train ``num_rounds`` rounds with SecAgg+ and return the final shared parameters.
+
+    ``strategy`` is the plain path's new-API strategy: here it only samples and aggregates the
+    federated evaluation; its legacy twin, built from ``strategy_cfg``, aggregates training.
+    Round 0 (the untrained model) is the caller's, as on the plain path."""
+    names = list(initial.keys())
+    state = initial.to_torch_state_dict()
+    fit_config = {**train_config, ARRAY_NAMES: names, WEIGHT_KEY: weighted_by_key,
+                  MAX_WEIGHT: secagg.max_weight}
+    legacy = build_legacy_strategy(
+        strategy_cfg,
+        initial=[state[n].numpy() for n in names],
+        fit_config=lambda server_round: {**fit_config, "server-round": server_round},
+        train_metrics=rounds.aggregate_train,
+        weighted_by_key=weighted_by_key,
+    )
+    if central is not None:
+        legacy = wrap_legacy_strategy(legacy, central)
+    secure = SecAggPlusWorkflow(
+        num_shares=secagg.num_shares,
+        reconstruction_threshold=secagg.reconstruction_threshold,
+        max_weight=secagg.max_weight,
+        clipping_range=secagg.clipping_range,
+        quantization_range=secagg.quantization_range,
+        modulus_range=_MODULUS_RANGE,
+        timeout=secagg.timeout,
+    )
+
+    def current(legacy_context: LegacyContext) -> tuple[int, ArrayRecord]:
+        server_round = legacy_context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]
+        arrays = legacy_context.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
+        # SecAgg+ dequantizes to float64; the model and the next round's traffic are float32.
+        return cast(int, server_round), ArrayRecord(torch_state_dict={
+            n: torch.from_numpy(np.asarray(a, dtype=np.float32)) for n, a in zip(
+                names, arrays, strict=True)})
+
+    def secure_train_round(grid: Grid, legacy_context: Context) -> None:
+        secure(grid, legacy_context)
+        _, arrays = current(cast(LegacyContext, legacy_context))
+        legacy_context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters(list(arrays.to_numpy_ndarrays())), keep_input=True)
+
+    def evaluate_round(grid: Grid, legacy_context: Context) -> None:
+        server_round, arrays = current(cast(LegacyContext, legacy_context))
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        strategy.aggregate_evaluate(server_round, replies)
+        rounds.end_of_round(server_round, arrays)
+
+    legacy_context = LegacyContext(context, config=ServerConfig(num_rounds=num_rounds),
+                                   strategy=legacy)
+    DefaultWorkflow(fit_workflow=secure_train_round, evaluate_workflow=evaluate_round)(
+        grid, legacy_context)
+    return current(legacy_context)[1]
+
+
+# ------------------------------------------------------------------------------------ client
+def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """SecAgg+ train messages go through Flower's secaggplus_mod; plain ones pass untouched."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, _translated(call_next))
+
+
+def starts_round(msg: Message) -> bool:
+    """Whether a train message opens a round: a plain one, or SecAgg+'s setup stage."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return configs is None or configs.get(SecAggKey.STAGE) == Stage.SETUP
+
+
+def _translated(call_next: ClientAppCallable) -> Callable[[Message, Context], Message]:
+    def train(msg: Message, context: Context) -> Message:
+        legacy_config = msg.content.config_records["fitins.config"]
+        config = ConfigRecord({LEGACY_CONFIG_KEYS.get(k, k): v for k, v in legacy_config.items()
+                               if k not in (ARRAY_NAMES, WEIGHT_KEY, MAX_WEIGHT)})
+        names = cast(list[str], legacy_config[ARRAY_NAMES])
+        arrays = msg.content.array_records["fitins.parameters"].to_numpy_ndarrays()
+        msg.content = RecordDict({
+            "arrays": ArrayRecord(torch_state_dict={
+                n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, arrays, strict=True)}),
+            "config": config,
+        })
+        reply = call_next(msg, context)
+        if reply.has_error():
+            # secaggplus_mod then raises: the client drops out of the round after sharing its
+            # keys, which SecAgg+ survives while enough neighbours remain.
+            raise RuntimeError(f"training failed: {reply.error.reason}")
+        metrics = reply.content["metrics"]
+        weight = float(metrics[legacy_config[WEIGHT_KEY]])
+        if weight > float(legacy_config[MAX_WEIGHT]):
+            raise ValueError(f"this client's weight {weight:g} ({legacy_config[WEIGHT_KEY]}) "
+                             f"exceeds secagg.max_weight={legacy_config[MAX_WEIGHT]:g}: its "
+                             "masked update would overflow; raise secagg.max_weight")
+        state = reply.content["arrays"].to_torch_state_dict()
+        reply.content = RecordDict({
+            "fitres.parameters": ArrayRecord([state[n].numpy() for n in names]),
+            "fitres.num_examples": MetricRecord({"num_examples": int(weight)}),
+            "fitres.metrics": ConfigRecord(dict(cast(MetricRecord, metrics))),
+            "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
+        })
+        return reply
+
+    return train
