@@ -15,11 +15,11 @@ import logging
 import tempfile
 from pathlib import Path
 
+from common import DEFAULT_DATA, local_superlink
+
 from fedrec.centralized import run as run_centralized
 from fedrec.node import load_federation
-from fedrec.simulation import run_federated, stop_local_superlink, superlink_pids
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from fedrec.simulation import run_federated
 
 
 def main() -> None:
@@ -46,12 +46,8 @@ def main() -> None:
     print(f"federated: {strategy}, partition={fed_cfg.cfg.partition.kind}, {num_clients} "
           f"clients, {fed_cfg.cfg.num_rounds} rounds (log: {out}/federated.flwr.log) ...",
           flush=True)
-    was_running = bool(superlink_pids())
-    try:
+    with local_superlink():
         fed = run_federated(federated, num_supernodes=num_clients, output_dir=out / "federated")
-    finally:
-        if not was_running:
-            stop_local_superlink()
 
     print()
     print("| run | HR@10 | NDCG@10 | Recall@20 | wall s | MB up | MB down |")

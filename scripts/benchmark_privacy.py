@@ -13,16 +13,10 @@ non-private run. A run that fails is listed with its error; the others still run
 
 from __future__ import annotations
 
-import argparse
-import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from fedrec.node import load_federation
-from fedrec.simulation import run_federated, stop_local_superlink, superlink_pids
+from common import partition_parser, partition_runs, run_row
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RECIPES = {
     "silo": "partition=silo num_rounds=15",
     "user": "experiment=cross_device",
@@ -30,49 +24,19 @@ RECIPES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="folder holding ml-100k/ (default: %(default)s)")
-    parser.add_argument("--partition", nargs="+", default=["silo", "user"],
-                        choices=sorted(RECIPES), help="partitions to run (default: both)")
+    parser = partition_parser(__doc__.split("\n")[0], RECIPES)
     parser.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 4.0, 1.0])
     parser.add_argument("--mechanisms", nargs="+", default=["dp_sgd", "central_dp"],
                         choices=["dp_sgd", "central_dp"])
-    for name, recipe in RECIPES.items():
-        parser.add_argument(f"--{name}", default=recipe,
-                            help=f"federated overrides for partition={name} (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=None, help="where runs write (default: temp)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    out = (args.out or Path(tempfile.mkdtemp(prefix="fedrec-privacy-"))).resolve()
-    data = f"dataset=movielens_100k dataset.path={args.data.resolve()}/ml-100k"
-
-    was_running = bool(superlink_pids())
-    try:
-        for partition in args.partition:
-            base = f"{data} {getattr(args, partition)} {' '.join(args.overrides)}"
-            runs = [("none", None, "privacy=none")] + [
-                (mechanism, eps, f"privacy={mechanism} privacy."
-                 f"{'target_epsilon' if mechanism == 'dp_sgd' else 'max_epsilon'}={eps}")
-                for mechanism in args.mechanisms for eps in args.epsilons]
-            results = [(m, eps, _run(f"{base} {privacy}", out / f"{partition}-{m}-{eps}"))
-                       for m, eps, privacy in runs]
-            _print_table(partition, base, results)
-    finally:
-        if not was_running:
-            stop_local_superlink()
-    print(f"runs: {out}")
-
-
-def _run(overrides: str, output_dir: Path) -> dict[str, Any] | str:
-    """The run's summary.json, or its error."""
-    clients = load_federation(overrides).num_clients
-    print(f"{output_dir.name}: {clients} clients (log: {output_dir}.flwr.log) ...", flush=True)
-    try:
-        return run_federated(overrides, num_supernodes=clients, output_dir=output_dir)
-    except Exception as err:  # a failed run is a row of the table, not the end of it
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    for partition, base, out in partition_runs(args, "privacy"):
+        runs = [("none", None, "privacy=none")] + [
+            (mechanism, eps, f"privacy={mechanism} privacy."
+             f"{'target_epsilon' if mechanism == 'dp_sgd' else 'max_epsilon'}={eps}")
+            for mechanism in args.mechanisms for eps in args.epsilons]
+        results = [(m, eps, run_row(f"{base} {privacy}", out / f"{partition}-{m}-{eps}"))
+                   for m, eps, privacy in runs]
+        _print_table(partition, base, results)
 
 
 def _print_table(partition: str, base: str, results: list[tuple[str, float | None, Any]]) -> None:

@@ -1,0 +1,65 @@
+"""What the benchmark scripts share: where the licensed data lives, one federated run as a table
+row, and the managed SuperLink stopped afterwards unless it was running before."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fedrec.node import load_federation
+from fedrec.simulation import run_federated, stop_local_superlink, superlink_pids
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@contextlib.contextmanager
+def local_superlink() -> Iterator[None]:
+    """Stop Flower's managed SuperLink on the way out, unless it was already running."""
+    was_running = bool(superlink_pids())
+    try:
+        yield
+    finally:
+        if not was_running:
+            stop_local_superlink()
+
+
+def run_row(overrides: str, output_dir: Path) -> dict[str, Any] | str:
+    """One federated run, every partition a SuperNode: its summary.json, or its error (a failed
+    run is a row of the table, not the end of it)."""
+    clients = load_federation(overrides).num_clients
+    print(f"{output_dir.name}: {clients} clients (log: {output_dir}.flwr.log) ...", flush=True)
+    try:
+        return run_federated(overrides, num_supernodes=clients, output_dir=output_dir)
+    except Exception as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+
+
+def partition_parser(description: str, recipes: dict[str, str]) -> argparse.ArgumentParser:
+    """Arguments of a benchmark that runs ML-100K under one recipe per partition."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="folder holding ml-100k/ (default: %(default)s)")
+    parser.add_argument("--partition", nargs="+", default=list(recipes), choices=list(recipes),
+                        help="partitions to run (default: all)")
+    for name, recipe in recipes.items():
+        parser.add_argument(f"--{name}", default=recipe,
+                            help=f"federated overrides for partition={name} (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="where runs write (default: temp)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    return parser
+
+
+def partition_runs(args: argparse.Namespace, prefix: str) -> Iterator[tuple[str, str, Path]]:
+    """(partition, its overrides, the folder its runs write under), with the SuperLink managed."""
+    logging.basicConfig(level=logging.WARNING)
+    out = (args.out or Path(tempfile.mkdtemp(prefix=f"fedrec-{prefix}-"))).resolve()
+    data = f"dataset=movielens_100k dataset.path={args.data.resolve()}/ml-100k"
+    with local_superlink():
+        for partition in args.partition:
+            yield partition, f"{data} {getattr(args, partition)} {' '.join(args.overrides)}", out
+    print(f"runs: {out}")
