@@ -86,6 +86,10 @@ class SyntheticDatasetConfig(DatasetConfig):
 class FileDatasetConfig(DatasetConfig):
     # The folder (or file) that holds the data; relative paths resolve against the working dir.
     path: str = MISSING
+    # The item catalogue every node shares (CSV item,attributes[,title], attributes separated
+    # by "|"): it fixes the item ids and attributes, so that nodes reading only their own data
+    # agree on them. null: the items the data itself names.
+    catalogue: str | None = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -405,6 +409,10 @@ class Config:
     strategy: StrategyConfig = MISSING
     privacy: PrivacyConfig = MISSING
     secagg: SecAggConfig = MISSING
+    # simulation: the ServerApp can read the whole dataset, and each simulated node takes its
+    # partition of it. deployment: each SuperNode reads only its own node-config data-path, and
+    # the server reads only the item catalogue.
+    federation: str = MISSING
     seed: int = MISSING
     num_rounds: int = MISSING
     name: str = MISSING
@@ -421,6 +429,27 @@ class Config:
                    f"{', '.join(MEAN_STRATEGIES)}")
         if self.secagg.enabled:
             self._check_secagg()
+        _check(self.federation in ("simulation", "deployment"), "federation", self.federation,
+               "simulation or deployment")
+        if self.federation == "deployment":
+            self._check_deployment()
+
+    def _check_deployment(self) -> None:
+        """What a server that holds no shopper data cannot do."""
+        catalogue = getattr(self.dataset, "catalogue", None)
+        _check(catalogue is not None, "dataset.catalogue", catalogue,
+               "with federation=deployment, the item catalogue every node shares (CSV "
+               "item,attributes[,title]; scripts/split_nodes.py writes one)")
+        _check(not self.eval.server, "eval.server", self.eval.server,
+               "false with federation=deployment: the server holds no test data")
+        use_features = getattr(self.model, "use_user_features", False)
+        _check(not use_features, "model.use_user_features", use_features,
+               "false with federation=deployment: each node would build its own vocabulary")
+        if self.secagg.enabled:
+            _check(self.secagg.max_weight is not None, "secagg.max_weight", None,
+                   "a number with federation=deployment: the server cannot count the nodes' "
+                   "examples; set at least the largest node's training examples (x2 with "
+                   "dp_sgd)")
 
     def _check_secagg(self) -> None:
         """What cannot work when the server sees only the sum of the updates."""

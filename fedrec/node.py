@@ -104,18 +104,26 @@ def load_node(overrides: str, partition_id: int | None, num_partitions: int | No
               data_path: str | None = None) -> NodeData:
     """A simulated node's partition (partition_id of num_partitions), or, in a deployment,
     everything in the node's own ``data_path``."""
-    fed = load_federation(overrides, data_path)
+    cfg = load_config(overrides)
     if data_path is not None:
+        if cfg.federation != "deployment":
+            raise ConfigError(f"this node reads its own data-path={data_path!r}, but the run has"
+                              " federation=simulation: add federation=deployment (and "
+                              "dataset.catalogue) to the overrides")
         partition_id = 0  # the node's own data is one client's
     else:
+        if cfg.federation == "deployment":
+            raise ConfigError("federation=deployment, but this node has no data-path in its "
+                              "node config: start it with --node-config \"data-path='...'\"")
         if partition_id is None or num_partitions is None:
             raise ConfigError("this node has neither partition-id/num-partitions (simulation) "
                               "nor data-path (deployment) in its node config")
-        if num_partitions != fed.num_clients:
-            raise ConfigError(
-                f"the federation has {num_partitions} nodes but partition={fed.cfg.partition.kind}"
-                f" gives {fed.num_clients} clients on {fed.dataset.name}: run with "
-                f"--federation-config \"num-supernodes={fed.num_clients}\"")
+    fed = load_federation(overrides, data_path)
+    if data_path is None and num_partitions != fed.num_clients:
+        raise ConfigError(
+            f"the federation has {num_partitions} nodes but partition={fed.cfg.partition.kind}"
+            f" gives {fed.num_clients} clients on {fed.dataset.name}: run with "
+            f"--federation-config \"num-supernodes={fed.num_clients}\"")
     return _node_data(fed, client_users(fed.assignment, partition_id))
 
 

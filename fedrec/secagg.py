@@ -69,11 +69,11 @@ class SecAggPlan:
     timeout: float | None
 
 
-def plan_secagg(cfg: SecAggConfig, *, sample_size: int, largest_weight: float) -> SecAggPlan:
+def plan_secagg(cfg: SecAggConfig, *, sample_size: int,
+                largest_weight: float | None) -> SecAggPlan:
     """Check the config against the round's sample before any client is asked to train.
 
-    ``largest_weight``: the largest client weight the server knows of (used when
-    ``max_weight`` is null)."""
+    ``largest_weight``: the largest client weight, when the server knows it (simulation)."""
     if sample_size < 2:
         raise ConfigError(f"secagg=on needs at least 2 clients a round, but the strategy samples "
                           f"{sample_size}: raise strategy.fraction_train or "
@@ -91,8 +91,11 @@ def plan_secagg(cfg: SecAggConfig, *, sample_size: int, largest_weight: float) -
             f"{most} clients, but a round samples {sample_size}: lower the quantization range")
     max_weight = cfg.max_weight
     if max_weight is None:
+        if largest_weight is None:  # the config check asks deployments to set it
+            raise ConfigError("secagg.max_weight=null needs the clients' weights, which only a "
+                              "simulation's server knows: set secagg.max_weight")
         max_weight = 1.0 if largest_weight == 1.0 else 2.0 * largest_weight
-    elif max_weight < largest_weight:
+    elif largest_weight is not None and max_weight < largest_weight:
         raise ConfigError(f"secagg.max_weight={max_weight:g} is below the largest client's "
                           f"weight {largest_weight:g}: its masked update would overflow; set "
                           f"at least {largest_weight:g}, or null")

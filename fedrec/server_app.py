@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedrec.config import CentralDpConfig, Config, ConfigError, DpSgdConfig
+from fedrec.data.loaders import load_catalogue
 from fedrec.data.sequences import heldout_cases
 from fedrec.metrics import RankingSums, evaluate_model
 from fedrec.model import TwoTower
@@ -48,8 +49,10 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError(f"output_dir={cfg.output_dir!r} must be absolute in a federated run: "
                           f"the ServerApp runs in {Path.cwd()}, not in your project")
     torch.manual_seed(cfg.seed)
-    fed = load_federation(overrides)
-    model = TwoTower.for_dataset(cfg.model, fed.dataset)
+    # A deployed server holds no shopper data: only the catalogue the nodes share.
+    fed = None if cfg.federation == "deployment" else load_federation(overrides)
+    dataset = load_catalogue(cfg.dataset) if fed is None else fed.dataset
+    model = TwoTower.for_dataset(cfg.model, dataset)
     outputs = RunOutputs(cfg.output_dir, compose_once(overrides))
 
     metered = MeteredGrid(grid)
@@ -67,12 +70,14 @@ def main(grid: Grid, context: Context) -> None:
     weighted_by_key = "num-examples" if central is None else "unit-weight"
     secagg = None
     if cfg.secagg.enabled:
-        largest = 1.0 if central is not None else float(fed.client_examples().max())
-        secagg = plan_secagg(cfg.secagg, sample_size=sample_size, largest_weight=largest)
+        largest = None if fed is None else float(fed.client_examples().max())
+        secagg = plan_secagg(cfg.secagg, sample_size=sample_size,
+                             largest_weight=1.0 if central is not None else largest)
     privacy = PrivacyReport(cfg.privacy, central,
                             secagg=None if secagg is None else dataclasses.asdict(secagg))
     rounds = RoundLog(outputs, metered, num_rounds,
-                      _server_evaluation(fed, model) if cfg.eval.server else None, privacy)
+                      _server_evaluation(fed, model) if fed and cfg.eval.server else None,
+                      privacy)
     strategy = build_strategy(cfg.strategy, eval_every=cfg.eval.every,
                               num_rounds=num_rounds, train_metrics=rounds.aggregate_train,
                               evaluate_metrics=rounds.aggregate_evaluate,
@@ -101,9 +106,9 @@ def main(grid: Grid, context: Context) -> None:
         "mode": "federated",
         "model": cfg.model.kind,
         "dataset": cfg.dataset.name,
-        "num_users": fed.dataset.num_users,
-        "num_items": fed.dataset.num_items,
-        "num_clients": fed.num_clients,
+        "num_users": None if fed is None else dataset.num_users,  # the nodes' to know
+        "num_items": dataset.num_items,
+        "num_clients": population if fed is None else fed.num_clients,
         "rounds": num_rounds,
         "rounds_requested": cfg.num_rounds,
         "strategy": cfg.strategy.name,
@@ -115,7 +120,7 @@ def main(grid: Grid, context: Context) -> None:
     if "server" in rounds.last:
         summary["server_metrics"] = rounds.last["server"]
     outputs.write_summary(summary)
-    outputs.save_model(model, fed.dataset, compose_once(overrides))
+    outputs.save_model(model, dataset, compose_once(overrides))
     sampled = summary["metrics"]["sampled"]
     log.info("final federated HR@10 %.4f NDCG@10 %.4f", sampled.get("hr@10", float("nan")),
              sampled.get("ndcg@10", float("nan")))

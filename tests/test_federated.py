@@ -15,7 +15,8 @@ from conftest import TINY, train_message, typed_config
 
 from fedrec.client_app import PERSONAL_STATE
 from fedrec.client_app import app as client_app
-from fedrec.config import ConfigError
+from fedrec.config import ConfigError, compose_config
+from fedrec.data.formats import DataFormatError
 from fedrec.model import TwoTower
 from fedrec.node import load_node, node_model, train_round
 from fedrec.simulation import SimulationError
@@ -140,10 +141,24 @@ def test_deployed_node_reads_its_own_data_path(tmp_path):
     node_file = tmp_path / "shop_a.csv"
     rows = [f"u{u},i{(u * 3 + k) % 12},{k}" for u in range(4) for k in range(5)]
     node_file.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
-    overrides = (f"dataset=csv dataset.path={tmp_path}/unused.csv eval.num_negatives=3 "
-                 "model.embedding_dim=8 model.hidden_dim=8")
+    catalogue = tmp_path / "catalogue.csv"
+    # The catalogue holds items this node never saw: ids follow the catalogue, not the data.
+    catalogue.write_text("item,attributes\n" + "\n".join(
+        f"i{i},colour={'red' if i % 2 else 'blue'}" for i in range(15)) + "\n")
+    overrides = (f"federation=deployment dataset=csv dataset.path={tmp_path}/unused.csv "
+                 f"dataset.catalogue={catalogue} eval.num_negatives=3 model.embedding_dim=8 "
+                 "model.hidden_dim=8")
     node = load_node(overrides, None, None, str(node_file))
-    assert len(node.users) == 4 and node.dataset.num_items == 12
+    assert len(node.users) == 4 and node.dataset.num_items == 15
+    assert list(node.dataset.item_ids[:3]) == ["i0", "i1", "i10"]
     assert len(node.split.test) == 4
-    with pytest.raises(ConfigError, match="data-path"):
+    with pytest.raises(ConfigError, match="federation=simulation"):
         load_node(TINY, None, None, str(node_file))
+    with pytest.raises(ConfigError, match="no data-path"):
+        load_node(overrides, 0, 3)
+    with pytest.raises(ConfigError, match=r"^dataset\.catalogue=None"):
+        compose_config(["federation=deployment", "dataset=csv", "dataset.path=x.csv"])
+    stray = tmp_path / "stray.csv"
+    stray.write_text("user,item,timestamp\nu1,i99,1\nu1,i1,2\n")
+    with pytest.raises(DataFormatError, match=r"1 item ids are not in dataset\.catalogue"):
+        load_node(overrides, None, None, str(stray))

@@ -74,9 +74,12 @@ class RawData:
 
 
 def build_dataset(
-    name: str, raw: RawData, *, min_rating: float | None, kcore: int, source: str
+    name: str, raw: RawData, *, min_rating: float | None, kcore: int, source: str,
+    catalogue: np.ndarray | None = None,
 ) -> Dataset:
-    """Filter, de-duplicate and re-index raw tables; ``source`` names the data in log lines."""
+    """Filter, de-duplicate and re-index raw tables; ``source`` names the data in log lines.
+    ``catalogue``: the item ids to index, when they must not depend on the data (nodes that
+    each read their own data share one catalogue)."""
     frame = raw.interactions.copy()
     frame["user"] = frame["user"].astype(str)
     frame["item"] = frame["item"].astype(str)
@@ -107,7 +110,8 @@ def build_dataset(
                          f"(min_rating={min_rating}, kcore={kcore})")
 
     user_ids = _natural_order(frame["user"].unique().astype(object))
-    item_ids = _natural_order(frame["item"].unique().astype(object))
+    item_ids = _natural_order(
+        frame["item"].unique().astype(object) if catalogue is None else catalogue)
     user_index = pd.Series(np.arange(len(user_ids)), index=user_ids)
     item_index = pd.Series(np.arange(len(item_ids)), index=item_ids)
 
@@ -140,6 +144,20 @@ def build_dataset(
     log.info("%s: %d users, %d items, %d interactions, %d attributes", source, dataset.num_users,
              dataset.num_items, len(out), dataset.num_attributes - 1)
     return dataset
+
+
+def catalogue_dataset(name: str, item_attributes: dict[str, list[str]],
+                      item_titles: dict[str, str] | None) -> Dataset:
+    """A dataset of items and no interactions: what a server that holds no data knows."""
+    item_ids = _natural_order(np.array(list(item_attributes), dtype=object))
+    attributes, attribute_names = _encode_lists(item_ids, item_attributes)
+    titles = None
+    if item_titles is not None:
+        titles = np.array([item_titles.get(i, "") for i in item_ids], dtype=object)
+    empty = pd.DataFrame({c: np.zeros(0, dtype=np.int64) for c in ("user", "item", "order")})
+    return Dataset(name=name, interactions=empty, user_ids=np.zeros(0, dtype=object),
+                   item_ids=item_ids, item_attributes=attributes,
+                   attribute_names=attribute_names, item_titles=titles)
 
 
 def _log_drop(source: str, dropped: int, total: int, why: str) -> None:

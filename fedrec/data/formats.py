@@ -605,6 +605,11 @@ def read_interactions_table(path: Path, items_path: Path | None,
     return RawData(interactions, item_attributes=attributes, item_titles=titles)
 
 
+def read_catalogue(path: Path) -> tuple[dict[str, list[str]], dict[str, str] | None]:
+    """The item catalogue nodes share: ``item,attributes[,title]``, attributes separated by |."""
+    return _read_items(path, "|")
+
+
 def _read_items(path: Path, separator: str) -> tuple[dict[str, list[str]], dict[str, str] | None]:
     """Item metadata ``item,attributes[,title]``; an empty attributes cell means none."""
     layout = f"item,attributes[,title] (attributes separated by {separator!r})"

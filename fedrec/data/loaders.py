@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from fedrec.config import (
     CsvDatasetConfig,
     DatasetConfig,
     FileDatasetConfig,
     SequenceDatasetConfig,
 )
-from fedrec.data.dataset import Dataset, build_dataset
+from fedrec.data.dataset import Dataset, build_dataset, catalogue_dataset
 from fedrec.data.formats import (
     DataFormatError,
+    read_catalogue,
     read_interactions_table,
     read_lightgcn,
     read_movielens_1m,
@@ -47,8 +50,28 @@ def load_dataset(cfg: DatasetConfig) -> Dataset:
         raw = read_interactions_table(path, items, cfg.attribute_separator)
     else:  # DatasetConfig.__post_init__ allows only the formats above
         raise DataFormatError(f"dataset.format={cfg.format!r} has no reader")
+    catalogue = None
+    if cfg.catalogue is not None:
+        catalogue_path = _existing(cfg.catalogue, "dataset.catalogue")
+        raw.item_attributes, raw.item_titles = read_catalogue(catalogue_path)
+        catalogue = np.array(list(raw.item_attributes), dtype=object)
+        unknown = set(raw.interactions["item"].astype(str)) - set(raw.item_attributes)
+        if unknown:
+            raise DataFormatError(
+                f"{path}: {len(unknown)} item ids are not in dataset.catalogue={cfg.catalogue!r}"
+                f" (e.g. {', '.join(sorted(unknown)[:5])}): every node must use the catalogue's "
+                "ids")
     return build_dataset(cfg.name, raw, min_rating=cfg.min_rating, kcore=cfg.kcore,
-                         source=str(path))
+                         source=str(path), catalogue=catalogue)
+
+
+def load_catalogue(cfg: DatasetConfig) -> Dataset:
+    """The items alone, for a server that holds no interactions (a deployment)."""
+    if not isinstance(cfg, FileDatasetConfig) or cfg.catalogue is None:
+        raise DataFormatError("a server without data needs the item catalogue: set "
+                              "dataset.catalogue (CSV item,attributes[,title])")
+    attributes, titles = read_catalogue(_existing(cfg.catalogue, "dataset.catalogue"))
+    return catalogue_dataset(cfg.name, attributes, titles)
 
 
 def _existing(value: str, key: str) -> Path:
