@@ -23,6 +23,8 @@ from fedrec.config import parse_overrides
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Flower's managed local SuperLink: one per machine, started by the first `flwr run`.
 SUPERLINK_MARKER = "local-superlink"
+# Its ServerAppIo port: the simulations it starts connect there, and outlive it if it is killed.
+MANAGED_PORT = "39091"
 
 
 class SimulationError(RuntimeError):
@@ -50,14 +52,12 @@ def run_federated(
                                     os.environ.get("PATH", "")])}
     log_path = log_path or output_dir.with_name(output_dir.name + ".flwr.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as run_config:
-        # A TOML file sidesteps shell and TOML quoting of the override string.
-        run_config.write(f"overrides = {json.dumps(' '.join(map(_quote, args)))}\n")
+    run_config = write_run_config(args)
     command = [
         _flwr(), "run", str(project_dir), "--stream",
         "--federation-config",
         f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
-        "--run-config", run_config.name,
+        "--run-config", str(run_config),
     ]
     try:
         with open(log_path, "w") as log:
@@ -74,7 +74,7 @@ def run_federated(
                     raise SimulationError(f"flwr run exceeded {timeout:.0f} s; log: {log_path}")
             process.wait()
     finally:
-        os.unlink(run_config.name)
+        run_config.unlink()
     summary_path = output_dir / "summary.json"
     if not summary_path.exists():
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
@@ -82,26 +82,68 @@ def run_federated(
     return json.loads(summary_path.read_text())
 
 
+def write_run_config(overrides: list[str]) -> Path:
+    """A temporary run-config TOML holding the overrides: a file sidesteps shell and TOML
+    quoting of the override string. The caller deletes it."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as run_config:
+        run_config.write(f"overrides = {json.dumps(' '.join(map(_quote, overrides)))}\n")
+    return Path(run_config.name)
+
+
 def superlink_pids() -> list[int]:
-    """PIDs of Flower's managed local SuperLink and its SuperExec, if running."""
-    pids = []
+    """PIDs of Flower's managed local SuperLink, its SuperExec, and the simulations it started
+    (which outlive a stopped SuperLink, Ray workers and all), if running."""
+    processes = _processes()
+    superlinks = {pid: args for pid, args in processes.items()
+                  if args and args[0].endswith("flower-superlink")
+                  and SUPERLINK_MARKER in " ".join(args)}
+    ports = {MANAGED_PORT} | {args[args.index("--port") + 1] for args in superlinks.values()
+                              if "--port" in args[:-1]}
+    started = [pid for pid, args in processes.items()
+               if "--runtime-api-address" in args[:-1] and args[0].endswith(
+                   ("flower-superexec", "flwr-simulation"))
+               and args[args.index("--runtime-api-address") + 1].rsplit(":", 1)[-1] in ports]
+    return [*superlinks, *started]
+
+
+def _processes() -> dict[int, list[str]]:
+    """Each process's arguments, the interpreter dropped (Flower's tools are Python scripts)."""
+    commands = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        superlink = "flower-superlink" in cmdline and SUPERLINK_MARKER in cmdline
-        superexec = "flower-superexec" in cmdline and "--parent-pid" in cmdline
-        if superlink or superexec:
-            pids.append(int(proc.name))
-    return pids
+        if proc.name.isdigit():
+            try:
+                args = (proc / "cmdline").read_bytes().decode().split("\0")
+            except OSError:
+                continue
+            if args and "python" in Path(args[0]).name:
+                args = args[1:]
+            commands[int(proc.name)] = args
+    return commands
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """Every process started, directly or not, by one of ``roots``."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                # The parent pid is the 4th field after the parenthesised command name.
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(proc.name))
+    found, todo = [], list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def stop_local_superlink(timeout: float = 10) -> None:
-    """Stop the managed SuperLink that `flwr run` leaves running."""
-    pids = superlink_pids()
+    """Stop the managed SuperLink that `flwr run` leaves running, and everything it started."""
+    roots = superlink_pids()
+    pids = list(dict.fromkeys(roots + descendants(roots)))
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -110,7 +152,8 @@ def stop_local_superlink(timeout: float = 10) -> None:
         time.sleep(0.1)
     for pid in pids:
         if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _flwr() -> str:
