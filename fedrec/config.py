@@ -413,6 +413,8 @@ class Config:
     # partition of it. deployment: each SuperNode reads only its own node-config data-path, and
     # the server reads only the item catalogue.
     federation: str = MISSING
+    # Seconds the server waits for a round's replies; a node silent that long counts as failed.
+    round_timeout: float = MISSING
     seed: int = MISSING
     num_rounds: int = MISSING
     name: str = MISSING
@@ -421,6 +423,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num_rounds", self.num_rounds, "an integer >= 1")
+        _check(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
         if self.privacy.mechanism == "central_dp":
             # The noise covers a mean of clipped updates, not a pick or a trim of them.

@@ -50,6 +50,7 @@ class MeteredGrid(Grid):
         self.bytes_down = 0
         self.bytes_up = 0
         self.errors: list[Message] = []  # error replies not yet reported by the round log
+        self.unanswered = 0  # messages that timed out, not yet reported by the round log
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -66,6 +67,10 @@ class MeteredGrid(Grid):
             pending -= {reply.metadata.reply_to_message_id for reply in pulled}
             if pending:
                 time.sleep(POLL_SECONDS)
+        if pending:
+            log.warning("%d of %d nodes did not answer within %s s: they count as failed",
+                        len(pending), len(messages), timeout)
+            self.unanswered += len(pending)
         self.bytes_up += sum(record_bytes(r.content) for r in replies if not r.has_error())
         self.errors += [r for r in replies if r.has_error()]
         return replies
@@ -143,9 +148,10 @@ class RoundLog:
                         server_round)
         exhausted = [e for e in self.grid.errors if e.error.code == BUDGET_EXHAUSTED]
         self.privacy.exhausted.update(e.metadata.src_node_id for e in exhausted)
-        if len(exhausted) < len(self.grid.errors):
-            record["failed_clients"] = len(self.grid.errors) - len(exhausted)
-        self.grid.errors = []
+        failed = len(self.grid.errors) - len(exhausted) + self.grid.unanswered
+        if failed:
+            record["failed_clients"] = failed
+        self.grid.errors, self.grid.unanswered = [], 0
         if self.privacy.cfg.mechanism != "none":
             report = self.privacy.as_dict()
             record["epsilon"] = report["epsilon"]

@@ -116,6 +116,7 @@ def run_secure_rounds(
     num_rounds: int,
     weighted_by_key: str,
     central: CentralDp | None,
+    round_timeout: float,
 ) -> ArrayRecord:
     """Train ``num_rounds`` rounds with SecAgg+ and return the final shared parameters.
 
@@ -162,7 +163,8 @@ def run_secure_rounds(
     def evaluate_round(grid: Grid, legacy_context: Context) -> None:
         server_round, arrays = current(cast(LegacyContext, legacy_context))
         replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+            timeout=round_timeout)
         strategy.aggregate_evaluate(server_round, replies)
         rounds.end_of_round(server_round, arrays)
 

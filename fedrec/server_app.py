@@ -87,18 +87,19 @@ def main(grid: Grid, context: Context) -> None:
     initial = ArrayRecord(torch_state_dict=model.shared_state())
     # Round 0: the untrained model, evaluated federated, so every run shows where it started.
     rounds.aggregate_evaluate([r.content for r in metered.send_and_receive(
-        strategy.configure_evaluate(0, initial, ConfigRecord(), metered)) if not r.has_error()],
-        "num-examples")
+        strategy.configure_evaluate(0, initial, ConfigRecord(), metered),
+        timeout=cfg.round_timeout) if not r.has_error()], "num-examples")
     if secagg is None:
         final_arrays = strategy.start(grid=metered, initial_arrays=initial,
-                                      num_rounds=num_rounds, train_config=train_config,
+                                      num_rounds=num_rounds, timeout=cfg.round_timeout,
+                                      train_config=train_config,
                                       evaluate_fn=rounds.end_of_round).arrays
     else:
         rounds.end_of_round(0, initial)
         final_arrays = run_secure_rounds(
             metered, context, secagg=secagg, strategy_cfg=cfg.strategy, strategy=strategy,
             rounds=rounds, initial=initial, train_config=train_config, num_rounds=num_rounds,
-            weighted_by_key=weighted_by_key, central=central)
+            weighted_by_key=weighted_by_key, central=central, round_timeout=cfg.round_timeout)
 
     model.load_shared_state(final_arrays.to_torch_state_dict())
     final = rounds.last_federated or {}
