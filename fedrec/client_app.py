@@ -92,7 +92,9 @@ def train(msg: Message, context: Context) -> Message:
         local_epochs=local_epochs,
         batch_size=batch_size,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=int(config["seed"]) * 100003 + int(config["server-round"]),
+        # Flower counts a resumed run's rounds from 1 again: the offset keeps seeds distinct.
+        seed=int(config["seed"]) * 100003 + int(config["server-round"])
+        + int(config.get("round-offset", 0)),
         ledger=ledger,
     )
     if model.personal is not None:

@@ -415,6 +415,8 @@ class Config:
     federation: str = MISSING
     # Seconds the server waits for a round's replies; a node silent that long counts as failed.
     round_timeout: float = MISSING
+    # A stopped federated run's output_dir: go on from its last completed round, into it.
+    resume: str | None = MISSING
     seed: int = MISSING
     num_rounds: int = MISSING
     name: str = MISSING
@@ -436,6 +438,10 @@ class Config:
                "simulation or deployment")
         if self.federation == "deployment":
             self._check_deployment()
+        if self.resume is not None:
+            _check(self.privacy.mechanism != "dp_sgd", "resume", self.resume,
+                   "null with privacy=dp_sgd: each client's spent budget lives in that run's "
+                   "node state, which a new run cannot see")
 
     def _check_deployment(self) -> None:
         """What a server that holds no shopper data cannot do."""

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 RESULT_FILES = ("metrics.jsonl", "summary.json", "model.pt")
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
 class RunOutputs:
     def __init__(self, output_dir: str | Path, cfg: DictConfig) -> None:
         self.path = Path(output_dir).expanduser().resolve()
@@ -33,6 +36,35 @@ class RunOutputs:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         log.info("writing results to %s", self.path)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, cfg: DictConfig) -> tuple[RunOutputs, dict[str, Any]]:
+        """A stopped run's folder and its last checkpoint. Metric lines written after that
+        checkpoint (a round that ended as the run was stopped) are dropped: the resumed run
+        writes them again, so every round appears once."""
+        outputs = cls.__new__(cls)
+        outputs.path = Path(run_dir).expanduser().resolve()
+        checkpoint_path = outputs.path / CHECKPOINT
+        if not checkpoint_path.exists():
+            raise FileNotFoundError(f"resume={run_dir}: {checkpoint_path} does not exist (only "
+                                    "a federated run that finished a round leaves one)")
+        if (outputs.path / "summary.json").exists():
+            raise FileExistsError(f"resume={run_dir}: that run finished (summary.json exists)")
+        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        metrics = outputs.path / "metrics.jsonl"
+        kept = [line for line in metrics.read_text().splitlines()
+                if json.loads(line)["round"] <= checkpoint["round"]]
+        metrics.write_text("".join(f"{line}\n" for line in kept))
+        (outputs.path / f"config.resumed-{checkpoint['round']}.yaml").write_text(
+            OmegaConf.to_yaml(cfg))
+        log.info("resuming %s after round %d", outputs.path, checkpoint["round"])
+        return outputs, checkpoint
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Written after every round, atomically: a stop at any moment leaves the last one."""
+        partial = self.path / f"{CHECKPOINT}.partial"
+        torch.save(state, partial)
+        partial.replace(self.path / CHECKPOINT)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:

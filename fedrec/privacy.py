@@ -366,6 +366,14 @@ class PrivacyReport:
             self.epsilon, self.delta = 0.0, central.delta
             self.noise_multiplier = central.noise_multiplier
 
+    def resume(self, rounds_done: int) -> None:
+        """A resumed run: DP-FedAvg's accountant composes the rounds its release already made
+        (the same mechanism each round, so replaying them is exact)."""
+        if self.central is not None:
+            for _ in range(rounds_done):
+                self.central.compose_round()
+            self.epsilon = self.central.epsilon()
+
     def trained(self, replies: list[dict[str, float]]) -> None:
         """A round's train replies (their metrics) were aggregated into a release."""
         if self.central is not None:

@@ -103,8 +103,12 @@ ServerEvaluation = Callable[[ArrayRecord], RankingSums]
 
 class RoundLog:
     def __init__(self, outputs: RunOutputs, grid: MeteredGrid, num_rounds: int,
-                 server_evaluation: ServerEvaluation | None, privacy: PrivacyReport) -> None:
+                 server_evaluation: ServerEvaluation | None, privacy: PrivacyReport,
+                 resumed: dict[str, Any] | None = None) -> None:
+        """``resumed``: the checkpoint a resumed run starts from; Flower numbers the resumed
+        rounds from 1 again, and the log adds the rounds done before."""
         self.outputs = outputs
+        self.done = 0 if resumed is None else int(resumed["round"])
         self.privacy = privacy
         self.grid = grid
         self.num_rounds = num_rounds
@@ -114,7 +118,8 @@ class RoundLog:
         self._federated: RankingSums | None = None
         self._bytes_seen = (0, 0)
         self.last: dict[str, Any] = {}
-        self.last_federated: dict[str, Any] | None = None
+        self.last_federated: dict[str, Any] | None = (
+            None if resumed is None else resumed["last_federated"])
 
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         metrics = aggregate_metricrecords(records, weighting_key)
@@ -130,7 +135,11 @@ class RoundLog:
                              for metric, value in values.items()})
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's evaluate_fn: called after every round (and before the first, as round 0)."""
+        """Flower's evaluate_fn: called after every round (and before the first, as round 0).
+        Writes the round's line, then a checkpoint to resume from."""
+        if self.done and server_round == 0:
+            return None  # a resumed run's starting point is the checkpointed round's line
+        server_round += self.done
         record: dict[str, Any] = {"round": server_round}
         if self._federated is not None:
             record.update(self._federated.means())
@@ -163,6 +172,9 @@ class RoundLog:
                       seconds=round(time.perf_counter() - self.started, 3))
         self._train, self._federated = {}, None
         self.outputs.log_metrics(record)
+        self.outputs.save_checkpoint({"round": server_round, "arrays": arrays.to_torch_state_dict(),
+                                      "last_federated": self.last_federated,
+                                      "privacy": self.privacy.as_dict()})
         log.info("round %d/%d %s", server_round, self.num_rounds, _brief(record))
         self.last = record
         return None

@@ -53,11 +53,18 @@ def main(grid: Grid, context: Context) -> None:
     fed = None if cfg.federation == "deployment" else load_federation(overrides)
     dataset = load_catalogue(cfg.dataset) if fed is None else fed.dataset
     model = TwoTower.for_dataset(cfg.model, dataset)
-    outputs = RunOutputs(cfg.output_dir, compose_once(overrides))
+    resumed = None
+    if cfg.resume is None:
+        outputs = RunOutputs(cfg.output_dir, compose_once(overrides))
+    else:
+        outputs, resumed = RunOutputs.resume(cfg.resume, compose_once(overrides))
+        model.load_shared_state(resumed["arrays"])
+    done = 0 if resumed is None else int(resumed["round"])
 
     metered = MeteredGrid(grid)
     train_config = ConfigRecord({"lr": cfg.train.lr, "local-epochs": cfg.train.local_epochs,
-                                 "batch-size": cfg.train.batch_size, "seed": cfg.seed})
+                                 "batch-size": cfg.train.batch_size, "seed": cfg.seed,
+                                 "round-offset": done})
     population, sample_size = _round_sample(cfg, metered)
     central = _plan_privacy(cfg, population, sample_size, train_config)
     num_rounds = cfg.num_rounds if central is None else central.rounds
@@ -75,30 +82,34 @@ def main(grid: Grid, context: Context) -> None:
                              largest_weight=1.0 if central is not None else largest)
     privacy = PrivacyReport(cfg.privacy, central,
                             secagg=None if secagg is None else dataclasses.asdict(secagg))
+    privacy.resume(done)
     rounds = RoundLog(outputs, metered, num_rounds,
                       _server_evaluation(fed, model) if fed and cfg.eval.server else None,
-                      privacy)
-    strategy = build_strategy(cfg.strategy, eval_every=cfg.eval.every,
+                      privacy, resumed)
+    remaining = max(num_rounds - done, 0)
+    strategy = build_strategy(cfg.strategy, eval_every=cfg.eval.every, round_offset=done,
                               num_rounds=num_rounds, train_metrics=rounds.aggregate_train,
                               evaluate_metrics=rounds.aggregate_evaluate,
                               weighted_by_key=weighted_by_key)
     if central is not None and secagg is None:
         strategy = privacy.strategy = wrap_strategy(strategy, central)
     initial = ArrayRecord(torch_state_dict=model.shared_state())
-    # Round 0: the untrained model, evaluated federated, so every run shows where it started.
-    rounds.aggregate_evaluate([r.content for r in metered.send_and_receive(
-        strategy.configure_evaluate(0, initial, ConfigRecord(), metered),
-        timeout=cfg.round_timeout) if not r.has_error()], "num-examples")
+    if resumed is None:
+        # Round 0: the untrained model, evaluated federated, so every run shows where it
+        # started.
+        rounds.aggregate_evaluate([r.content for r in metered.send_and_receive(
+            strategy.configure_evaluate(0, initial, ConfigRecord(), metered),
+            timeout=cfg.round_timeout) if not r.has_error()], "num-examples")
     if secagg is None:
         final_arrays = strategy.start(grid=metered, initial_arrays=initial,
-                                      num_rounds=num_rounds, timeout=cfg.round_timeout,
+                                      num_rounds=remaining, timeout=cfg.round_timeout,
                                       train_config=train_config,
                                       evaluate_fn=rounds.end_of_round).arrays
     else:
         rounds.end_of_round(0, initial)
         final_arrays = run_secure_rounds(
             metered, context, secagg=secagg, strategy_cfg=cfg.strategy, strategy=strategy,
-            rounds=rounds, initial=initial, train_config=train_config, num_rounds=num_rounds,
+            rounds=rounds, initial=initial, train_config=train_config, num_rounds=remaining,
             weighted_by_key=weighted_by_key, central=central, round_timeout=cfg.round_timeout)
 
     model.load_shared_state(final_arrays.to_torch_state_dict())
@@ -112,6 +123,7 @@ def main(grid: Grid, context: Context) -> None:
         "num_clients": population if fed is None else fed.num_clients,
         "rounds": num_rounds,
         "rounds_requested": cfg.num_rounds,
+        "resumed_after_round": None if resumed is None else done,
         "strategy": cfg.strategy.name,
         "metrics": {"sampled": final.get("sampled", {}), "full": final.get("full", {})},
         "privacy": privacy.as_dict(),

@@ -162,3 +162,43 @@ def test_deployed_node_reads_its_own_data_path(tmp_path):
     stray.write_text("user,item,timestamp\nu1,i99,1\nu1,i1,2\n")
     with pytest.raises(DataFormatError, match=r"1 item ids are not in dataset\.catalogue"):
         load_node(overrides, None, None, str(stray))
+
+
+def test_stopped_run_resumes_from_its_last_round(flower, tmp_path):
+    """Stop a 4-round run (SuperLink and simulation killed) once round 2 is logged; resume it:
+    it reaches round 4 and metrics.jsonl holds every round exactly once."""
+    import threading
+    import time
+
+    from fedrec.simulation import stop_local_superlink
+
+    run = tmp_path / "run"
+    overrides = f"{TINY} num_rounds=4 train.local_epochs=5"
+    failure: list[Exception] = []
+
+    def first_attempt() -> None:
+        try:
+            flower(overrides, num_supernodes=3, output_dir=run)
+        except SimulationError as err:
+            failure.append(err)
+
+    attempt = threading.Thread(target=first_attempt)
+    attempt.start()
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert attempt.is_alive() and time.monotonic() < deadline, "round 2 never finished"
+        time.sleep(0.05)
+    stop_local_superlink()
+    attempt.join(timeout=120)
+    assert failure, "the first attempt was meant to be stopped before round 4"
+    stopped_at = torch.load(run / "checkpoint.pt", weights_only=False)["round"]
+    assert 2 <= stopped_at < 4
+
+    summary = flower(f"{overrides} resume={run}", num_supernodes=3, output_dir=run)
+    rounds = [json.loads(line)["round"] for line in metrics.open()]
+    assert rounds == [0, 1, 2, 3, 4]
+    assert summary["rounds"] == 4 and summary["resumed_after_round"] == stopped_at
+    assert summary["metrics"]["sampled"]["hr@10"] > 0
+    with pytest.raises(ConfigError, match=r"^resume="):
+        compose_config(["privacy=dp_sgd", f"resume={run}"])
