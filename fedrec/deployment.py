@@ -134,6 +134,10 @@ class LocalDeployment:
         """SIGKILL a SuperNode and its ClientApps: a machine that dies, without signing off."""
         self._terminate(self.processes.pop(f"supernode-{index}"), signal.SIGKILL)
 
+    def stop_node(self, index: int) -> None:
+        """SIGTERM a SuperNode: it signs off, and the SuperLink marks it offline at once."""
+        self._terminate(self.processes.pop(f"supernode-{index}"))
+
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.flwr_json("supernode", "ls", CONNECTION).get("nodes", []))
 

@@ -81,6 +81,12 @@ def test_run_survives_a_node_killed_after_round_one(deployment, nodes, tmp_path)
     assert summary["rounds"] == 3 and [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert rounds[1]["train_clients"] == 3
     assert rounds[3]["train_clients"] == 2  # the run went on with the nodes that answer
+    # The machine comes back: the same registered key rejoins as the same node.
+    before = {n["node-id"] for n in deployment.nodes()}
+    deployment.start_node(2, nodes / "node-2" / "interactions.csv")
+    deployment.wait_online(3)
+    assert {n["node-id"] for n in deployment.nodes()} == before
+    deployment.stop_node(2)
 
 
 def test_unregistered_node_is_refused(deployment, nodes):

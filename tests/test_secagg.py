@@ -123,6 +123,16 @@ def test_secagg_with_client_side_central_dp_runs_end_to_end(flower, tmp_path):
     assert summary["rounds"] == 2
 
 
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_secagg_runs_with_mean_based_strategies(flower, tmp_path, strategy):
+    """FedProx (a client-side term sent in the legacy config) and FedAdam (a server optimizer
+    over the revealed mean) through SecAgg+'s legacy workflow."""
+    summary = flower(f"{TINY} num_rounds=2 secagg=on strategy={strategy}", num_supernodes=3,
+                     output_dir=tmp_path / "run")
+    assert summary["strategy"] == strategy and summary["privacy"]["secagg"] is True
+    assert all(r["train_clients"] == 3 for r in _rounds(tmp_path / "run")[1:])
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["secagg=on", "strategy=krum"], "strategy"),
     (["secagg=on", "strategy=fedmedian"], "strategy"),
