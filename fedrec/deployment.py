@@ -12,7 +12,6 @@ register``) before the node can connect.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -35,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedrec.config import parse_overrides
-from fedrec.simulation import PROJECT_DIR, SimulationError, descendants, write_run_config
+from fedrec.simulation import PROJECT_DIR, SimulationError, stop_processes, write_run_config
 
 log = logging.getLogger(__name__)
 
@@ -210,16 +209,7 @@ class LocalDeployment:
         return process
 
     def _terminate(self, process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-        pids = [process.pid, *descendants([process.pid])]
-        for pid in pids:
-            _signal(pid, sig)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_running(p) for p in pids):
-            process.poll()
-            time.sleep(0.2)
-        for pid in pids:
-            if _running(pid):
-                _signal(pid, signal.SIGKILL)
+        stop_processes([process.pid], sig)
         process.wait()
 
     def _check_alive(self) -> None:
@@ -285,16 +275,3 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie waiting to be reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -172,9 +172,9 @@ class RoundLog:
                       seconds=round(time.perf_counter() - self.started, 3))
         self._train, self._federated = {}, None
         self.outputs.log_metrics(record)
+        # Privacy needs no saving: DP-FedAvg's accountant replays the rounds on resume.
         self.outputs.save_checkpoint({"round": server_round, "arrays": arrays.to_torch_state_dict(),
-                                      "last_federated": self.last_federated,
-                                      "privacy": self.privacy.as_dict()})
+                                      "last_federated": self.last_federated})
         log.info("round %d/%d %s", server_round, self.num_rounds, _brief(record))
         self.last = record
         return None

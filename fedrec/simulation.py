@@ -142,18 +142,30 @@ def descendants(roots: list[int]) -> list[int]:
 
 def stop_local_superlink(timeout: float = 10) -> None:
     """Stop the managed SuperLink that `flwr run` leaves running, and everything it started."""
-    roots = superlink_pids()
+    stop_processes(superlink_pids(), timeout=timeout)
+
+
+def stop_processes(roots: list[int], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Send ``sig`` to ``roots`` and every process they started; SIGKILL what still runs after
+    ``timeout`` seconds."""
     pids = list(dict.fromkeys(roots + descendants(roots)))
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+    while time.monotonic() < deadline and any(map(_running, pids)):
         time.sleep(0.1)
-    for pid in pids:
-        if Path(f"/proc/{pid}").exists():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    for pid in filter(_running, pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _flwr() -> str:

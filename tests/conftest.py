@@ -3,6 +3,8 @@ licensed real data lives."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,18 @@ def flower():
     yield run_federated
     if not was_running:
         stop_local_superlink()
+
+
+def wait_for_round(run: Path, server_round: int, runner: threading.Thread,
+                   timeout: float) -> None:
+    """Block until the run that ``runner`` drives has logged ``server_round`` in its
+    metrics.jsonl (rounds count from 0)."""
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > server_round):
+        assert runner.is_alive() and time.monotonic() < deadline, (
+            f"round {server_round} never finished")
+        time.sleep(0.05)
 
 
 def train_message(overrides: str, **config: Any) -> tuple[Message, Context]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for_round
 
 from fedrec.deployment import LocalDeployment
 
@@ -68,16 +68,12 @@ def test_run_survives_a_node_killed_after_round_one(deployment, nodes, tmp_path)
     runner = threading.Thread(target=lambda: result.update(
         summary=deployment.run(_overrides(nodes, 3), run)))
     runner.start()
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 600
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert runner.is_alive() and time.monotonic() < deadline, "round 1 never finished"
-        time.sleep(0.5)
+    wait_for_round(run, 1, runner, timeout=600)
     deployment.kill_node(2)
     runner.join(timeout=900)
     assert not runner.is_alive()
     summary = result["summary"]
-    rounds = [json.loads(line) for line in metrics.open()]
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert summary["rounds"] == 3 and [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert rounds[1]["train_clients"] == 3
     assert rounds[3]["train_clients"] == 2  # the run went on with the nodes that answer

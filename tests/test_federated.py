@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, train_message, typed_config
+from conftest import TINY, train_message, typed_config, wait_for_round
 
 from fedrec.client_app import PERSONAL_STATE
 from fedrec.client_app import app as client_app
@@ -168,7 +168,6 @@ def test_stopped_run_resumes_from_its_last_round(flower, tmp_path):
     """Stop a 4-round run (SuperLink and simulation killed) once round 2 is logged; resume it:
     it reaches round 4 and metrics.jsonl holds every round exactly once."""
     import threading
-    import time
 
     from fedrec.simulation import stop_local_superlink
 
@@ -184,11 +183,7 @@ def test_stopped_run_resumes_from_its_last_round(flower, tmp_path):
 
     attempt = threading.Thread(target=first_attempt)
     attempt.start()
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert attempt.is_alive() and time.monotonic() < deadline, "round 2 never finished"
-        time.sleep(0.05)
+    wait_for_round(run, 2, attempt, timeout=300)
     stop_local_superlink()
     attempt.join(timeout=120)
     assert failure, "the first attempt was meant to be stopped before round 4"
@@ -196,7 +191,7 @@ def test_stopped_run_resumes_from_its_last_round(flower, tmp_path):
     assert 2 <= stopped_at < 4
 
     summary = flower(f"{overrides} resume={run}", num_supernodes=3, output_dir=run)
-    rounds = [json.loads(line)["round"] for line in metrics.open()]
+    rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").open()]
     assert rounds == [0, 1, 2, 3, 4]
     assert summary["rounds"] == 4 and summary["resumed_after_round"] == stopped_at
     assert summary["metrics"]["sampled"]["hr@10"] > 0
