@@ -413,6 +413,8 @@ class Config:
     # partition of it. deployment: each SuperNode reads only its own node-config data-path, and
     # the server reads only the item catalogue.
     federation: str = MISSING
+    # What a sweep job (fedrec.sweep) runs: a federated simulation, or the centralized reference.
+    mode: str = MISSING
     # Seconds the server waits for a round's replies; a node silent that long counts as failed.
     round_timeout: float = MISSING
     # A stopped federated run's output_dir: go on from its last completed round, into it.
@@ -436,6 +438,8 @@ class Config:
             self._check_secagg()
         _check(self.federation in ("simulation", "deployment"), "federation", self.federation,
                "simulation or deployment")
+        _check(self.mode in ("federated", "centralized"), "mode", self.mode,
+               "federated or centralized")
         if self.federation == "deployment":
             self._check_deployment()
         if self.resume is not None:
@@ -494,7 +498,7 @@ _SCHEMAS = {
 }
 
 
-def _register_schemas() -> None:
+def register_schemas() -> None:
     store = ConfigStore.instance()
     for group, nodes in _SCHEMAS.items():
         for name, node in nodes.items():
@@ -514,7 +518,7 @@ def compose_config(overrides: str | list[str] | tuple[str, ...] = ()) -> DictCon
         raise ConfigError(f"config directory {CONF_DIR} is missing: fedrec must run from its "
                           "project checkout (pip install -e .)")
     setup_globals()  # registers Hydra's ${now:...} resolver used by output_dir
-    _register_schemas()
+    register_schemas()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -85,7 +85,12 @@ def load_config(overrides: str) -> Config:
 
 @functools.lru_cache(maxsize=2)
 def load_federation(overrides: str, data_path: str | None = None) -> Federation:
-    cfg = load_config(overrides)
+    return build_federation(load_config(overrides), data_path)
+
+
+def build_federation(cfg: Config, data_path: str | None = None) -> Federation:
+    """The dataset loaded, split and assigned to clients as ``cfg`` says (``data_path``: a
+    deployed node's own data, which is one client)."""
     dataset_cfg = cfg.dataset
     if data_path is not None:
         if not isinstance(dataset_cfg, FileDatasetConfig):

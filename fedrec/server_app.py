@@ -48,6 +48,9 @@ def main(grid: Grid, context: Context) -> None:
     if not Path(cfg.output_dir).expanduser().is_absolute():
         raise ConfigError(f"output_dir={cfg.output_dir!r} must be absolute in a federated run: "
                           f"the ServerApp runs in {Path.cwd()}, not in your project")
+    if cfg.mode != "federated":
+        raise ConfigError(f"mode={cfg.mode!r} is a sweep job's choice; flwr run trains federated"
+                          ": run the centralized reference with python -m fedrec.centralized")
     torch.manual_seed(cfg.seed)
     # A deployed server holds no shopper data: only the catalogue the nodes share.
     fed = None if cfg.federation == "deployment" else load_federation(overrides)

@@ -1,0 +1,118 @@
+"""The report's figures (fedrec.report), drawn with matplotlib into PNG files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: a sweep runs on machines without a display
+import matplotlib.pyplot as plt
+
+if TYPE_CHECKING:
+    from fedrec.report import Row, Run
+
+PER_ROUND = (("sampled", "hr@10", "HR@10 (sampled)"), ("sampled", "ndcg@10", "NDCG@10 (sampled)"),
+             ("full", "recall@20", "Recall@20 (full)"))
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _federated(runs: list[Run]) -> list[Run]:
+    return [r for r in runs if r.summary is not None and r.summary["mode"] == "federated"]
+
+
+def plot_per_round(runs: list[Run], path: Path) -> Path:
+    """Each metric at every evaluated round, a line per federated run."""
+    fig, axes = plt.subplots(1, len(PER_ROUND), figsize=(5 * len(PER_ROUND), 4), squeeze=False)
+    for ax, (protocol, metric, title) in zip(axes[0], PER_ROUND, strict=True):
+        for run in _federated(runs):
+            points = [(r["round"], r[protocol][metric]) for r in run.rounds
+                      if protocol in r and r[protocol].get(metric) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=run.label)
+        ax.set(title=title, xlabel="round")
+        ax.grid(alpha=0.3)
+    _legend(fig, axes[0][-1])
+    return _save(fig, path)
+
+
+def plot_privacy_utility(rows: list[Row], path: Path) -> Path:
+    """HR@10 and NDCG@10 against the epsilon spent, a line per mechanism and strategy, with
+    the non-private federated runs (dashed, in their strategy's colour) and the centralized
+    reference (dotted) as horizontal lines; one line of plots per dataset."""
+    datasets = sorted({row.key["dataset"] for row in rows})
+    strategies = sorted({row.key["strategy"] for row in rows})
+    colour = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
+    markers = {"dp_sgd": "o", "central_dp": "s"}
+    metrics = (("HR@10", "HR@10 (sampled)"), ("NDCG@10", "NDCG@10 (sampled)"))
+    fig, axes = plt.subplots(len(datasets), len(metrics), figsize=(11, 4 * len(datasets)),
+                             squeeze=False)
+    for line_axes, dataset in zip(axes, datasets, strict=True):
+        here = [row for row in rows if row.key["dataset"] == dataset and row.done]
+        for ax, (name, title) in zip(line_axes, metrics, strict=True):
+            curves: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+            for row in here:
+                stats, spent = row.stats(name), row.stats("epsilon spent")
+                if stats is None:
+                    continue
+                strategy, mechanism = row.key["strategy"], row.key["mechanism"]
+                if row.key["mode"] == "centralized":
+                    ax.axhline(stats[0], linestyle=":", color="grey", label="centralized")
+                elif mechanism == "none":
+                    ax.axhline(stats[0], linestyle="--", color=colour[strategy],
+                               label=f"{strategy} non-private")
+                else:
+                    epsilon = spent[0] if spent is not None else float(row.key["epsilon budget"])
+                    curves.setdefault((strategy, mechanism), []).append((epsilon, *stats))
+            for (strategy, mechanism), points in sorted(curves.items()):
+                xs, means, stds = zip(*sorted(points), strict=True)
+                ax.errorbar(xs, means, yerr=stds, marker=markers.get(mechanism, "^"),
+                            color=colour[strategy], capsize=3,
+                            linestyle="-" if mechanism == "dp_sgd" else "-.",
+                            label=f"{strategy} {mechanism}")
+            if curves:
+                ax.set_xscale("log")
+            else:
+                ax.text(0.5, 0.5, "no private runs", transform=ax.transAxes, ha="center")
+            ax.set(title=f"{dataset}: {title}", xlabel="epsilon spent (log scale)")
+            ax.grid(alpha=0.3)
+        _legend(fig, line_axes[-1])
+    return _save(fig, path)
+
+
+def plot_communication(runs: list[Run], path: Path) -> Path:
+    """Megabytes sent to and received from the clients at every round, a line per run."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    for ax, (field, title) in zip(axes[0], (("bytes_down", "MB sent to clients"),
+                                            ("bytes_up", "MB received from clients")),
+                                  strict=True):
+        for run in _federated(runs):
+            points = [(r["round"], r[field] / 1e6) for r in run.rounds
+                      if r.get(field) is not None and r["round"] > 0]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=run.label)
+        ax.set(title=title + " per round", xlabel="round", ylabel="MB")
+        ax.grid(alpha=0.3)
+    _legend(fig, axes[0][-1])
+    return _save(fig, path)
+
+
+def _legend(fig: plt.Figure, ax: plt.Axes) -> None:
+    handles, labels = [], []
+    for axis in fig.axes:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    if handles:
+        columns = max(1, math.ceil(len(labels) / 20))
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1),
+                  ncol=columns)
