@@ -30,6 +30,7 @@ def test_override_string_is_split_like_a_shell():
         ("dataset=movielens_100k", "dataset.path"),
         ("model.temperature=0", "model.temperature"),
         ("eval.select_by=full.recall@50", "eval.select_by"),
+        ("mode=both", "mode"),
     ],
 )
 def test_bad_override_fails_naming_the_key(override, named):
