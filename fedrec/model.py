@@ -33,6 +33,7 @@ class TwoTower(nn.Module):
         super().__init__()
         num_items, dim = len(item_attributes), cfg.embedding_dim
         self.num_items = num_items
+        self.max_history = cfg.max_history
         self.temperature = cfg.temperature
         # Row num_items is the padding item: it has no attributes and a zero id embedding.
         attrs = np.vstack([item_attributes, np.zeros((1, item_attributes.shape[1]), np.int64)])
@@ -119,8 +120,17 @@ class TwoTower(nn.Module):
                 known.unsqueeze(-1).float())
         return F.normalize(vector, dim=-1)
 
+    def cold_item_vectors(self, attributes: torch.Tensor) -> torch.Tensor:
+        """Vectors of new items known only by their attributes (rows of attribute indices, 0
+        pads): the item tower with the padding item's zero id vector in place of an id."""
+        no_id = torch.full((len(attributes),), self.num_items, dtype=torch.long,
+                           device=attributes.device)
+        return self._item_vector(self.item_embedding(no_id), attributes)
+
     def _item_from_embedded(self, items: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
-        attrs = self.item_attributes[items]
+        return self._item_vector(embedded, self.item_attributes[items])
+
+    def _item_vector(self, embedded: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
         attr_mean = _masked_mean(self.attribute_embedding(attrs), attrs)
         return F.normalize(self.item_mlp(torch.cat([embedded, attr_mean], dim=-1)), dim=-1)
 

@@ -1,0 +1,362 @@
+"""The shopping guide: a shopper's top-K items from a trained model.pt, computed where the
+shopper's history is.
+
+    python -m fedrec.recommend MODEL --history ID [ID ...] [--k 10] [--json]
+    python -m fedrec.recommend MODEL --user ID [--k 10]
+    python -m fedrec.recommend MODEL --batch HISTORIES.csv --out RECS.csv|RECS.json
+    ... [--new-items ITEMS.csv]
+
+--history ranks for one history of original item ids, oldest first. --user (demo) takes a
+shopper's whole history from the dataset the model was trained on, read as model.pt's config
+says. --batch reads a CSV of ``shopper,item`` rows (a shopper's rows in time order) and writes
+one line per recommendation (CSV) or one object per shopper (JSON). --new-items adds catalogue
+items known only by their attributes (CSV ``item,attributes[,title]``, attributes separated by
+``|``, as a dataset catalogue): the item tower gives them a vector from their attributes alone,
+and they are ranked with the rest.
+
+Only model.pt is needed: the user tower turns the history into a vector here, and one matrix
+product against the item vectors stored in model.pt ranks the whole catalogue exactly; items
+already in the history are never recommended. The history never leaves the machine that runs
+this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedrec.config import TwoTowerConfig
+from fedrec.model import TwoTower
+
+# What serving reads from model.pt (fedrec.outputs.RunOutputs.save_model writes it).
+REQUIRED = ("config", "item_ids", "attribute_names", "item_attributes", "item_titles",
+            "shared_state", "item_vectors")
+
+
+class RecommendError(ValueError):
+    """A model file, history or item that the guide cannot serve."""
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item: str
+    score: float  # cosine similarity of the shopper's and the item's vectors
+    title: str | None
+    attributes: list[str]
+
+
+class Recommender:
+    """A trained two-tower model's serving side: histories in, top-K items out."""
+
+    def __init__(self, model: TwoTower, item_ids: Sequence[str], attribute_names: Sequence[str],
+                 titles: Sequence[str | None] | None, item_vectors: torch.Tensor) -> None:
+        self.model = model.eval()
+        self.max_history = model.max_history
+        self.item_ids = [str(i) for i in item_ids]
+        self.index = {item: i for i, item in enumerate(self.item_ids)}
+        self.attribute_names = [str(a) for a in attribute_names]
+        self.attribute_index = {name: i for i, name in enumerate(self.attribute_names)}
+        self.titles = list(titles) if titles is not None else [None] * len(self.item_ids)
+        self.item_attributes = [self._attributes(row) for row in
+                                model.item_attributes[: model.num_items].tolist()]
+        self.item_vectors = item_vectors.float().contiguous()
+        self.num_catalogue_items = model.num_items  # items with an id vector (history items)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recommender:
+        path = Path(path)
+        payload = _read_model_file(path)
+        model_cfg = payload["config"].get("model", {})
+        if model_cfg.get("kind") != "two_tower":
+            raise RecommendError(f"{path} holds a model={model_cfg.get('kind')!r}, which has "
+                                 "no towers to serve from: train model=two_tower")
+        if model_cfg.get("use_user_features"):
+            raise RecommendError(f"{path} was trained with model.use_user_features=true; the "
+                                 "guide serves from a history alone: train without them")
+        # Personal vectors never leave their client, so serving uses the shared tower.
+        cfg = TwoTowerConfig(**{**model_cfg, "personal_embedding": False})
+        attributes = torch.as_tensor(payload["item_attributes"]).numpy()
+        model = TwoTower(cfg, attributes, len(payload["attribute_names"]))
+        try:
+            model.load_shared_state(payload["shared_state"])
+        except (ValueError, RuntimeError) as err:
+            raise RecommendError(f"{path}: the shared parameters do not fit the model its "
+                                 f"config describes: {err}") from err
+        vectors = torch.as_tensor(payload["item_vectors"])
+        if vectors.shape != (len(payload["item_ids"]), cfg.embedding_dim):
+            raise RecommendError(f"{path}: item_vectors has shape {tuple(vectors.shape)}, "
+                                 f"expected ({len(payload['item_ids'])}, {cfg.embedding_dim})")
+        return cls(model, payload["item_ids"], payload["attribute_names"],
+                   payload["item_titles"], vectors)
+
+    # ------------------------------------------------------------------------ cold start
+    def add_items(self, items: Sequence[tuple[str, Sequence[str], str | None]]) -> None:
+        """Catalogue items known only by (id, attribute names, title): their vectors come from
+        the attribute path of the item tower, with the zero id vector of the padding item."""
+        if not items:
+            return
+        width = self.model.item_attributes.shape[1]
+        rows = []
+        for item, names, _ in items:
+            if item in self.index:
+                raise RecommendError(f"new item {item!r} is already in the catalogue")
+            unknown = [n for n in names if n not in self.attribute_index or n == ""]
+            if unknown:
+                raise RecommendError(
+                    f"new item {item!r}: attribute(s) {', '.join(map(repr, unknown))} unknown to "
+                    f"the model ({len(self.attribute_names) - 1} attributes, e.g. "
+                    f"{', '.join(self.attribute_names[1:4])})")
+            if not names:
+                raise RecommendError(f"new item {item!r} has no attributes: a vector needs at "
+                                     "least one")
+            indices = [self.attribute_index[n] for n in names][:width]
+            rows.append(indices + [0] * (width - len(indices)))
+        with torch.no_grad():
+            vectors = self.model.cold_item_vectors(torch.tensor(rows, dtype=torch.long))
+        for item, names, title in items:
+            self.index[item] = len(self.item_ids)
+            self.item_ids.append(item)
+            self.titles.append(title)
+            self.item_attributes.append(list(names))
+        self.item_vectors = torch.cat([self.item_vectors, vectors])
+
+    # ---------------------------------------------------------------------------- serving
+    def recommend(self, history: Sequence[str], k: int) -> list[Recommendation]:
+        return self.recommend_many([history], k)[0]
+
+    def recommend_many(self, histories: Sequence[Sequence[str]],
+                       k: int) -> list[list[Recommendation]]:
+        """Top-``k`` for each history in one forward pass and one matrix product."""
+        if k < 1:
+            raise RecommendError(f"k={k} is not allowed: expected an integer >= 1")
+        indices = [self._history_indices(h) for h in histories]
+        most = max(len(set(i)) for i in indices)
+        if k > len(self.item_ids) - most:
+            raise RecommendError(f"k={k} exceeds the {len(self.item_ids) - most} items left "
+                                 "to recommend once the history is excluded")
+        padded = torch.full((len(indices), self.max_history), self.model.num_items,
+                            dtype=torch.long)
+        for row, items in enumerate(indices):
+            recent = items[-self.max_history:]  # the model reads the most recent items
+            padded[row, : len(recent)] = torch.tensor(recent)
+        with torch.no_grad():
+            users = self.model.user_vectors(padded)
+            scores = users @ self.item_vectors.T
+        for row, items in enumerate(indices):
+            scores[row, items] = -torch.inf  # never recommend what the shopper already has
+        top = torch.topk(scores, k, dim=1)
+        return [[self._recommendation(int(i), float(s)) for s, i in zip(values, ids,
+                                                                         strict=True)]
+                for values, ids in zip(top.values, top.indices, strict=True)]
+
+    def describe(self, item: str) -> tuple[str | None, list[str]]:
+        i = self.index[item]
+        return self.titles[i], self.item_attributes[i]
+
+    def _recommendation(self, index: int, score: float) -> Recommendation:
+        return Recommendation(self.item_ids[index], score, self.titles[index],
+                              self.item_attributes[index])
+
+    def _history_indices(self, history: Sequence[str]) -> list[int]:
+        if not history:
+            raise RecommendError("an empty history: a shopper needs at least one item")
+        indices = []
+        for item in history:
+            index = self.index.get(str(item))
+            if index is None:
+                raise RecommendError(
+                    f"item {item!r} is not in the model's catalogue of "
+                    f"{len(self.item_ids)} items (ids such as "
+                    f"{', '.join(map(repr, self.item_ids[:3]))})")
+            if index >= self.num_catalogue_items:
+                raise RecommendError(f"item {item!r} is a new item known only by its "
+                                     "attributes: the user tower reads catalogue items")
+            indices.append(index)
+        return indices
+
+    def _attributes(self, row: list[int]) -> list[str]:
+        return [self.attribute_names[a] for a in row if a != 0]
+
+
+def _read_model_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecommendError(f"model file {path} does not exist (a run writes model.pt into "
+                             "its output_dir)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many kinds for a truncated or foreign file
+        raise RecommendError(f"model file {path} cannot be read ({type(err).__name__}: "
+                             f"{err}); is it a fedrec model.pt?") from err
+    if not isinstance(payload, dict):
+        raise RecommendError(f"model file {path} holds a {type(payload).__name__}, not a "
+                             "fedrec model.pt")
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise RecommendError(f"model file {path} lacks {', '.join(missing)}: it is not a "
+                             "trained two-tower model.pt (checkpoint.pt is not served)")
+    return payload
+
+
+# --------------------------------------------------------------------------------- inputs
+def read_histories(path: Path) -> dict[str, list[str]]:
+    """``shopper,item`` rows (a header line, then a shopper's rows in time order)."""
+    histories: dict[str, list[str]] = {}
+    try:
+        with open(path, newline="") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if header is None or [h.strip() for h in header[:2]] != ["shopper", "item"]:
+                raise RecommendError(f"{path}: line 1 is {header!r}; expected the header "
+                                     "shopper,item")
+            for line, row in enumerate(rows, start=2):
+                if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                    raise RecommendError(f"{path}, line {line}: {row!r}; expected shopper,item")
+                histories.setdefault(row[0].strip(), []).append(row[1].strip())
+    except OSError as err:
+        raise RecommendError(f"cannot read histories from {path}: {err}") from err
+    if not histories:
+        raise RecommendError(f"{path} holds no shopper,item rows")
+    return histories
+
+
+def read_new_items(path: Path) -> list[tuple[str, list[str], str | None]]:
+    """A catalogue CSV of new items: ``item,attributes[,title]``, attributes split by ``|``."""
+    items = []
+    try:
+        with open(path, newline="") as f:
+            rows = csv.reader(f)
+            header = [h.strip() for h in next(rows, [])]
+            if header[:2] != ["item", "attributes"]:
+                raise RecommendError(f"{path}: line 1 is {header!r}; expected the header "
+                                     "item,attributes[,title]")
+            for line, row in enumerate(rows, start=2):
+                if len(row) < 2 or not row[0].strip():
+                    raise RecommendError(f"{path}, line {line}: {row!r}; expected "
+                                         "item,attributes[,title]")
+                names = [a.strip() for a in row[1].split("|") if a.strip()]
+                title = row[2].strip() if len(row) > 2 and row[2].strip() else None
+                items.append((row[0].strip(), names, title))
+    except OSError as err:
+        raise RecommendError(f"cannot read new items from {path}: {err}") from err
+    return items
+
+
+def dataset_history(model_path: Path, user: str) -> list[str]:
+    """The whole history (original item ids, in order) of ``user`` in the dataset the model
+    was trained on, read again as the model's saved config says."""
+    from fedrec.config import compose_config, to_typed
+    from fedrec.data.loaders import load_dataset
+
+    saved = torch.load(model_path, map_location="cpu", weights_only=False)["config"]["dataset"]
+    overrides = [f"dataset={saved['format']}"] + [
+        f"dataset.{key}={_override_value(value)}" for key, value in saved.items()]
+    dataset = load_dataset(to_typed(compose_config(overrides)).dataset)
+    users = {str(u): i for i, u in enumerate(dataset.user_ids)}
+    if user not in users:
+        raise RecommendError(f"user={user!r} is not a shopper of {dataset.name} "
+                             f"({dataset.num_users} shoppers, ids such as "
+                             f"{', '.join(map(repr, list(users)[:3]))})")
+    rows = dataset.interactions[dataset.interactions["user"] == users[user]]
+    return [str(dataset.item_ids[i]) for i in rows["item"].to_numpy()]
+
+
+def _override_value(value: Any) -> str:
+    """A saved config value written back as a Hydra override value."""
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+# -------------------------------------------------------------------------------- outputs
+def format_recommendations(guide: Recommender, history: Sequence[str],
+                           recommendations: list[Recommendation], *, shown: int = 5) -> str:
+    """What a person reads: the recent history next to the top-K, with titles and
+    attributes."""
+    lines = [f"recent history ({min(shown, len(history))} of {len(history)} items, newest "
+             "last):"]
+    for item in history[-shown:]:
+        lines.append(f"      {_item_line(item, *guide.describe(item))}")
+    lines.append(f"top {len(recommendations)}:")
+    for rank, r in enumerate(recommendations, start=1):
+        lines.append(f"  {rank:>2}. {r.score:+.3f}  {_item_line(r.item, r.title, r.attributes)}")
+    return "\n".join(lines)
+
+
+def _item_line(item: str, title: str | None, attributes: list[str]) -> str:
+    return f"{item:>8}  {title or '(no title)'}  [{', '.join(attributes)}]"
+
+
+def write_batch(path: Path, results: dict[str, list[Recommendation]]) -> None:
+    if path.suffix == ".json":
+        path.write_text(json.dumps([
+            {"shopper": shopper, "recommendations": [
+                {"rank": rank, "item": r.item, "score": r.score, "title": r.title,
+                 "attributes": r.attributes} for rank, r in enumerate(recs, start=1)]}
+            for shopper, recs in results.items()], indent=1) + "\n")
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["shopper", "rank", "item", "score", "title", "attributes"])
+        for shopper, recs in results.items():
+            for rank, r in enumerate(recs, start=1):
+                writer.writerow([shopper, rank, r.item, f"{r.score:.6f}", r.title or "",
+                                 "|".join(r.attributes)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedrec.recommend", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[2:]))
+    parser.add_argument("model", type=Path, help="a trained model.pt")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--history", nargs="+", metavar="ID",
+                        help="one shopper's item ids, oldest first")
+    source.add_argument("--user", metavar="ID",
+                        help="demo: this shopper's history in the model's own dataset")
+    source.add_argument("--batch", type=Path, metavar="CSV",
+                        help="histories to rank: shopper,item rows")
+    parser.add_argument("--out", type=Path, help="with --batch: where to write (.csv or .json)")
+    parser.add_argument("--new-items", type=Path, metavar="CSV",
+                        help="cold-start items: item,attributes[,title]")
+    parser.add_argument("--k", type=int, default=10, help="how many items (default: 10)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.batch is not None and (args.out is None or args.out.suffix not in (".csv", ".json")):
+        parser.error("--batch needs --out ending in .csv or .json")
+    try:
+        guide = Recommender.load(args.model)
+        if args.new_items is not None:
+            guide.add_items(read_new_items(args.new_items))
+        if args.batch is not None:
+            histories = read_histories(args.batch)
+            recommendations = guide.recommend_many(list(histories.values()), args.k)
+            write_batch(args.out, dict(zip(histories, recommendations, strict=True)))
+            print(f"{len(histories)} shoppers, top {args.k} each: {args.out}")
+            return 0
+        history = args.history or dataset_history(args.model, args.user)
+        recommendations = guide.recommend(history, args.k)
+    except RecommendError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([vars(r) for r in recommendations], indent=1))
+    else:
+        print(format_recommendations(guide, history, recommendations))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

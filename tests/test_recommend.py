@@ -1,0 +1,118 @@
+"""The shopping guide (fedrec.recommend) on a model trained on a small synthetic shop."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.centralized import run as run_centralized
+from fedrec.recommend import Recommender, RecommendError, main
+
+SHOP = ["dataset.num_users=200", "dataset.num_items=60", "dataset.num_categories=4",
+        "train.epochs=15", "train.lr=0.01", "model.embedding_dim=16", "model.hidden_dim=32",
+        "eval.num_negatives=10"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    run_centralized([*SHOP, f"output_dir={out}"])
+    return out / "model.pt"
+
+
+@pytest.fixture
+def guide(model_path):
+    return Recommender.load(model_path)
+
+
+def _category(guide: Recommender, item: str) -> str:
+    return next(a for a in guide.describe(item)[1] if a.startswith("category="))
+
+
+def test_k_distinct_items_outside_the_history_and_deterministic(guide, model_path):
+    history = guide.item_ids[3:9]
+    first = guide.recommend(history, 10)
+    items = [r.item for r in first]
+    assert len(items) == 10 == len(set(items))
+    assert not set(items) & set(history)
+    assert [r.score for r in first] == sorted((r.score for r in first), reverse=True)
+    again = Recommender.load(model_path).recommend(history, 10)
+    assert [(r.item, r.score) for r in again] == [(r.item, r.score) for r in first]
+    # Batched ranking is the same ranking.
+    batch = guide.recommend_many([history, guide.item_ids[:1]], 10)
+    assert [r.item for r in batch[0]] == items
+
+
+def test_a_shopper_with_one_item_gets_items_of_its_category(guide):
+    shares = [np.mean([_category(guide, r.item) == _category(guide, item)
+                       for r in guide.recommend([item], 5)]) for item in guide.item_ids]
+    # Four categories: a guide blind to the history would score about 0.25.
+    assert np.mean(shares) > 0.5
+
+
+def test_a_new_item_known_by_its_attributes_gets_a_vector_and_a_rank(guide):
+    source = guide.item_ids[5]
+    guide.add_items([("new-1", guide.describe(source)[1], "A new arrival")])
+    assert torch.isfinite(guide.item_vectors[-1]).all()
+    everything = len(guide.item_ids) - 1
+
+    def rank(history_item: str) -> int:
+        return [r.item for r in guide.recommend([history_item], everything)].index("new-1") + 1
+
+    others = [i for i in guide.item_ids[:-1] if i != source]
+    same = [rank(i) for i in others if _category(guide, i) == _category(guide, source)]
+    different = [rank(i) for i in others if _category(guide, i) != _category(guide, source)]
+    assert np.mean(same) < np.mean(different)
+    assert guide.describe("new-1") == ("A new arrival", guide.describe(source)[1])
+
+
+def test_bad_inputs_get_errors_that_name_the_problem(guide, model_path, tmp_path):
+    with pytest.raises(RecommendError, match="'nope' is not in the model's catalogue"):
+        guide.recommend(["nope"], 5)
+    with pytest.raises(RecommendError, match="k=0"):
+        guide.recommend(guide.item_ids[:1], 0)
+    with pytest.raises(RecommendError, match=r"attribute.*'colour=red' unknown"):
+        guide.add_items([("x", ["colour=red"], None)])
+    with pytest.raises(RecommendError, match="does not exist"):
+        Recommender.load(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(model_path.read_bytes()[:1000])
+    with pytest.raises(RecommendError, match="cannot be read"):
+        Recommender.load(corrupt)
+    partial = tmp_path / "partial.pt"
+    payload = torch.load(model_path, weights_only=False)
+    del payload["item_vectors"]
+    torch.save(payload, partial)
+    with pytest.raises(RecommendError, match="lacks item_vectors"):
+        Recommender.load(partial)
+
+
+def test_cli_batch_demo_and_errors(guide, model_path, tmp_path, capsys):
+    histories = tmp_path / "histories.csv"
+    histories.write_text("shopper,item\nann,1\nann,2\nbob,7\n")
+    for suffix in (".csv", ".json"):
+        out = tmp_path / f"recs{suffix}"
+        assert main([str(model_path), "--batch", str(histories), "--out", str(out),
+                     "--k", "3"]) == 0
+    with open(tmp_path / "recs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["shopper"], r["rank"]) for r in rows] == [
+        ("ann", "1"), ("ann", "2"), ("ann", "3"), ("bob", "1"), ("bob", "2"), ("bob", "3")]
+    recs = json.loads((tmp_path / "recs.json").read_text())
+    assert [r["shopper"] for r in recs] == ["ann", "bob"]
+    assert [r["item"] for r in recs[1]["recommendations"]] == [
+        r.item for r in guide.recommend(["7"], 3)]
+    capsys.readouterr()
+    assert main([str(model_path), "--user", "0", "--k", "4"]) == 0
+    shown = capsys.readouterr().out
+    assert "recent history" in shown and "top 4:" in shown and "category=" in shown
+    assert main([str(model_path), "--user", "no-such-shopper"]) == 2
+    assert "no-such-shopper" in capsys.readouterr().err
+    histories.write_text("user,item\n1,2\n")
+    assert main([str(model_path), "--batch", str(histories), "--out",
+                 str(tmp_path / "x.csv")]) == 2
+    assert "expected the header shopper,item" in capsys.readouterr().err
