@@ -415,6 +415,8 @@ class Config:
     federation: str = MISSING
     # What a sweep job (fedrec.sweep) runs: a federated simulation, or the centralized reference.
     mode: str = MISSING
+    # After a simulation, print the guide's top 10 for the dataset's first shopper.
+    guide_example: bool = MISSING
     # Seconds the server waits for a round's replies; a node silent that long counts as failed.
     round_timeout: float = MISSING
     # A stopped federated run's output_dir: go on from its last completed round, into it.

@@ -264,8 +264,7 @@ def dataset_history(model_path: Path, user: str) -> list[str]:
         raise RecommendError(f"user={user!r} is not a shopper of {dataset.name} "
                              f"({dataset.num_users} shoppers, ids such as "
                              f"{', '.join(map(repr, list(users)[:3]))})")
-    rows = dataset.interactions[dataset.interactions["user"] == users[user]]
-    return [str(dataset.item_ids[i]) for i in rows["item"].to_numpy()]
+    return dataset.history(users[user])
 
 
 def _override_value(value: Any) -> str:

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedrec.config import CentralDpConfig, Config, ConfigError, DpSgdConfig
+from fedrec.data.dataset import Dataset
 from fedrec.data.loaders import load_catalogue
 from fedrec.data.sequences import heldout_cases
 from fedrec.metrics import RankingSums, evaluate_model
@@ -23,6 +24,7 @@ from fedrec.model import TwoTower
 from fedrec.node import Federation, compose_once, load_config, load_federation
 from fedrec.outputs import RunOutputs
 from fedrec.privacy import CentralDp, PrivacyReport, plan_central_dp, wrap_strategy
+from fedrec.recommend import Recommender, format_recommendations
 from fedrec.rounds import MeteredGrid, RoundLog
 from fedrec.secagg import plan_secagg, run_secure_rounds
 from fedrec.strategy import build_strategy
@@ -146,6 +148,18 @@ def main(grid: Grid, context: Context) -> None:
     print(f"fedrec: final HR@10 {sampled.get('hr@10', float('nan')):.4f} "
           f"NDCG@10 {sampled.get('ndcg@10', float('nan')):.4f}{private}; results in "
           f"{outputs.path}", flush=True)
+    if cfg.guide_example and fed is not None:
+        _print_guide_example(outputs.path / "model.pt", fed.dataset)
+
+
+def _print_guide_example(model_path: Path, dataset: Dataset) -> None:
+    """The trained guide at work for one shopper. A simulation's server holds the demo data;
+    in a deployment the guide runs where the history lives (python -m fedrec.recommend)."""
+    guide = Recommender.load(model_path)
+    history = dataset.history(0)
+    print(f"fedrec: the shopping guide for shopper {dataset.user_ids[0]} of {dataset.name} "
+          f"(python -m fedrec.recommend {model_path} --user {dataset.user_ids[0]}):\n"
+          + format_recommendations(guide, history, guide.recommend(history, 10)), flush=True)
 
 
 def _round_sample(cfg: Config, grid: Grid) -> tuple[int, int]:

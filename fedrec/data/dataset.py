@@ -53,6 +53,11 @@ class Dataset:
         """Attribute vocabulary size, padding included."""
         return len(self.attribute_names)
 
+    def history(self, user: int) -> list[str]:
+        """The original ids of the items of ``user`` (an index), oldest first."""
+        rows = self.interactions["user"].to_numpy() == user
+        return [str(self.item_ids[i]) for i in self.interactions["item"].to_numpy()[rows]]
+
     @property
     def presplit(self) -> bool:
         return "split" in self.interactions.columns
