@@ -53,6 +53,9 @@ def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
         TwoTower.for_dataset(cfg.model, load_node(TINY, 0, 3).dataset).shared_state())
     assert saved["item_vectors"].shape == (40, 16)
     assert "dataset" in (out / "config.yaml").read_text()
+    # The run ends by showing the trained guide for one shopper (guide_example).
+    log = out.with_name("run.flwr.log").read_text()
+    assert "the shopping guide for shopper" in log and "top 10:" in log
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedavgm", "fedtrimmedavg",
