@@ -34,7 +34,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedrec.config import parse_overrides
-from fedrec.simulation import PROJECT_DIR, SimulationError, stop_processes, write_run_config
+from fedrec.simulation import (
+    PROJECT_DIR,
+    SimulationError,
+    stop_processes,
+    stream_command,
+    write_run_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,19 +166,12 @@ class LocalDeployment:
                    "--run-config", str(run_config)]
         try:
             with open(self.logs / "flwr-run.log", "a") as out:
-                process = subprocess.Popen(command, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True, env=self.env)
-                self.processes["flwr-run"] = process
-                deadline = time.monotonic() + timeout
-                assert process.stdout is not None
-                for line in process.stdout:
-                    out.write(line)
-                    out.flush()
-                    if echo:
-                        sys.stdout.write(line)
-                    if time.monotonic() > deadline:
-                        raise DeploymentError(f"flwr run exceeded {timeout:.0f} s")
-                process.wait()
+                stream_command(command, out, timeout=timeout, env=self.env, echo=echo,
+                               started=lambda process: self.processes.update(
+                                   {"flwr-run": process}))
+        except TimeoutError as err:
+            raise DeploymentError(f"flwr run exceeded {timeout:.0f} s and was stopped; logs: "
+                                  f"{self.logs}") from err
         finally:
             run_config.unlink()
             self.processes.pop("flwr-run", None)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedrec.config import parse_overrides
 
@@ -61,18 +63,10 @@ def run_federated(
     ]
     try:
         with open(log_path, "w") as log:
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, env=env, cwd=project_dir)
-            deadline = time.monotonic() + timeout
-            assert process.stdout is not None
-            for line in process.stdout:
-                log.write(line)
-                if echo:
-                    sys.stdout.write(line)
-                if time.monotonic() > deadline:
-                    process.kill()
-                    raise SimulationError(f"flwr run exceeded {timeout:.0f} s; log: {log_path}")
-            process.wait()
+            stream_command(command, log, timeout=timeout, env=env, cwd=project_dir, echo=echo)
+    except TimeoutError as err:
+        raise SimulationError(f"flwr run exceeded {timeout:.0f} s and was stopped; log: "
+                              f"{log_path}") from err
     finally:
         run_config.unlink()
     summary_path = output_dir / "summary.json"
@@ -80,6 +74,50 @@ def run_federated(
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise SimulationError(f"flwr run wrote no {summary_path}; end of {log_path}:\n{tail}")
     return json.loads(summary_path.read_text())
+
+
+def stream_command(
+    command: list[str],
+    log: IO[str],
+    *,
+    timeout: float,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    echo: bool = False,
+    started: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> int:
+    """Run ``command``, copying its output to ``log`` (and to stdout with ``echo``) as it
+    comes, and return its exit code. The deadline holds while the command prints nothing, as
+    a hung run does: it is then killed and TimeoutError raised. ``started`` receives the
+    process, for an owner that may have to stop it from elsewhere."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=env, cwd=cwd)
+    if started is not None:
+        started(process)
+    assert process.stdout is not None
+    stream = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{command[0]} ran past {timeout:.0f} s")
+            ready, _, _ = select.select([stream], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(stream, 1 << 16)
+            if not chunk:  # the command closed its output: it has ended
+                return process.wait()
+            text = chunk.decode(errors="replace")
+            log.write(text)
+            log.flush()
+            if echo:
+                sys.stdout.write(text)
+    finally:
+        if process.poll() is None:
+            stop_processes([process.pid], sig=signal.SIGKILL, timeout=5)
+        process.wait()
+        process.stdout.close()
 
 
 def write_run_config(overrides: list[str]) -> Path:

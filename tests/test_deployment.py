@@ -47,7 +47,7 @@ def _overrides(nodes: Path, rounds: int) -> str:
 
 
 def test_tls_authenticated_deployment_trains(deployment, nodes, tmp_path):
-    summary = deployment.run(_overrides(nodes, 2), tmp_path / "run")
+    summary = deployment.run(_overrides(nodes, 2), tmp_path / "run", timeout=900)
     assert summary["mode"] == "federated" and summary["rounds"] == 2
     assert summary["num_clients"] == 2 and summary["num_users"] is None
     assert summary["metrics"]["sampled"]["hr@10"] > 0
@@ -66,7 +66,7 @@ def test_run_survives_a_node_killed_after_round_one(deployment, nodes, tmp_path)
     run = tmp_path / "run"
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(
-        summary=deployment.run(_overrides(nodes, 3), run)))
+        summary=deployment.run(_overrides(nodes, 3), run, timeout=840)))
     runner.start()
     wait_for_round(run, 1, runner, timeout=600)
     deployment.kill_node(2)
