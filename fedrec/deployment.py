@@ -38,6 +38,7 @@ from fedrec.simulation import (
     PROJECT_DIR,
     SimulationError,
     stop_processes,
+    stop_started_run,
     stream_command,
     write_run_config,
 )
@@ -170,7 +171,8 @@ class LocalDeployment:
                                started=lambda process: self.processes.update(
                                    {"flwr-run": process}))
         except TimeoutError as err:
-            raise DeploymentError(f"flwr run exceeded {timeout:.0f} s and was stopped; logs: "
+            stopped = stop_started_run(self.logs / "flwr-run.log", self.env, CONNECTION)
+            raise DeploymentError(f"flwr run exceeded {timeout:.0f} s; {stopped}; logs: "
                                   f"{self.logs}") from err
         finally:
             run_config.unlink()

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: a sweep runs on machines without a display
 import matplotlib.pyplot as plt
 
+from fedrec.report import KEY_COLUMNS
+
 if TYPE_CHECKING:
     from fedrec.report import Row, Run
 
@@ -48,7 +50,8 @@ def plot_privacy_utility(rows: list[Row], path: Path) -> Path:
     """HR@10 and NDCG@10 against the epsilon spent, a line per mechanism and strategy, with
     the non-private federated runs (dashed, in their strategy's colour) and the centralized
     reference (dotted) as horizontal lines; one line of plots per dataset."""
-    datasets = sorted({row.key["dataset"] for row in rows})
+    rows = [row for row in rows if row.key["dataset"] != "?"]  # unreadable runs: no curve
+    datasets = sorted({row.key["dataset"] for row in rows}) or ["no runs"]
     strategies = sorted({row.key["strategy"] for row in rows})
     colour = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
     markers = {"dp_sgd": "o", "central_dp": "s"}
@@ -58,26 +61,28 @@ def plot_privacy_utility(rows: list[Row], path: Path) -> Path:
     for line_axes, dataset in zip(axes, datasets, strict=True):
         here = [row for row in rows if row.key["dataset"] == dataset and row.done]
         for ax, (name, title) in zip(line_axes, metrics, strict=True):
-            curves: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+            curves: dict[tuple[str, str, str], list[tuple[float, float, float]]] = {}
             for row in here:
                 stats, spent = row.stats(name), row.stats("epsilon spent")
                 if stats is None:
                     continue
                 strategy, mechanism = row.key["strategy"], row.key["mechanism"]
+                # Other swept keys (lr, ...) make curves of their own.
+                extra = " ".join(f"{c}={v}" for c, v in row.key.items() if c not in KEY_COLUMNS)
                 if row.key["mode"] == "centralized":
-                    ax.axhline(stats[0], linestyle=":", color="grey", label="centralized")
+                    ax.axhline(stats[0], linestyle=":", color="grey",
+                               label=f"centralized {extra}".strip())
                 elif mechanism == "none":
                     ax.axhline(stats[0], linestyle="--", color=colour[strategy],
-                               label=f"{strategy} non-private")
-                else:
-                    epsilon = spent[0] if spent is not None else float(row.key["epsilon budget"])
-                    curves.setdefault((strategy, mechanism), []).append((epsilon, *stats))
-            for (strategy, mechanism), points in sorted(curves.items()):
+                               label=f"{strategy} non-private {extra}".strip())
+                elif spent is not None:  # the epsilon the run reached
+                    curves.setdefault((strategy, mechanism, extra), []).append((spent[0], *stats))
+            for (strategy, mechanism, extra), points in sorted(curves.items()):
                 xs, means, stds = zip(*sorted(points), strict=True)
                 ax.errorbar(xs, means, yerr=stds, marker=markers.get(mechanism, "^"),
                             color=colour[strategy], capsize=3,
                             linestyle="-" if mechanism == "dp_sgd" else "-.",
-                            label=f"{strategy} {mechanism}")
+                            label=f"{strategy} {mechanism} {extra}".strip())
             if curves:
                 ax.set_xscale("log")
             else:

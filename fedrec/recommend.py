@@ -69,6 +69,7 @@ class Recommender:
                                 model.item_attributes[: model.num_items].tolist()]
         self.item_vectors = item_vectors.float().contiguous()
         self.num_catalogue_items = model.num_items  # items with an id vector (history items)
+        self.config: dict[str, Any] = {}  # the run's resolved config, when loaded from model.pt
 
     @classmethod
     def load(cls, path: str | Path) -> Recommender:
@@ -94,8 +95,13 @@ class Recommender:
         if vectors.shape != (len(payload["item_ids"]), cfg.embedding_dim):
             raise RecommendError(f"{path}: item_vectors has shape {tuple(vectors.shape)}, "
                                  f"expected ({len(payload['item_ids'])}, {cfg.embedding_dim})")
-        return cls(model, payload["item_ids"], payload["attribute_names"],
-                   payload["item_titles"], vectors)
+        if not torch.isfinite(vectors).all():
+            raise RecommendError(f"{path}: item_vectors holds NaN or infinite values: the run "
+                                 "that wrote it diverged")
+        guide = cls(model, payload["item_ids"], payload["attribute_names"],
+                    payload["item_titles"], vectors)
+        guide.config = payload["config"]
+        return guide
 
     # ------------------------------------------------------------------------ cold start
     def add_items(self, items: Sequence[tuple[str, Sequence[str], str | None]]) -> None:
@@ -104,49 +110,67 @@ class Recommender:
         if not items:
             return
         width = self.model.item_attributes.shape[1]
-        rows = []
+        rows, seen = [], set()
         for item, names, _ in items:
-            if item in self.index:
-                raise RecommendError(f"new item {item!r} is already in the catalogue")
-            unknown = [n for n in names if n not in self.attribute_index or n == ""]
+            if item in self.index or item in seen:
+                raise RecommendError(f"new item {item!r} is already in the catalogue"
+                                     + (" (listed twice)" if item in seen else ""))
+            seen.add(item)
+            unique = list(dict.fromkeys(names))
+            # Index 0 is the padding attribute: it stands for no attribute at all.
+            unknown = [n for n in unique if self.attribute_index.get(n, 0) == 0]
             if unknown:
                 raise RecommendError(
                     f"new item {item!r}: attribute(s) {', '.join(map(repr, unknown))} unknown to "
                     f"the model ({len(self.attribute_names) - 1} attributes, e.g. "
-                    f"{', '.join(self.attribute_names[1:4])})")
-            if not names:
+                    f"{', '.join(map(repr, self.attribute_names[1:4]))})")
+            if not unique:
                 raise RecommendError(f"new item {item!r} has no attributes: a vector needs at "
                                      "least one")
-            indices = [self.attribute_index[n] for n in names][:width]
-            rows.append(indices + [0] * (width - len(indices)))
+            if len(unique) > width:
+                raise RecommendError(f"new item {item!r} has {len(unique)} attributes; the "
+                                     f"model's catalogue items have at most {width}")
+            rows.append([self.attribute_index[n] for n in unique] + [0] * (width - len(unique)))
         with torch.no_grad():
             vectors = self.model.cold_item_vectors(torch.tensor(rows, dtype=torch.long))
         for item, names, title in items:
             self.index[item] = len(self.item_ids)
             self.item_ids.append(item)
             self.titles.append(title)
-            self.item_attributes.append(list(names))
+            self.item_attributes.append(list(dict.fromkeys(names)))
         self.item_vectors = torch.cat([self.item_vectors, vectors])
 
     # ---------------------------------------------------------------------------- serving
     def recommend(self, history: Sequence[str], k: int) -> list[Recommendation]:
         return self.recommend_many([history], k)[0]
 
-    def recommend_many(self, histories: Sequence[Sequence[str]],
-                       k: int) -> list[list[Recommendation]]:
-        """Top-``k`` for each history in one forward pass and one matrix product."""
+    def recommend_many(self, histories: Sequence[Sequence[str]], k: int, *,
+                       labels: Sequence[str] | None = None) -> list[list[Recommendation]]:
+        """Top-``k`` for each history in one forward pass and one matrix product. ``labels``
+        name the histories in errors (default: their position)."""
         if k < 1:
             raise RecommendError(f"k={k} is not allowed: expected an integer >= 1")
-        indices = [self._history_indices(h) for h in histories]
-        most = max(len(set(i)) for i in indices)
-        if k > len(self.item_ids) - most:
-            raise RecommendError(f"k={k} exceeds the {len(self.item_ids) - most} items left "
-                                 "to recommend once the history is excluded")
+        if not histories:
+            return []
+        names = labels or [f"history {n + 1}" for n in range(len(histories))]
+        indices = []
+        for name, history in zip(names, histories, strict=True):
+            try:
+                items = self._history_indices(history)
+            except RecommendError as err:
+                raise RecommendError(f"{name}: {err}" if len(histories) > 1 else str(err)) \
+                    from None
+            left = len(self.item_ids) - len(set(items))
+            if k > left:
+                raise RecommendError(f"{name}: k={k} exceeds the {left} items left to "
+                                     "recommend once its history is excluded")
+            indices.append(items)
         padded = torch.full((len(indices), self.max_history), self.model.num_items,
                             dtype=torch.long)
         for row, items in enumerate(indices):
-            recent = items[-self.max_history:]  # the model reads the most recent items
-            padded[row, : len(recent)] = torch.tensor(recent)
+            # The most recent items, right-aligned as in training (oldest first).
+            recent = items[-self.max_history:]
+            padded[row, self.max_history - len(recent):] = torch.tensor(recent)
         with torch.no_grad():
             users = self.model.user_vectors(padded)
             scores = users @ self.item_vectors.T
@@ -158,7 +182,7 @@ class Recommender:
                 for values, ids in zip(top.values, top.indices, strict=True)]
 
     def describe(self, item: str) -> tuple[str | None, list[str]]:
-        i = self.index[item]
+        i = self.index[str(item)]
         return self.titles[i], self.item_attributes[i]
 
     def _recommendation(self, index: int, score: float) -> Recommendation:
@@ -210,7 +234,7 @@ def read_histories(path: Path) -> dict[str, list[str]]:
     """``shopper,item`` rows (a header line, then a shopper's rows in time order)."""
     histories: dict[str, list[str]] = {}
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = csv.reader(f)
             header = next(rows, None)
             if header is None or [h.strip() for h in header[:2]] != ["shopper", "item"]:
@@ -231,7 +255,7 @@ def read_new_items(path: Path) -> list[tuple[str, list[str], str | None]]:
     """A catalogue CSV of new items: ``item,attributes[,title]``, attributes split by ``|``."""
     items = []
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = csv.reader(f)
             header = [h.strip() for h in next(rows, [])]
             if header[:2] != ["item", "attributes"]:
@@ -249,16 +273,20 @@ def read_new_items(path: Path) -> list[tuple[str, list[str], str | None]]:
     return items
 
 
-def dataset_history(model_path: Path, user: str) -> list[str]:
-    """The whole history (original item ids, in order) of ``user`` in the dataset the model
-    was trained on, read again as the model's saved config says."""
-    from fedrec.config import compose_config, to_typed
+def dataset_history(guide: Recommender, user: str) -> list[str]:
+    """The whole history (original item ids, oldest first) of ``user`` in the dataset the
+    model was trained on, read again as the model's saved config says."""
+    from fedrec.config import ConfigError, compose_config, to_typed
     from fedrec.data.loaders import load_dataset
 
-    saved = torch.load(model_path, map_location="cpu", weights_only=False)["config"]["dataset"]
-    overrides = [f"dataset={saved['format']}"] + [
+    saved = guide.config.get("dataset", {})
+    overrides = [f"dataset={saved.get('format')}"] + [
         f"dataset.{key}={_override_value(value)}" for key, value in saved.items()]
-    dataset = load_dataset(to_typed(compose_config(overrides)).dataset)
+    try:
+        dataset = load_dataset(to_typed(compose_config(overrides)).dataset)
+    except (ConfigError, OSError, ValueError) as err:
+        raise RecommendError(f"user={user!r} needs the dataset the model was trained on, which "
+                             f"cannot be read again ({err}); pass --history instead") from err
     users = {str(u): i for i, u in enumerate(dataset.user_ids)}
     if user not in users:
         raise RecommendError(f"user={user!r} is not a shopper of {dataset.name} "
@@ -275,7 +303,7 @@ def _override_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list):
         return "[" + ",".join(_override_value(v) for v in value) + "]"
-    return json.dumps(str(value))
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 # -------------------------------------------------------------------------------- outputs
@@ -335,17 +363,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch is not None and (args.out is None or args.out.suffix not in (".csv", ".json")):
         parser.error("--batch needs --out ending in .csv or .json")
+    if args.batch is None and args.out is not None:
+        parser.error("--out writes a --batch's results; one shopper's go to the screen")
+    if args.batch is not None and args.json:
+        parser.error("--json prints one shopper's results; a --batch writes JSON with --out "
+                     "RECS.json")
     try:
         guide = Recommender.load(args.model)
         if args.new_items is not None:
             guide.add_items(read_new_items(args.new_items))
         if args.batch is not None:
             histories = read_histories(args.batch)
-            recommendations = guide.recommend_many(list(histories.values()), args.k)
-            write_batch(args.out, dict(zip(histories, recommendations, strict=True)))
+            recommendations = guide.recommend_many(
+                list(histories.values()), args.k,
+                labels=[f"{args.batch}: shopper {s!r}" for s in histories])
+            try:
+                write_batch(args.out, dict(zip(histories, recommendations, strict=True)))
+            except OSError as err:
+                raise RecommendError(f"cannot write --out {args.out}: {err}") from err
             print(f"{len(histories)} shoppers, top {args.k} each: {args.out}")
             return 0
-        history = args.history or dataset_history(args.model, args.user)
+        history = args.history or dataset_history(guide, args.user)
         recommendations = guide.recommend(history, args.k)
     except RecommendError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -28,10 +28,13 @@ from typing import Any
 
 import yaml
 
-# The columns a row is told apart by, and the config keys (or sweep overrides) they come from.
-# Any other override whose value differs between runs adds its own column; the seed never does.
+# The columns a row is told apart by. Any other override whose value differs between runs adds
+# its own column; the seed never does, and these overrides are what the key columns show.
 KEY_COLUMNS = ("dataset", "mode", "strategy", "mechanism", "epsilon budget")
-COVERED_OVERRIDES = ("seed", "output_dir", "mode", "dataset", "strategy", "privacy")
+COVERED_OVERRIDES = frozenset({
+    "seed", "output_dir", "hydra.sweep.dir", "mode", "dataset", "dataset.name", "strategy",
+    "strategy.name", "privacy", "privacy.mechanism", "privacy.target_epsilon",
+    "privacy.max_epsilon"})
 METRICS = (("HR@10", "sampled", "hr@10"), ("NDCG@10", "sampled", "ndcg@10"),
            ("Recall@20", "full", "recall@20"))
 
@@ -55,8 +58,8 @@ class Run:
         if self.summary is None:
             return None
         for column, protocol, metric in METRICS:
-            if column == name:
-                return self.summary["metrics"][protocol][metric]
+            if column == name:  # a run may not have measured every metric (eval.ks)
+                return self.summary["metrics"].get(protocol, {}).get(metric)
         if name == "epsilon spent":
             return self.summary["privacy"].get("epsilon")
         if name == "wall s":
@@ -82,8 +85,9 @@ def collect_runs(folders: Iterable[Path]) -> list[Run]:
         folder = Path(folder)
         if not folder.is_dir():
             raise ReportError(f"{folder} is not a folder of runs")
-        for marker in sorted([*folder.rglob("summary.json"), *folder.rglob("failed.json")]):
-            runs.append(_read_run(marker.parent, failed=marker.name == "failed.json"))
+        finished = {p.parent for p in folder.rglob("summary.json")}
+        failed = {p.parent for p in folder.rglob("failed.json")} - finished
+        runs += [_read_run(path, failed=path in failed) for path in sorted(finished | failed)]
     if not runs:
         below = ", ".join(map(str, folders))
         raise ReportError(f"no run (a folder with summary.json or failed.json) below {below}")
@@ -159,7 +163,7 @@ def group_rows(runs: list[Run]) -> tuple[list[str], list[Row]]:
     override that varies between the runs."""
     varying = sorted(
         name for name in {k for r in runs for k in r.overrides}
-        if not name.startswith(COVERED_OVERRIDES)
+        if name not in COVERED_OVERRIDES
         and len({r.overrides.get(name) for r in runs}) > 1)
     columns = [*KEY_COLUMNS, *varying]
     several_datasets = len({r.key["dataset"] for r in runs}) > 1

@@ -24,7 +24,7 @@ from fedrec.model import TwoTower
 from fedrec.node import Federation, compose_once, load_config, load_federation
 from fedrec.outputs import RunOutputs
 from fedrec.privacy import CentralDp, PrivacyReport, plan_central_dp, wrap_strategy
-from fedrec.recommend import Recommender, format_recommendations
+from fedrec.recommend import Recommender, RecommendError, format_recommendations
 from fedrec.rounds import MeteredGrid, RoundLog
 from fedrec.secagg import plan_secagg, run_secure_rounds
 from fedrec.strategy import build_strategy
@@ -155,11 +155,16 @@ def main(grid: Grid, context: Context) -> None:
 def _print_guide_example(model_path: Path, dataset: Dataset) -> None:
     """The trained guide at work for one shopper. A simulation's server holds the demo data;
     in a deployment the guide runs where the history lives (python -m fedrec.recommend)."""
-    guide = Recommender.load(model_path)
     history = dataset.history(0)
+    try:
+        guide = Recommender.load(model_path)
+        top = guide.recommend(history, min(10, dataset.num_items - len(set(history))))
+    except RecommendError as err:  # the run is done and saved: the example is only a show
+        log.warning("no guide example: %s", err)
+        return
     print(f"fedrec: the shopping guide for shopper {dataset.user_ids[0]} of {dataset.name} "
           f"(python -m fedrec.recommend {model_path} --user {dataset.user_ids[0]}):\n"
-          + format_recommendations(guide, history, guide.recommend(history, 10)), flush=True)
+          + format_recommendations(guide, history, top), flush=True)
 
 
 def _round_sample(cfg: Config, grid: Grid) -> tuple[int, int]:

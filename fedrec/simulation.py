@@ -7,9 +7,11 @@ run fails, so success is judged by the run's summary.json, and a failure raises 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -65,7 +67,8 @@ def run_federated(
         with open(log_path, "w") as log:
             stream_command(command, log, timeout=timeout, env=env, cwd=project_dir, echo=echo)
     except TimeoutError as err:
-        raise SimulationError(f"flwr run exceeded {timeout:.0f} s and was stopped; log: "
+        stopped = stop_started_run(log_path, env)
+        raise SimulationError(f"flwr run exceeded {timeout:.0f} s; {stopped}; log: "
                               f"{log_path}") from err
     finally:
         run_config.unlink()
@@ -74,6 +77,22 @@ def run_federated(
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise SimulationError(f"flwr run wrote no {summary_path}; end of {log_path}:\n{tail}")
     return json.loads(summary_path.read_text())
+
+
+def stop_started_run(log_path: Path, env: dict[str, str], *connection: str) -> str:
+    """Ask the SuperLink to stop the run that `flwr run` logged as started: stopping the `flwr
+    run` client alone leaves the run itself going. Says what it did."""
+    started = re.findall(r"Successfully started run (\d+)", log_path.read_text())
+    if not started:
+        return "no run had started"
+    try:
+        done = subprocess.run([_flwr(), "stop", started[-1], *connection], env=env,
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return f"`flwr stop {started[-1]}` did not answer within 60 s"
+    if done.returncode != 0:
+        return f"`flwr stop {started[-1]}` failed: {(done.stdout + done.stderr).strip()[-300:]}"
+    return f"run {started[-1]} stopped"
 
 
 def stream_command(
@@ -92,12 +111,22 @@ def stream_command(
     process, for an owner that may have to stop it from elsewhere."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=env, cwd=cwd)
-    if started is not None:
-        started(process)
-    assert process.stdout is not None
-    stream = process.stdout.fileno()
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span reads
     deadline = time.monotonic() + timeout
+
+    def copy(chunk: bytes, final: bool = False) -> None:
+        text = decoder.decode(chunk, final)
+        log.write(text)
+        log.flush()
+        if echo:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
     try:
+        if started is not None:
+            started(process)
+        assert process.stdout is not None
+        stream = process.stdout.fileno()
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -106,18 +135,19 @@ def stream_command(
             if not ready:
                 continue
             chunk = os.read(stream, 1 << 16)
-            if not chunk:  # the command closed its output: it has ended
-                return process.wait()
-            text = chunk.decode(errors="replace")
-            log.write(text)
-            log.flush()
-            if echo:
-                sys.stdout.write(text)
+            if not chunk:  # the command closed its output; it is ending
+                copy(b"", final=True)
+                try:
+                    return process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired as err:
+                    raise TimeoutError(f"{command[0]} ran past {timeout:.0f} s") from err
+            copy(chunk)
     finally:
         if process.poll() is None:
             stop_processes([process.pid], sig=signal.SIGKILL, timeout=5)
         process.wait()
-        process.stdout.close()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def write_run_config(overrides: list[str]) -> Path:

@@ -9,13 +9,15 @@ mode=centralized what `python -m fedrec.centralized` runs, into its own numbered
 sweep directory (conf/sweep.yaml). Hydra composes every job's config before the first one
 starts, so a misspelt key fails at once. A job that fails at run time writes failed.json (its
 overrides and error) and the sweep goes on: a sweep of hours is not lost to one bad job. The
-sweep ends with fedrec.report, and each job returns its HR@10 for a tuning sweeper (Optuna).
+sweep ends with fedrec.report, and each job returns its HR@10 (NaN when it failed) for a
+tuning sweeper.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 import traceback
@@ -36,14 +38,16 @@ FAILED = "failed.json"
 
 
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
-def job(cfg: DictConfig) -> float | None:
+def job(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     overrides = [*hydra_cfg.overrides.task, f"output_dir={run_dir}"]
     number = hydra_cfg.job.get("num", 0)
+    (run_dir / FAILED).unlink(missing_ok=True)  # left by an earlier sweep into this folder
     started = time.perf_counter()
     try:
         summary = _run(cfg, overrides, run_dir)
+        hr = summary["metrics"].get("sampled", {}).get("hr@10")
     except Exception as err:  # the sweep goes on; the failure is recorded
         error = f"{type(err).__name__}: {err}"
         (run_dir / FAILED).write_text(json.dumps({
@@ -51,11 +55,10 @@ def job(cfg: DictConfig) -> float | None:
             "traceback": traceback.format_exc()}, indent=2) + "\n")
         log.error("job %s failed after %.0f s: %s (recorded in %s)", number,
                   time.perf_counter() - started, error.splitlines()[0], run_dir / FAILED)
-        return None
-    hr = summary["metrics"]["sampled"]["hr@10"]
-    log.info("job %s done in %.0f s: HR@10 %.4f (%s)", number, time.perf_counter() - started,
-             hr, run_dir)
-    return float(hr)
+        return math.nan
+    log.info("job %s done in %.0f s: HR@10 %s (%s)", number, time.perf_counter() - started,
+             "not measured" if hr is None else f"{hr:.4f}", run_dir)
+    return math.nan if hr is None else float(hr)
 
 
 def _run(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]:
@@ -69,8 +72,10 @@ def _run(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]
     clients = build_federation(typed).num_clients
     log.info("federated: %d clients, %d rounds (Flower log: %s)", clients, typed.num_rounds,
              run_dir / "flwr.log")
+    # A job may take as long as its rounds may: round_timeout bounds each of them.
     return run_federated(overrides, num_supernodes=clients, output_dir=run_dir,
-                         log_path=run_dir / "flwr.log")
+                         log_path=run_dir / "flwr.log",
+                         timeout=typed.num_rounds * typed.round_timeout + 600)
 
 
 class ReportAtEnd(Callback):

@@ -45,6 +45,14 @@ def test_k_distinct_items_outside_the_history_and_deterministic(guide, model_pat
     # Batched ranking is the same ranking.
     batch = guide.recommend_many([history, guide.item_ids[:1]], 10)
     assert [r.item for r in batch[0]] == items
+    assert [r.item for r in batch[1]] == [r.item for r in guide.recommend(guide.item_ids[:1], 10)]
+    # A history longer than the model reads, with repeats: all of it is excluded.
+    long = guide.item_ids[:45] * 2
+    assert len(long) > guide.max_history
+    recs = guide.recommend(long, 10)
+    assert len({r.item for r in recs}) == 10 and not {r.item for r in recs} & set(long)
+    with pytest.raises(RecommendError, match="k=16 exceeds the 15 items left"):
+        guide.recommend(long, 16)
 
 
 def test_a_shopper_with_one_item_gets_items_of_its_category(guide):
@@ -77,6 +85,13 @@ def test_bad_inputs_get_errors_that_name_the_problem(guide, model_path, tmp_path
         guide.recommend(guide.item_ids[:1], 0)
     with pytest.raises(RecommendError, match=r"attribute.*'colour=red' unknown"):
         guide.add_items([("x", ["colour=red"], None)])
+    with pytest.raises(RecommendError, match=r"attribute.*unknown"):
+        guide.add_items([("x", [guide.attribute_names[0]], None)])  # the padding attribute
+    known = guide.describe(guide.item_ids[0])[1]
+    with pytest.raises(RecommendError, match=r"'x' is already in the catalogue \(listed twice"):
+        guide.add_items([("x", known, None), ("x", known, None)])
+    with pytest.raises(RecommendError, match="shopper 'bob': item 'nope'"):
+        guide.recommend_many([["1"], ["nope"]], 3, labels=["shopper 'ann'", "shopper 'bob'"])
     with pytest.raises(RecommendError, match="does not exist"):
         Recommender.load(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"

@@ -107,3 +107,21 @@ def test_report_without_runs_names_the_folder(tmp_path):
 
     with pytest.raises(ReportError, match=str(tmp_path)):
         collect_runs([tmp_path])
+
+
+def test_report_gives_every_other_swept_key_a_column(tmp_path):
+    """model.embedding_dim is not the mode, and a run without Recall@20 is still reported."""
+    for job, (dim, seed) in enumerate([(16, 0), (16, 1), (32, 0)]):
+        folder = tmp_path / str(job)
+        _fake_run(folder, seed, 0.5 + dim / 100, None)
+        (folder / ".hydra" / "overrides.yaml").write_text(
+            f"- seed={seed}\n- model.embedding_dim={dim}\n")
+    summary = json.loads((tmp_path / "2" / "summary.json").read_text())
+    del summary["metrics"]["full"]["recall@20"]
+    (tmp_path / "2" / "summary.json").write_text(json.dumps(summary))
+    columns, rows = group_rows(collect_runs([tmp_path]))
+    assert columns[-1] == "model.embedding_dim"
+    assert [(row.key["model.embedding_dim"], len(row.done)) for row in rows] == [("16", 2),
+                                                                                  ("32", 1)]
+    assert rows[1].stats("Recall@20") is None and rows[1].stats("HR@10")[0] == pytest.approx(0.82)
+    write_report([tmp_path], tmp_path / "report")
