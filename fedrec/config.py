@@ -149,6 +149,9 @@ class ModelConfig:
                f"one of {', '.join(MODEL_KINDS)}")
 
 
+USER_TOWERS = ("mean", "attention")
+
+
 @dataclass
 class TwoTowerConfig(ModelConfig):
     embedding_dim: int = MISSING
@@ -161,12 +164,22 @@ class TwoTowerConfig(ModelConfig):
     use_user_features: bool = MISSING
     # A per-user vector that stays on the client and never enters the shared parameters.
     personal_embedding: bool = MISSING
+    # How the user tower reads the history: mean (a bag of items) or attention (causal
+    # self-attention with learned positions, as SASRec: the order counts).
+    user_tower: str = MISSING
+    attention_layers: int = MISSING
+    attention_heads: int = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("embedding_dim", "hidden_dim", "max_history"):
+        for key in ("embedding_dim", "hidden_dim", "max_history", "attention_layers",
+                    "attention_heads"):
             value = getattr(self, key)
             _check(value >= 1, f"model.{key}", value, "an integer >= 1")
+        _check(self.user_tower in USER_TOWERS, "model.user_tower", self.user_tower,
+               f"one of {', '.join(USER_TOWERS)}")
+        _check(self.embedding_dim % self.attention_heads == 0, "model.attention_heads",
+               self.attention_heads, f"a divisor of model.embedding_dim={self.embedding_dim}")
         _check(self.temperature > 0, "model.temperature", self.temperature, "a number > 0")
         _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
 

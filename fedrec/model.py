@@ -52,6 +52,9 @@ class TwoTower(nn.Module):
             self.feature_embedding = nn.Embedding(num_user_features, dim, padding_idx=0)
         self.user_mlp = _mlp((2 if cfg.use_user_features else 1) * dim, cfg.hidden_dim, dim,
                              cfg.dropout)
+        self.history_encoder: HistoryEncoder | None = None
+        if cfg.user_tower == "attention":
+            self.history_encoder = HistoryEncoder(cfg)
 
         self.personal: nn.Embedding | None = None
         if cfg.personal_embedding:
@@ -102,8 +105,12 @@ class TwoTower(nn.Module):
 
     def _user_from_embedded(self, history: torch.Tensor, embedded: torch.Tensor,
                             users: torch.Tensor | None) -> torch.Tensor:
-        mask = (history != self.num_items).unsqueeze(-1).float()
-        pooled = (embedded * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        known = history != self.num_items
+        if self.history_encoder is not None:
+            pooled = self.history_encoder(embedded, known)
+        else:
+            mask = known.unsqueeze(-1).float()
+            pooled = (embedded * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         parts = [pooled]
         if self.feature_embedding is not None:
             if users is None:
@@ -149,6 +156,62 @@ class TwoTower(nn.Module):
             params = dict(self.named_parameters())
             for name, value in state.items():
                 params[name].copy_(torch.as_tensor(value))
+
+
+class HistoryEncoder(nn.Module):
+    """SASRec's reading of a history inside the user tower: learned positions and causal
+    self-attention blocks (pre-norm), the shopper being the output at the most recent item.
+
+    Histories are right-aligned (oldest first, padding on the left), so the last position is
+    always the newest item. Every layer is a Linear, an Embedding or a LayerNorm called once per
+    forward pass, which Opacus clips per example (ghost clipping included)."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        dim = cfg.embedding_dim
+        self.max_history = cfg.max_history
+        self.position_embedding = nn.Embedding(cfg.max_history, dim)
+        self.blocks = nn.ModuleList(_AttentionBlock(dim, cfg.attention_heads, cfg.dropout)
+                                    for _ in range(cfg.attention_layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, embedded: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        return self.states(embedded, known)[:, -1]
+
+    def states(self, embedded: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """The representation at every position, (batch, length, dim): each one reads only the
+        items up to it."""
+        batch, length, _ = embedded.shape
+        positions = torch.arange(self.max_history - length, self.max_history,
+                                 device=embedded.device).expand(batch, length)
+        x = (embedded + self.position_embedding(positions)) * known.unsqueeze(-1).float()
+        causal = torch.ones(length, length, dtype=torch.bool, device=embedded.device).tril()
+        # A position sees itself and the known items before it; padding sees only itself.
+        allowed = (causal & known.unsqueeze(1)) | torch.eye(length, dtype=torch.bool,
+                                                            device=embedded.device)
+        for block in self.blocks:
+            x = block(x, allowed.unsqueeze(1))
+        return self.norm(x)
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attention_norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(self.attention_norm(x)).view(
+            batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(batch, length, dim)))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
 def _mlp(inputs: int, hidden: int, outputs: int, dropout: float) -> nn.Sequential:
