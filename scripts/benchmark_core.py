@@ -13,9 +13,10 @@ import logging
 import tempfile
 from pathlib import Path
 
+from common import DEFAULT_DATA
+
 from fedrec.centralized import run
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
     "ML-100K": ["dataset=movielens_100k", "dataset.path={data}/ml-100k"],
     "Beauty": ["dataset=sequence", "dataset.name=beauty",
