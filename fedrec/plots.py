@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: a sweep runs on machines without a display
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 from fedrec.report import KEY_COLUMNS
 
@@ -68,7 +69,8 @@ def plot_privacy_utility(rows: list[Row], path: Path) -> Path:
                     continue
                 strategy, mechanism = row.key["strategy"], row.key["mechanism"]
                 # Other swept keys (lr, ...) make curves of their own.
-                extra = " ".join(f"{c}={v}" for c, v in row.key.items() if c not in KEY_COLUMNS)
+                extra = " ".join(f"{c}={v}" for c, v in row.key.items()
+                                 if c not in KEY_COLUMNS and v != "-")
                 if row.key["mode"] == "centralized":
                     ax.axhline(stats[0], linestyle=":", color="grey",
                                label=f"centralized {extra}".strip())
@@ -85,6 +87,11 @@ def plot_privacy_utility(rows: list[Row], path: Path) -> Path:
                             label=f"{strategy} {mechanism} {extra}".strip())
             if curves:
                 ax.set_xscale("log")
+                budgets = {row.key["epsilon budget"] for row in here
+                           if row.key["mechanism"] not in ("none", "-")}
+                ax.set_xticks(sorted(float(b) for b in budgets if b not in ("inf", "?")))
+                ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             else:
                 ax.text(0.5, 0.5, "no private runs", transform=ax.transAxes, ha="center")
             ax.set(title=f"{dataset}: {title}", xlabel="epsilon spent (log scale)")
