@@ -32,15 +32,26 @@ def _federated(runs: list[Run]) -> list[Run]:
     return [r for r in runs if r.summary is not None and r.summary["mode"] == "federated"]
 
 
+def _draw_runs(ax: plt.Axes, runs: list[Run], points_of) -> None:
+    """A line per run, one colour per row of the table (its seeds share it, named once)."""
+    rows = sorted({r.row_label for r in runs})
+    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
+    for run in runs:
+        points = points_of(run)
+        if points:
+            index = rows.index(run.row_label)
+            first = run is next(r for r in runs if r.row_label == run.row_label)
+            ax.plot(*zip(*points, strict=True), marker=".", alpha=0.8,
+                    color=colours(index % colours.N), label=run.row_label if first else None)
+
+
 def plot_per_round(runs: list[Run], path: Path) -> Path:
     """Each metric at every evaluated round, a line per federated run."""
     fig, axes = plt.subplots(1, len(PER_ROUND), figsize=(5 * len(PER_ROUND), 4), squeeze=False)
     for ax, (protocol, metric, title) in zip(axes[0], PER_ROUND, strict=True):
-        for run in _federated(runs):
-            points = [(r["round"], r[protocol][metric]) for r in run.rounds
-                      if protocol in r and r[protocol].get(metric) is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker=".", label=run.label)
+        _draw_runs(ax, _federated(runs), lambda run, protocol=protocol, metric=metric: [
+            (r["round"], r[protocol][metric]) for r in run.rounds
+            if protocol in r and r[protocol].get(metric) is not None])
         ax.set(title=title, xlabel="round")
         ax.grid(alpha=0.3)
     _legend(fig, axes[0][-1])
@@ -106,11 +117,9 @@ def plot_communication(runs: list[Run], path: Path) -> Path:
     for ax, (field, title) in zip(axes[0], (("bytes_down", "MB sent to clients"),
                                             ("bytes_up", "MB received from clients")),
                                   strict=True):
-        for run in _federated(runs):
-            points = [(r["round"], r[field] / 1e6) for r in run.rounds
-                      if r.get(field) is not None and r["round"] > 0]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker=".", label=run.label)
+        _draw_runs(ax, _federated(runs), lambda run, field=field: [
+            (r["round"], r[field] / 1e6) for r in run.rounds
+            if r.get(field) is not None and r["round"] > 0])
         ax.set(title=title + " per round", xlabel="round", ylabel="MB")
         ax.grid(alpha=0.3)
     _legend(fig, axes[0][-1])

@@ -48,6 +48,7 @@ class Run:
     error: str | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
     label: str = ""  # how the plots name it: what tells it apart from the other runs
+    row_label: str = ""  # the same without the seed: its row of the table
 
     @property
     def seed(self) -> str:
@@ -161,22 +162,27 @@ class Row:
 def group_rows(runs: list[Run]) -> tuple[list[str], list[Row]]:
     """Rows of runs that differ only in their seed; the key columns, extended by every other
     override that varies between the runs."""
+    # Compared within a mode: a centralized run leaves the federation's keys (num_rounds,
+    # partition, ...) unset, which does not make them vary between the federated runs.
+    by_mode: dict[str, list[Run]] = {}
+    for run in runs:
+        by_mode.setdefault(run.key["mode"], []).append(run)
     varying = sorted(
         name for name in {k for r in runs for k in r.overrides}
-        if name not in COVERED_OVERRIDES
-        and len({r.overrides.get(name) for r in runs}) > 1)
+        if name not in COVERED_OVERRIDES and any(
+            len({r.overrides.get(name) for r in same}) > 1 for same in by_mode.values()))
     columns = [*KEY_COLUMNS, *varying]
     several_datasets = len({r.key["dataset"] for r in runs}) > 1
     rows: dict[tuple[str, ...], Row] = {}
     for run in runs:
         key = {**run.key, **{name: run.overrides.get(name, "-") for name in varying}}
-        run.label = " ".join(
+        run.row_label = " ".join(
             [*([key["dataset"]] if several_datasets else []),
              "centralized" if key["mode"] == "centralized" else key["strategy"],
              key["mechanism"] if key["mechanism"] == "none" else
              f"{key['mechanism']} ε={key['epsilon budget']}",
-             *(f"{name}={key[name]}" for name in varying),
-             *([f"seed={run.seed}"] if run.seed else [])])
+             *(f"{name}={key[name]}" for name in varying)])
+        run.label = f"{run.row_label} seed={run.seed}" if run.seed else run.row_label
         rows.setdefault(tuple(key[c] for c in columns), Row(key, [])).runs.append(run)
     ordered = sorted(rows.values(), key=lambda row: tuple(
         _sortable(row.key[c]) for c in columns))
