@@ -36,13 +36,14 @@ def _draw_runs(ax: plt.Axes, runs: list[Run], points_of) -> None:
     """A line per run, one colour per row of the table (its seeds share it, named once)."""
     rows = sorted({r.row_label for r in runs})
     colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
+    named: set[str] = set()
     for run in runs:
         points = points_of(run)
         if points:
-            index = rows.index(run.row_label)
-            first = run is next(r for r in runs if r.row_label == run.row_label)
+            label = None if run.row_label in named else run.row_label
+            named.add(run.row_label)
             ax.plot(*zip(*points, strict=True), marker=".", alpha=0.8,
-                    color=colours(index % colours.N), label=run.row_label if first else None)
+                    color=colours(rows.index(run.row_label) % colours.N), label=label)
 
 
 def plot_per_round(runs: list[Run], path: Path) -> Path:

@@ -57,9 +57,10 @@ class Recommender:
     """A trained two-tower model's serving side: histories in, top-K items out."""
 
     def __init__(self, model: TwoTower, item_ids: Sequence[str], attribute_names: Sequence[str],
-                 titles: Sequence[str | None] | None, item_vectors: torch.Tensor) -> None:
+                 titles: Sequence[str | None] | None, item_vectors: torch.Tensor,
+                 config: dict[str, Any] | None = None) -> None:
         self.model = model.eval()
-        self.max_history = model.max_history
+        self.config = config or {}  # the run's resolved config, when loaded from model.pt
         self.item_ids = [str(i) for i in item_ids]
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         self.attribute_names = [str(a) for a in attribute_names]
@@ -69,7 +70,6 @@ class Recommender:
                                 model.item_attributes[: model.num_items].tolist()]
         self.item_vectors = item_vectors.float().contiguous()
         self.num_catalogue_items = model.num_items  # items with an id vector (history items)
-        self.config: dict[str, Any] = {}  # the run's resolved config, when loaded from model.pt
 
     @classmethod
     def load(cls, path: str | Path) -> Recommender:
@@ -98,10 +98,8 @@ class Recommender:
         if not torch.isfinite(vectors).all():
             raise RecommendError(f"{path}: item_vectors holds NaN or infinite values: the run "
                                  "that wrote it diverged")
-        guide = cls(model, payload["item_ids"], payload["attribute_names"],
-                    payload["item_titles"], vectors)
-        guide.config = payload["config"]
-        return guide
+        return cls(model, payload["item_ids"], payload["attribute_names"],
+                   payload["item_titles"], vectors, payload["config"])
 
     # ------------------------------------------------------------------------ cold start
     def add_items(self, items: Sequence[tuple[str, Sequence[str], str | None]]) -> None:
@@ -165,12 +163,12 @@ class Recommender:
                 raise RecommendError(f"{name}: k={k} exceeds the {left} items left to "
                                      "recommend once its history is excluded")
             indices.append(items)
-        padded = torch.full((len(indices), self.max_history), self.model.num_items,
-                            dtype=torch.long)
+        length = self.model.max_history
+        padded = torch.full((len(indices), length), self.model.num_items, dtype=torch.long)
         for row, items in enumerate(indices):
             # The most recent items, right-aligned as in training (oldest first).
-            recent = items[-self.max_history:]
-            padded[row, self.max_history - len(recent):] = torch.tensor(recent)
+            recent = items[-length:]
+            padded[row, length - len(recent):] = torch.tensor(recent)
         with torch.no_grad():
             users = self.model.user_vectors(padded)
             scores = users @ self.item_vectors.T

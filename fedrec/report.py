@@ -47,8 +47,7 @@ class Run:
     summary: dict[str, Any] | None = None
     error: str | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
-    label: str = ""  # how the plots name it: what tells it apart from the other runs
-    row_label: str = ""  # the same without the seed: its row of the table
+    row_label: str = ""  # how the plots name its row of the table (its seeds share it)
 
     @property
     def seed(self) -> str:
@@ -182,7 +181,6 @@ def group_rows(runs: list[Run]) -> tuple[list[str], list[Row]]:
              key["mechanism"] if key["mechanism"] == "none" else
              f"{key['mechanism']} ε={key['epsilon budget']}",
              *(f"{name}={key[name]}" for name in varying)])
-        run.label = f"{run.row_label} seed={run.seed}" if run.seed else run.row_label
         rows.setdefault(tuple(key[c] for c in columns), Row(key, [])).runs.append(run)
     ordered = sorted(rows.values(), key=lambda row: tuple(
         _sortable(row.key[c]) for c in columns))

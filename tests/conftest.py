@@ -3,6 +3,7 @@ licensed real data lives."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from pathlib import Path
@@ -11,8 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from opacus import GradSampleModule
 
 from fedrec.config import compose_config, to_typed
 from fedrec.data.dataset import Dataset, RawData, build_dataset
@@ -91,3 +95,28 @@ def train_message(overrides: str, **config: Any) -> tuple[Message, Context]:
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
                       state=RecordDict(), run_config={"overrides": overrides})
     return message, context
+
+
+def per_example_batch(node, size: int, negatives: int):
+    """The first ``size`` training examples of a node, each with its target and ``negatives``
+    random items as its own candidates (label 0), as DP-SGD trains."""
+    history, target = node.examples.history[:size], node.examples.target[:size]
+    candidates = torch.cat([target.unsqueeze(1),
+                            torch.randint(0, node.dataset.num_items, (size, negatives))], dim=1)
+    return history, candidates, torch.zeros(size, dtype=torch.long)
+
+
+def assert_opacus_per_example_gradients(model, batch, rows, *, only: str = "",
+                                        atol: float = 1e-6) -> None:
+    """Opacus' per-sample gradient of each of ``rows`` equals that example's gradient alone,
+    for every parameter whose name starts with ``only``."""
+    history, candidates, labels = batch
+    private = GradSampleModule(copy.deepcopy(model))
+    F.cross_entropy(private(history, candidates), labels).backward()
+    per_sample = {n: p.grad_sample for n, p in private.named_parameters()}
+    for j in rows:
+        alone = copy.deepcopy(model)
+        F.cross_entropy(alone(history[j:j + 1], candidates[j:j + 1]), labels[:1]).backward()
+        for name, p in alone.named_parameters():
+            if name.startswith(only):
+                assert torch.allclose(per_sample[f"_module.{name}"][j], p.grad, atol=atol), name

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import TINY, typed_config
-from opacus import GradSampleModule
+from conftest import TINY, assert_opacus_per_example_gradients, per_example_batch, typed_config
 
 from fedrec.model import TwoTower
 from fedrec.node import load_node, node_model, train_round
@@ -59,18 +55,8 @@ def test_opacus_gives_each_example_its_own_gradient_through_attention():
     node = load_node(ATTENTION_DP, 0, 3)
     torch.manual_seed(0)
     model = node_model(node)
-    history, target = node.examples.history[:6], node.examples.target[:6]
-    candidates = torch.cat([target.unsqueeze(1),
-                            torch.randint(0, node.dataset.num_items, (6, 4))], dim=1)
-    labels = torch.zeros(6, dtype=torch.long)
-    private = GradSampleModule(copy.deepcopy(model))
-    F.cross_entropy(private(history, candidates), labels).backward()
-    per_sample = {n: p.grad_sample for n, p in private.named_parameters()}
-    alone = copy.deepcopy(model)
-    F.cross_entropy(alone(history[2:3], candidates[2:3]), labels[:1]).backward()
-    for name, p in alone.named_parameters():
-        if name.startswith("history_encoder"):
-            assert torch.allclose(per_sample[f"_module.{name}"][2], p.grad, atol=1e-5), name
+    assert_opacus_per_example_gradients(model, per_example_batch(node, 6, 4), (2,),
+                                        only="history_encoder", atol=1e-5)
 
 
 def test_attention_tower_trains_under_dp_sgd_with_ghost_clipping():

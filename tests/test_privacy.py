@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, train_message, typed_config
+from conftest import (
+    TINY,
+    assert_opacus_per_example_gradients,
+    per_example_batch,
+    train_message,
+    typed_config,
+)
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
@@ -90,19 +96,8 @@ def test_opacus_sees_each_example_alone_and_clips_it():
     node = load_node(DP, 0, 3)
     torch.manual_seed(0)
     model = node_model(node)
-    history, target = node.examples.history[:8], node.examples.target[:8]
-    candidates = torch.cat([target.unsqueeze(1),
-                            torch.randint(0, node.dataset.num_items, (8, 6))], dim=1)
-    labels = torch.zeros(8, dtype=torch.long)
-
-    private = GradSampleModule(copy.deepcopy(model))
-    F.cross_entropy(private(history, candidates), labels).backward()
-    per_sample = {n: p.grad_sample for n, p in private.named_parameters()}
-    for j in (0, 5):
-        alone = copy.deepcopy(model)
-        F.cross_entropy(alone(history[j:j + 1], candidates[j:j + 1]), labels[:1]).backward()
-        for name, p in alone.named_parameters():
-            assert torch.allclose(per_sample[f"_module.{name}"][j], p.grad, atol=1e-6)
+    history, candidates, labels = batch = per_example_batch(node, 8, 6)
+    assert_opacus_per_example_gradients(model, batch, (0, 5))
 
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
 

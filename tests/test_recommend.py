@@ -48,7 +48,7 @@ def test_k_distinct_items_outside_the_history_and_deterministic(guide, model_pat
     assert [r.item for r in batch[1]] == [r.item for r in guide.recommend(guide.item_ids[:1], 10)]
     # A history longer than the model reads, with repeats: all of it is excluded.
     long = guide.item_ids[:45] * 2
-    assert len(long) > guide.max_history
+    assert len(long) > guide.model.max_history
     recs = guide.recommend(long, 10)
     assert len({r.item for r in recs}) == 10 and not {r.item for r in recs} & set(long)
     with pytest.raises(RecommendError, match="k=16 exceeds the 15 items left"):
