@@ -86,15 +86,16 @@ def train(msg: Message, context: Context) -> Message:
     if isinstance(node.cfg.privacy, DpSgdConfig):
         ledger = _dp_sgd_ledger(node, node.cfg.privacy, context, local_epochs, batch_size,
                                 int(config["dp-planned-rounds"]))
+    # Flower counts a resumed run's rounds from 1 again: the offset keeps seeds distinct and
+    # the lr on its schedule.
+    run_round = int(config["server-round"]) + int(config.get("round-offset", 0))
     result = train_round(
         node, model,
-        lr=float(config["lr"]),
+        lr=float(config["lr"]) * float(config["lr-decay"]) ** (run_round - 1),
         local_epochs=local_epochs,
         batch_size=batch_size,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
-        # Flower counts a resumed run's rounds from 1 again: the offset keeps seeds distinct.
-        seed=int(config["seed"]) * 100003 + int(config["server-round"])
-        + int(config.get("round-offset", 0)),
+        seed=int(config["seed"]) * 100003 + run_round,
         ledger=ledger,
     )
     if model.personal is not None:

@@ -205,6 +205,10 @@ class TrainConfig:
     logq_correction: bool = MISSING
     # Threads torch may use; 0 keeps torch's choice.
     num_threads: int = MISSING
+    # Federated round r trains the clients at lr x round_lr_decay^(r-1): early rounds move far,
+    # late ones settle instead of each client dragging the model toward its own data. The
+    # centralized reference ignores it.
+    round_lr_decay: float = MISSING
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -219,6 +223,8 @@ class TrainConfig:
         _check(self.num_negatives >= 1, "train.num_negatives", self.num_negatives,
                "an integer >= 1")
         _check(self.num_threads >= 0, "train.num_threads", self.num_threads, "an integer >= 0")
+        _check(0 < self.round_lr_decay <= 1, "train.round_lr_decay", self.round_lr_decay,
+               "a number in (0, 1]")
 
 
 # ------------------------------------------------------------------------------------- eval
@@ -268,6 +274,11 @@ class StrategyConfig:
     min_available_nodes: int = MISSING
     # Keyword arguments of the Flower strategy class beyond the ones above (eta, beta, ...).
     params: dict[str, Any] = MISSING
+    # Server step on the item table, as a multiple of the strategy's: the global item table moves
+    # item_server_lr x (aggregate - current). A mean over clients dilutes an item's update by
+    # the share of clients that hold it, which is tiny when every shopper is a client; the dense
+    # layers, which every client trains, keep the strategy's step.
+    item_server_lr: float = MISSING
 
     def __post_init__(self) -> None:
         _check(self.name in STRATEGIES, "strategy.name", self.name,
@@ -278,6 +289,8 @@ class StrategyConfig:
         for key in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
             value = getattr(self, key)
             _check(value >= 1, f"strategy.{key}", value, "an integer >= 1")
+        _check(self.item_server_lr > 0, "strategy.item_server_lr", self.item_server_lr,
+               "a number > 0")
 
 
 # ---------------------------------------------------------------------------------- privacy

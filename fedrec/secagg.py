@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import Strategy
 from fedrec.config import ConfigError, SecAggConfig, StrategyConfig
 from fedrec.privacy import CentralDp, wrap_legacy_strategy
 from fedrec.rounds import RoundLog
-from fedrec.strategy import build_legacy_strategy
+from fedrec.strategy import build_legacy_strategy, with_item_step
 
 log = logging.getLogger("fedrec.server")
 
@@ -155,10 +155,13 @@ def run_secure_rounds(
                 names, arrays, strict=True)})
 
     def secure_train_round(grid: Grid, legacy_context: Context) -> None:
+        _, before = current(cast(LegacyContext, legacy_context))
         secure(grid, legacy_context)
-        _, arrays = current(cast(LegacyContext, legacy_context))
+        _, after = current(cast(LegacyContext, legacy_context))
+        stepped = with_item_step(before.to_torch_state_dict(), after.to_torch_state_dict(),
+                                 strategy_cfg.item_server_lr)
         legacy_context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-            ndarrays_to_parameters(list(arrays.to_numpy_ndarrays())), keep_input=True)
+            ndarrays_to_parameters([stepped[n].numpy() for n in names]), keep_input=True)
 
     def evaluate_round(grid: Grid, legacy_context: Context) -> None:
         server_round, arrays = current(cast(LegacyContext, legacy_context))

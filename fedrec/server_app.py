@@ -27,7 +27,7 @@ from fedrec.privacy import CentralDp, PrivacyReport, plan_central_dp, wrap_strat
 from fedrec.recommend import Recommender, RecommendError, format_recommendations
 from fedrec.rounds import MeteredGrid, RoundLog
 from fedrec.secagg import plan_secagg, run_secure_rounds
-from fedrec.strategy import build_strategy
+from fedrec.strategy import build_strategy, scale_item_step
 
 app = ServerApp()
 log = logging.getLogger("fedrec.server")
@@ -67,7 +67,8 @@ def main(grid: Grid, context: Context) -> None:
     done = 0 if resumed is None else int(resumed["round"])
 
     metered = MeteredGrid(grid)
-    train_config = ConfigRecord({"lr": cfg.train.lr, "local-epochs": cfg.train.local_epochs,
+    train_config = ConfigRecord({"lr": cfg.train.lr, "lr-decay": cfg.train.round_lr_decay,
+                                 "local-epochs": cfg.train.local_epochs,
                                  "batch-size": cfg.train.batch_size, "seed": cfg.seed,
                                  "round-offset": done})
     population, sample_size = _round_sample(cfg, metered)
@@ -98,6 +99,8 @@ def main(grid: Grid, context: Context) -> None:
                               weighted_by_key=weighted_by_key)
     if central is not None and secagg is None:
         strategy = privacy.strategy = wrap_strategy(strategy, central)
+    if secagg is None:
+        strategy = scale_item_step(strategy, cfg.strategy.item_server_lr)
     initial = ArrayRecord(torch_state_dict=model.shared_state())
     if resumed is None:
         # Round 0: the untrained model, evaluated federated, so every run shows where it

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import Scalar, ndarrays_to_parameters
 from flwr.server import strategy as legacy_strategy
@@ -44,6 +45,12 @@ LEGACY_STRATEGY_CLASSES: dict[str, type[legacy_strategy.Strategy]] = {
     "fedadagrad": legacy_strategy.FedAdagrad,
     "fedavgm": legacy_strategy.FedAvgM,
 }
+# The shared parameter that strategy.item_server_lr steps: the item id embeddings.
+ITEM_TABLE = "item_embedding.weight"
+# Strategies that keep their own copy of the global model between rounds, which a larger step on
+# the item table afterwards would contradict.
+STATEFUL_STRATEGIES = ("fedavgm",)
+LEGACY_STATEFUL_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 # Keys every strategy takes from the top of its config group, not from params.
 COMMON_KEYS = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
                "min_available_nodes")
@@ -75,6 +82,7 @@ def build_strategy(cfg: StrategyConfig, *, eval_every: int, num_rounds: int,
     ``round_offset``: rounds a resumed run did before (Flower counts from 1 again)."""
     cls = STRATEGY_CLASSES[cfg.name]
     _check_params(cfg, cls)
+    _check_item_step(cfg, STATEFUL_STRATEGIES, "")
     kwargs = {key: getattr(cfg, key) for key in COMMON_KEYS}
     strategy = cls(**kwargs, **dict(cfg.params), train_metrics_aggr_fn=train_metrics,
                    evaluate_metrics_aggr_fn=evaluate_metrics, weighted_by_key=weighted_by_key)
@@ -92,6 +100,7 @@ def build_legacy_strategy(cfg: StrategyConfig, *, initial: list[np.ndarray],
         raise ConfigError(f"strategy={cfg.name} needs each client's update, which secagg=on "
                           f"hides: use one of {', '.join(LEGACY_STRATEGY_CLASSES)}")
     _check_params(cfg, STRATEGY_CLASSES[cfg.name])
+    _check_item_step(cfg, LEGACY_STATEFUL_STRATEGIES, " with secagg=on")
 
     def fit_metrics(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
         records = [RecordDict({"metrics": MetricRecord(cast(Any, metrics))})
@@ -104,6 +113,51 @@ def build_legacy_strategy(cfg: StrategyConfig, *, initial: list[np.ndarray],
         min_available_clients=cfg.min_available_nodes, **dict(cfg.params),
         initial_parameters=ndarrays_to_parameters(initial), on_fit_config_fn=fit_config,
         fit_metrics_aggregation_fn=fit_metrics)
+
+
+def with_item_step(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
+                   item_server_lr: float) -> dict[str, torch.Tensor]:
+    """``after`` with the item table moved ``item_server_lr`` times as far from ``before``."""
+    if item_server_lr == 1:
+        return after
+    step = after[ITEM_TABLE] - before[ITEM_TABLE]
+    return {**after, ITEM_TABLE: before[ITEM_TABLE] + item_server_lr * step}
+
+
+def scale_item_step(strategy: flwr_strategy.Strategy,
+                    item_server_lr: float) -> flwr_strategy.Strategy:
+    """Make ``strategy`` (outermost, so after any DP noise: post-processing) take
+    ``item_server_lr`` times its own step on the item table."""
+    if item_server_lr == 1:
+        return strategy
+    configure, aggregate = strategy.configure_train, strategy.aggregate_train
+    sent: dict[int, ArrayRecord] = {}
+
+    def configure_train(server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        sent.clear()
+        sent[server_round] = arrays
+        return configure(server_round, arrays, config, grid)
+
+    def aggregate_train(server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = aggregate(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        stepped = with_item_step(sent[server_round].to_torch_state_dict(),
+                                 arrays.to_torch_state_dict(), item_server_lr)
+        return ArrayRecord(torch_state_dict=stepped), metrics
+
+    strategy.configure_train = configure_train  # type: ignore[method-assign]
+    strategy.aggregate_train = aggregate_train  # type: ignore[method-assign]
+    return strategy
+
+
+def _check_item_step(cfg: StrategyConfig, stateful: tuple[str, ...], where: str) -> None:
+    if cfg.item_server_lr != 1 and cfg.name in stateful:
+        raise ConfigError(f"strategy.item_server_lr={cfg.item_server_lr} cannot be used with "
+                          f"strategy={cfg.name}{where}: it keeps its own copy of the model "
+                          "between rounds; set strategy.item_server_lr=1.0")
 
 
 def _check_params(cfg: StrategyConfig, cls: type) -> None:

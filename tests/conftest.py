@@ -88,8 +88,8 @@ def train_message(overrides: str, **config: Any) -> tuple[Message, Context]:
     model = node_model(node)
     content = RecordDict({
         "arrays": ArrayRecord(torch_state_dict=model.shared_state()),
-        "config": ConfigRecord({"lr": 0.01, "local-epochs": 1, "batch-size": 16, "seed": 0,
-                                "server-round": 1, **config}),
+        "config": ConfigRecord({"lr": 0.01, "lr-decay": 1.0, "local-epochs": 1,
+                                "batch-size": 16, "seed": 0, "server-round": 1, **config}),
     })
     message = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from conftest import TINY, train_message, typed_config, wait_for_round
+from flwr.app import ArrayRecord
 
 from fedrec.client_app import PERSONAL_STATE
 from fedrec.client_app import app as client_app
@@ -20,7 +21,7 @@ from fedrec.data.formats import DataFormatError
 from fedrec.model import TwoTower
 from fedrec.node import load_node, node_model, train_round
 from fedrec.simulation import SimulationError
-from fedrec.strategy import STRATEGY_CLASSES, build_strategy
+from fedrec.strategy import ITEM_TABLE, STRATEGY_CLASSES, build_strategy
 
 
 def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
@@ -130,6 +131,60 @@ def test_client_reply_holds_only_shared_parameters_and_counts():
     shared = node_model(node).shared_state()
     assert {k: tuple(a.shape) for k, a in arrays.items()} == {
         k: tuple(v.shape) for k, v in shared.items()}
+
+
+def test_client_lr_decays_with_the_run_round():
+    initial = node_model(load_node(TINY, 0, 3)).shared_state()
+
+    def trained(**config):
+        message, context = train_message(TINY, **config)
+        message.content["arrays"] = ArrayRecord(torch_state_dict=initial)
+        return client_app(message, context).content["arrays"].to_torch_state_dict()
+
+    # Round 3 of a run with decay 0.5 trains at lr x 0.25; a resumed run counts its offset.
+    decayed = trained(**{"lr": 0.4, "lr-decay": 0.5, "server-round": 3})
+    assert all(torch.allclose(decayed[k], v) for k, v in trained(**{
+        "lr": 0.1, "lr-decay": 1.0, "server-round": 3}).items())
+    resumed = trained(**{"lr": 0.4, "lr-decay": 0.5, "server-round": 1, "round-offset": 2})
+    assert all(torch.equal(decayed[k], v) for k, v in resumed.items())
+    undecayed = trained(**{"lr": 0.4, "lr-decay": 1.0, "server-round": 3})
+    assert not torch.allclose(decayed["item_mlp.0.weight"], undecayed["item_mlp.0.weight"])
+
+
+def test_item_server_lr_scales_only_the_item_table_step(flower, tmp_path):
+    """One real round with item_server_lr=3 against FedAvg of the same three replies computed
+    here: the item table moves three times as far, every other parameter as FedAvg moves it."""
+    overrides = f"{TINY} strategy.item_server_lr=3.0"
+    out = tmp_path / "item_step"
+    flower(f"{overrides} num_rounds=1", num_supernodes=3, output_dir=out)
+    cfg = typed_config(*overrides.split())
+    torch.manual_seed(cfg.seed)  # as the ServerApp builds its initial model
+    initial = TwoTower.for_dataset(cfg.model, load_node(overrides, 0, 3).dataset).shared_state()
+    replies = []
+    for partition in range(3):
+        message, context = train_message(overrides, **{
+            "lr": cfg.train.lr, "local-epochs": cfg.train.local_epochs,
+            "batch-size": cfg.train.batch_size, "seed": cfg.seed, "round-offset": 0})
+        message.content["arrays"] = ArrayRecord(torch_state_dict=initial)
+        context.node_config["partition-id"] = partition
+        replies.append(client_app(message, context).content)
+    weights = [float(r["metrics"]["num-examples"]) for r in replies]
+    states = [r["arrays"].to_torch_state_dict() for r in replies]
+    fedavg = {k: sum(w * s[k] for w, s in zip(weights, states, strict=True)) / sum(weights)
+              for k in initial}
+
+    trained = torch.load(out / "model.pt", weights_only=False)["shared_state"]
+    for key, start in initial.items():
+        scale = 3.0 if key == ITEM_TABLE else 1.0
+        assert torch.allclose(trained[key] - start, scale * (fedavg[key] - start), atol=1e-5), key
+    assert (fedavg[ITEM_TABLE] - initial[ITEM_TABLE]).abs().max() > 1e-3  # it did move
+
+
+def test_item_server_lr_is_refused_where_a_strategy_keeps_its_own_model():
+    cfg = typed_config("strategy=fedavgm", "strategy.item_server_lr=2.0")
+    with pytest.raises(ConfigError, match=r"strategy\.item_server_lr=2\.0 .* strategy=fedavgm"):
+        build_strategy(cfg.strategy, eval_every=1, num_rounds=1, train_metrics=None,
+                       evaluate_metrics=None)
 
 
 def test_federated_evaluation_runs_every_n_rounds(flower, tmp_path):
