@@ -291,6 +291,10 @@ class StrategyConfig:
             _check(value >= 1, f"strategy.{key}", value, "an integer >= 1")
         _check(self.item_server_lr > 0, "strategy.item_server_lr", self.item_server_lr,
                "a number > 0")
+        # FedAvgM keeps its own copy of the model between rounds, which a larger step on the item
+        # table afterwards would contradict.
+        _check(self.item_server_lr == 1 or self.name != "fedavgm", "strategy.item_server_lr",
+               self.item_server_lr, "1.0 with strategy=fedavgm (use its server_learning_rate)")
 
 
 # ---------------------------------------------------------------------------------- privacy
@@ -498,6 +502,11 @@ class Config:
                f"with secagg=on, a strategy built on the weighted mean, which is all SecAgg+ "
                f"reveals (Krum, trimmed mean and median need each update): one of "
                f"{', '.join(MEAN_STRATEGIES)}")
+        # Flower's legacy server optimizers keep their own copy of the model between rounds.
+        _check(self.strategy.item_server_lr == 1 or self.strategy.name in ("fedavg", "fedprox"),
+               "strategy.item_server_lr", self.strategy.item_server_lr,
+               f"1.0 with secagg=on and strategy={self.strategy.name} (only fedavg and fedprox "
+               "take a larger item-table step there)")
         privacy = self.privacy
         if isinstance(privacy, CentralDpConfig):
             _check(privacy.side == "client", "privacy.side", privacy.side,

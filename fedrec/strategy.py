@@ -47,10 +47,6 @@ LEGACY_STRATEGY_CLASSES: dict[str, type[legacy_strategy.Strategy]] = {
 }
 # The shared parameter that strategy.item_server_lr steps: the item id embeddings.
 ITEM_TABLE = "item_embedding.weight"
-# Strategies that keep their own copy of the global model between rounds, which a larger step on
-# the item table afterwards would contradict.
-STATEFUL_STRATEGIES = ("fedavgm",)
-LEGACY_STATEFUL_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad", "fedavgm")
 # Keys every strategy takes from the top of its config group, not from params.
 COMMON_KEYS = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
                "min_available_nodes")
@@ -82,7 +78,6 @@ def build_strategy(cfg: StrategyConfig, *, eval_every: int, num_rounds: int,
     ``round_offset``: rounds a resumed run did before (Flower counts from 1 again)."""
     cls = STRATEGY_CLASSES[cfg.name]
     _check_params(cfg, cls)
-    _check_item_step(cfg, STATEFUL_STRATEGIES, "")
     kwargs = {key: getattr(cfg, key) for key in COMMON_KEYS}
     strategy = cls(**kwargs, **dict(cfg.params), train_metrics_aggr_fn=train_metrics,
                    evaluate_metrics_aggr_fn=evaluate_metrics, weighted_by_key=weighted_by_key)
@@ -100,7 +95,6 @@ def build_legacy_strategy(cfg: StrategyConfig, *, initial: list[np.ndarray],
         raise ConfigError(f"strategy={cfg.name} needs each client's update, which secagg=on "
                           f"hides: use one of {', '.join(LEGACY_STRATEGY_CLASSES)}")
     _check_params(cfg, STRATEGY_CLASSES[cfg.name])
-    _check_item_step(cfg, LEGACY_STATEFUL_STRATEGIES, " with secagg=on")
 
     def fit_metrics(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
         records = [RecordDict({"metrics": MetricRecord(cast(Any, metrics))})
@@ -151,13 +145,6 @@ def scale_item_step(strategy: flwr_strategy.Strategy,
     strategy.configure_train = configure_train  # type: ignore[method-assign]
     strategy.aggregate_train = aggregate_train  # type: ignore[method-assign]
     return strategy
-
-
-def _check_item_step(cfg: StrategyConfig, stateful: tuple[str, ...], where: str) -> None:
-    if cfg.item_server_lr != 1 and cfg.name in stateful:
-        raise ConfigError(f"strategy.item_server_lr={cfg.item_server_lr} cannot be used with "
-                          f"strategy={cfg.name}{where}: it keeps its own copy of the model "
-                          "between rounds; set strategy.item_server_lr=1.0")
 
 
 def _check_params(cfg: StrategyConfig, cls: type) -> None:

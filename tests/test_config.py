@@ -31,6 +31,9 @@ def test_override_string_is_split_like_a_shell():
         ("model.temperature=0", "model.temperature"),
         ("eval.select_by=full.recall@50", "eval.select_by"),
         ("mode=both", "mode"),
+        ("train.round_lr_decay=1.5", "train.round_lr_decay"),
+        ("strategy.item_server_lr=0", "strategy.item_server_lr"),
+        ("strategy=fedavgm strategy.item_server_lr=2", "strategy.item_server_lr"),
     ],
 )
 def test_bad_override_fails_naming_the_key(override, named):

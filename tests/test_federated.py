@@ -180,13 +180,6 @@ def test_item_server_lr_scales_only_the_item_table_step(flower, tmp_path):
     assert (fedavg[ITEM_TABLE] - initial[ITEM_TABLE]).abs().max() > 1e-3  # it did move
 
 
-def test_item_server_lr_is_refused_where_a_strategy_keeps_its_own_model():
-    cfg = typed_config("strategy=fedavgm", "strategy.item_server_lr=2.0")
-    with pytest.raises(ConfigError, match=r"strategy\.item_server_lr=2\.0 .* strategy=fedavgm"):
-        build_strategy(cfg.strategy, eval_every=1, num_rounds=1, train_metrics=None,
-                       evaluate_metrics=None)
-
-
 def test_federated_evaluation_runs_every_n_rounds(flower, tmp_path):
     out = tmp_path / "every"
     flower(f"{TINY} num_rounds=3 eval.every=2", num_supernodes=3, output_dir=out)

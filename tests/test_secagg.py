@@ -25,11 +25,11 @@ def _rounds(run: Path) -> list[dict]:
 
 def test_secagg_aggregate_equals_the_plain_mean(flower, tmp_path):
     """Same initial model, same data, one round: SecAgg+ reveals the same weighted mean as
-    plain FedAvg, up to its quantization."""
+    plain FedAvg, up to its quantization, and both paths step the item table alike."""
     runs = {}
     for mode in ("off", "on"):
-        summary = flower(f"{TINY} num_rounds=1 secagg={mode}", num_supernodes=3,
-                         output_dir=tmp_path / mode)
+        summary = flower(f"{TINY} num_rounds=1 secagg={mode} strategy.item_server_lr=2.0",
+                         num_supernodes=3, output_dir=tmp_path / mode)
         assert summary["privacy"]["secagg"] is (mode == "on")
         runs[mode] = _shared_state(tmp_path / mode)
     initial_to_plain = 0.0
@@ -137,6 +137,7 @@ def test_secagg_runs_with_mean_based_strategies(flower, tmp_path, strategy):
     (["secagg=on", "strategy=krum"], "strategy"),
     (["secagg=on", "strategy=fedmedian"], "strategy"),
     (["secagg=on", "secagg.num_shares=4"], "secagg.num_shares"),
+    (["secagg=on", "strategy=fedadam", "strategy.item_server_lr=2"], "strategy.item_server_lr"),
     (["secagg=on", "secagg.reconstruction_threshold=5"], "secagg.reconstruction_threshold"),
     (["secagg=on", "privacy=central_dp"], "privacy.side"),
     (["secagg=on", "privacy=central_dp", "privacy.side=client", "privacy.clipping=adaptive"],
