@@ -125,12 +125,12 @@ def scale_item_step(strategy: flwr_strategy.Strategy,
     if item_server_lr == 1:
         return strategy
     configure, aggregate = strategy.configure_train, strategy.aggregate_train
-    sent: dict[int, ArrayRecord] = {}
+    sent = ArrayRecord()  # the global model of the round being trained
 
     def configure_train(server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        sent.clear()
-        sent[server_round] = arrays
+        nonlocal sent
+        sent = arrays
         return configure(server_round, arrays, config, grid)
 
     def aggregate_train(server_round: int, replies: Iterable[Message],
@@ -138,8 +138,8 @@ def scale_item_step(strategy: flwr_strategy.Strategy,
         arrays, metrics = aggregate(server_round, replies)
         if arrays is None:
             return arrays, metrics
-        stepped = with_item_step(sent[server_round].to_torch_state_dict(),
-                                 arrays.to_torch_state_dict(), item_server_lr)
+        stepped = with_item_step(sent.to_torch_state_dict(), arrays.to_torch_state_dict(),
+                                 item_server_lr)
         return ArrayRecord(torch_state_dict=stepped), metrics
 
     strategy.configure_train = configure_train  # type: ignore[method-assign]
