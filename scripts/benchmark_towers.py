@@ -3,13 +3,13 @@
     python scripts/benchmark_towers.py [--data ../shared/data] [--only ML-100K] [--rows ...]
         [overrides for every run...]
 
-Rows: model.user_tower=mean|attention x {centralized; federated, one client per user
-(experiment=cross_device); federated with dp_sgd at epsilon 8 over 10 silos}, on ML-100K and
-Amazon Beauty. Columns: sampled HR@10 and NDCG@10 (99 negatives), full Recall@20 and NDCG@20,
-wall time, and each federated row's HR@10 over its tower's centralized one (private rows: over
-the same tower's non-private 10-silo run, which --rows silo adds). Targets (issue 9):
-centralized HR@10 >= 0.65 on ML-100K and >= 0.49 on Beauty; federated >= 0.98x centralized; DP
-at epsilon 8 >= 0.90x non-private.
+Every run starts from its dataset's preset (conf/preset/). Rows: model.user_tower=mean|attention
+x {centralized; federated, one client per user (experiment=cross_device); federated with dp_sgd
+at epsilon 8 over 10 silos}, on ML-100K and Amazon Beauty. Columns: sampled HR@10 and NDCG@10
+(99 negatives), full Recall@20 and NDCG@20, wall time, and each federated row's HR@10 over its
+tower's centralized one (private rows: over the same tower's non-private 10-silo run, which
+--rows silo adds). Targets (issue 9): centralized HR@10 >= 0.65 on ML-100K and >= 0.49 on
+Beauty; federated >= 0.98x centralized; DP at epsilon 8 >= 0.90x non-private.
 """
 
 from __future__ import annotations
@@ -20,11 +20,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmark_core import DATASETS
 from common import DEFAULT_DATA, local_superlink, run_row
 
 from fedrec.centralized import run as run_centralized
 
+# Each dataset's preset (conf/preset/); the tower column overrides the preset's tower.
+PRESETS = {
+    "ML-100K": ["preset=movielens_100k", "dataset.path={data}/ml-100k"],
+    "Beauty": ["preset=beauty", "dataset.path={data}/amazon-beauty/Beauty.txt"],
+}
 ROWS = {
     "centralized": None,
     "federated": "experiment=cross_device",
@@ -37,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=None, help="where runs write (default: temp)")
-    parser.add_argument("--only", choices=list(DATASETS), action="append")
+    parser.add_argument("--only", choices=list(PRESETS), action="append")
     parser.add_argument("--towers", nargs="+", default=["mean", "attention"],
                         choices=["mean", "attention"])
     parser.add_argument("--rows", nargs="+", default=["centralized", "federated", "dp_sgd"],
@@ -48,8 +52,8 @@ def main() -> None:
     out = (args.out or Path(tempfile.mkdtemp(prefix="fedrec-towers-"))).resolve()
     results: dict[tuple[str, str, str], dict[str, Any] | str] = {}
     with local_superlink():
-        for name in args.only or DATASETS:
-            base = [o.format(data=args.data.resolve()) for o in DATASETS[name]]
+        for name in args.only or PRESETS:
+            base = [o.format(data=args.data.resolve()) for o in PRESETS[name]]
             for tower in args.towers:
                 for row in args.rows:
                     overrides = [*base, f"model.user_tower={tower}", *args.overrides]

@@ -53,3 +53,16 @@ def test_experiment_preset_sets_keys_across_groups_and_yields_to_overrides():
     assert cfg.train.optimizer == "sgd"
     assert cfg.train.lr == 0.5  # the command line wins over the preset
     assert cfg.strategy.fraction_train < 1
+
+
+def test_dataset_preset_picks_the_dataset_and_yields_to_experiment_and_overrides():
+    beauty = to_typed(compose_config("preset=beauty dataset.path=/data/Beauty.txt"))
+    assert (beauty.dataset.format, beauty.dataset.name) == ("sequence", "beauty")
+    assert (beauty.train.optimizer, beauty.train.weight_decay) == ("adamw", 0.5)
+    federated = to_typed(compose_config(
+        "preset=beauty dataset.path=/data/Beauty.txt experiment=cross_device train.epochs=3"))
+    assert (federated.train.optimizer, federated.train.weight_decay) == ("sgd", 0.0)
+    assert federated.dataset.name == "beauty"  # the experiment keeps the preset's dataset
+    assert federated.train.epochs == 3
+    ml = to_typed(compose_config("preset=movielens_100k dataset.path=/data/ml-100k"))
+    assert ml.dataset.name == "movielens_100k" and ml.model.user_tower == "attention"
