@@ -100,10 +100,27 @@ class Objective:
         return logits.masked_fill(torch.cat([in_batch, sampled], dim=1), -math.inf)
 
 
+class _BatchedRows(TensorDataset):
+    """Fetches a batch with one index per tensor. DataLoader's default, one example at a time
+    then a stack, cost about 9 us an example: a fifth of a client's round on ML-100K."""
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        history, target, user = (t[rows] for t in self.tensors)
+        return history, target, user
+
+
+def _as_batch(batch: Batch) -> Batch:
+    return batch  # __getitems__ already returns the batch; collate has nothing left to do
+
+
 def make_loader(examples: TrainExamples, batch_size: int, seed: int) -> DataLoader:
+    """Shuffled batches; Opacus' DPDataLoader keeps the dataset and collate and swaps in its
+    Poisson sampler (an empty draw still comes back as zero-row tensors)."""
     generator = torch.Generator().manual_seed(seed)
-    data = TensorDataset(examples.history, examples.target, examples.user)
-    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    data = _BatchedRows(examples.history, examples.target, examples.user)
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator,
+                      collate_fn=_as_batch)
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import typed_config
+from opacus.data_loader import DPDataLoader
 
 from fedrec.data.sequences import heldout_cases, training_examples
 from fedrec.data.split import split_dataset
@@ -54,6 +55,29 @@ def test_prefix_examples_never_see_their_target():
     assert ex.target.tolist() == [1, 2]
     assert ex.history.tolist() == [[4, 3], [3, 1]]
     assert ex.user.tolist() == [0, 0]
+
+
+def test_loader_batches_every_example_once_an_epoch_and_poisson_keeps_empty_draws_shaped():
+    train_rows = pd.DataFrame({"user": [0] * 6 + [1] * 5, "item": list(range(6)) + list(range(5)),
+                               "order": list(range(6)) + list(range(5))})
+    ex = training_examples(train_rows, num_items=6, max_history=3)
+    loader = make_loader(ex, batch_size=4, seed=0)
+    batches = list(loader)
+    assert [len(b[1]) for b in batches] == [4, 4, 1]
+    history, target, user = (torch.cat(parts).tolist() for parts in zip(*batches, strict=True))
+    rows = sorted(zip(history, target, user, strict=True))
+    assert rows == sorted(zip(ex.history.tolist(), ex.target.tolist(), ex.user.tolist(),
+                              strict=True))
+    # Opacus' Poisson sampler reuses the dataset and collate; a draw of no examples must stay
+    # a batch of the same structure, or the DP-SGD step would crash or see the wrong shapes.
+    dp_loader = DPDataLoader.from_data_loader(
+        make_loader(ex, batch_size=1, seed=0), generator=torch.Generator().manual_seed(1))
+    sizes = []
+    for _ in range(5):
+        for history, target, user in dp_loader:
+            assert history.shape == (len(target), 3) and len(user) == len(target)
+            sizes.append(len(target))
+    assert 0 in sizes and max(sizes) > 0
 
 
 @pytest.mark.parametrize("loss", ["sampled_softmax", "bpr"])
