@@ -4,7 +4,8 @@
         [overrides for every run...]
 
 Every run starts from its dataset's preset (conf/preset/). Rows: model.user_tower=mean|attention
-x {centralized; federated, one client per user (experiment=cross_device); federated with dp_sgd
+x {centralized; federated, one client per user (experiment=cross_device, or
+cross_device_attention for the attention tower); federated with dp_sgd
 at epsilon 8 over 10 silos}, on ML-100K and Amazon Beauty. Columns: sampled HR@10 and NDCG@10
 (99 negatives), full Recall@20 and NDCG@20, wall time, and each federated row's HR@10 over its
 tower's centralized one (private rows: over the same tower's non-private 10-silo run, which
@@ -29,9 +30,11 @@ PRESETS = {
     "ML-100K": ["preset=movielens_100k", "dataset.path={data}/ml-100k"],
     "Beauty": ["preset=beauty", "dataset.path={data}/amazon-beauty/Beauty.txt"],
 }
+# Each tower's cross-device recipe (conf/experiment/): the attention blocks need a lower lr.
+CROSS_DEVICE = {"mean": "experiment=cross_device", "attention": "experiment=cross_device_attention"}
 ROWS = {
     "centralized": None,
-    "federated": "experiment=cross_device",
+    "federated": "{cross_device}",
     "silo": "partition=silo num_rounds=15",
     "dp_sgd": "partition=silo num_rounds=15 privacy=dp_sgd_eps8",
 }
@@ -63,8 +66,9 @@ def main() -> None:
                         results[name, tower, row] = run_centralized(
                             [*overrides, f"output_dir={folder}"])
                     else:
-                        results[name, tower, row] = run_row(
-                            " ".join([*overrides, ROWS[row]]), folder)
+                        recipe = ROWS[row].format(cross_device=CROSS_DEVICE[tower])
+                        results[name, tower, row] = run_row(" ".join([*overrides, recipe]),
+                                                            folder)
     _print_table(results)
     print(f"runs: {out}")
 
