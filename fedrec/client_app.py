@@ -13,6 +13,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedrec.config import CentralDpConfig, DpSgdConfig
+from fedrec.metrics import VALID_PREFIX
 from fedrec.model import PERSONAL_PREFIX, TwoTower
 from fedrec.node import NodeData, evaluate_node, load_config, load_node, node_model, train_round
 from fedrec.privacy import BUDGET_EXHAUSTED, DpSgdLedger, plan_dp_sgd
@@ -126,7 +127,7 @@ def _dp_sgd_ledger(node: NodeData, cfg: DpSgdConfig, context: Context, local_epo
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context)
-    sums = evaluate_node(node, _model(node, msg, context))
-    metrics = MetricRecord({"num-examples": sums.counts["sampled"], "unit-weight": 1,
-                            **sums.flat()})
+    valid, test = evaluate_node(node, _model(node, msg, context))
+    metrics = MetricRecord({"num-examples": test.counts["sampled"], "unit-weight": 1,
+                            **test.flat(), **valid.flat(VALID_PREFIX)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

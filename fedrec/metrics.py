@@ -16,6 +16,8 @@ import torch
 from fedrec.data.sequences import EvalCases
 
 PROTOCOLS = {"sampled": ("hr", "ndcg"), "full": ("recall", "ndcg")}
+# Marks a client's validation sums in the evaluate reply it shares with the test sums.
+VALID_PREFIX = "valid."
 
 
 @dataclass
@@ -41,15 +43,17 @@ class RankingSums:
             out[protocol][metric] = self.sums[key] / count if count else float("nan")
         return out
 
-    def flat(self) -> dict[str, float]:
-        """Sums and counts under flat keys, the form a Flower MetricRecord carries."""
-        return {**{f"sum.{k}": v for k, v in self.sums.items()},
-                **{f"count.{p}": float(c) for p, c in self.counts.items()}}
+    def flat(self, prefix: str = "") -> dict[str, float]:
+        """Sums and counts under flat keys, the form a Flower MetricRecord carries; ``prefix``
+        keeps two sets (validation and test) apart in one record."""
+        return {**{f"{prefix}sum.{k}": v for k, v in self.sums.items()},
+                **{f"{prefix}count.{p}": float(c) for p, c in self.counts.items()}}
 
     @classmethod
-    def from_flat(cls, flat: dict[str, float]) -> RankingSums:
-        return cls({k[4:]: float(v) for k, v in flat.items() if k.startswith("sum.")},
-                   {k[6:]: int(v) for k, v in flat.items() if k.startswith("count.")})
+    def from_flat(cls, flat: dict[str, float], prefix: str = "") -> RankingSums:
+        sums, counts = f"{prefix}sum.", f"{prefix}count."
+        return cls({k[len(sums):]: float(v) for k, v in flat.items() if k.startswith(sums)},
+                   {k[len(counts):]: int(v) for k, v in flat.items() if k.startswith(counts)})
 
 
 def _metric_order(key: str) -> tuple[int, int, int]:

@@ -65,6 +65,7 @@ class NodeData:
     split: Split
     examples: TrainExamples
     objective: Objective
+    valid_cases: EvalCases
     test_cases: EvalCases
 
 
@@ -136,14 +137,15 @@ def _node_data(fed: Federation, users: np.ndarray) -> NodeData:
     cfg, dataset = fed.cfg, fed.dataset
     split = fed.split.for_users(users)
     examples = training_examples(split.train, dataset.num_items, cfg.model.max_history)
-    test_cases = heldout_cases(split, "test", num_items=dataset.num_items,
-                               max_history=cfg.model.max_history,
-                               num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed)
+    valid_cases, test_cases = (
+        heldout_cases(split, part, num_items=dataset.num_items, max_history=cfg.model.max_history,
+                      num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed)
+        for part in ("valid", "test"))
     dp_negatives = (cfg.privacy.negatives_per_example
                     if isinstance(cfg.privacy, DpSgdConfig) else None)
     objective = Objective.from_config(cfg.train, examples, dataset.num_items,
                                       per_example_negatives=dp_negatives)
-    return NodeData(cfg, dataset, users, split, examples, objective, test_cases)
+    return NodeData(cfg, dataset, users, split, examples, objective, valid_cases, test_cases)
 
 
 def node_model(node: NodeData) -> TwoTower:
@@ -216,6 +218,9 @@ def _trainable(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> Iter
             p.requires_grad_(before[id(p)])
 
 
-def evaluate_node(node: NodeData, model: TwoTower) -> RankingSums:
-    return evaluate_model(model, node.test_cases, list(node.cfg.eval.ks),
-                          node.cfg.eval.batch_size)
+def evaluate_node(node: NodeData, model: TwoTower) -> tuple[RankingSums, RankingSums]:
+    """Validation and test sums: the server reports the test metrics of the round that the
+    validation metric picks (``eval.select_by``), as the centralized run picks its epoch."""
+    valid, test = (evaluate_model(model, cases, list(node.cfg.eval.ks), node.cfg.eval.batch_size)
+                   for cases in (node.valid_cases, node.test_cases))
+    return valid, test

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore.run import Run
 
-from fedrec.metrics import RankingSums
+from fedrec.metrics import VALID_PREFIX, RankingSums
 from fedrec.outputs import RunOutputs
 from fedrec.privacy import BUDGET_EXHAUSTED, PrivacyReport
 from fedrec.strategy import sum_metric_records
@@ -104,22 +104,25 @@ ServerEvaluation = Callable[[ArrayRecord], RankingSums]
 class RoundLog:
     def __init__(self, outputs: RunOutputs, grid: MeteredGrid, num_rounds: int,
                  server_evaluation: ServerEvaluation | None, privacy: PrivacyReport,
-                 resumed: dict[str, Any] | None = None) -> None:
-        """``resumed``: the checkpoint a resumed run starts from; Flower numbers the resumed
-        rounds from 1 again, and the log adds the rounds done before."""
+                 select_by: str, resumed: dict[str, Any] | None = None) -> None:
+        """``select_by``: the validation metric (protocol.metric) whose best evaluated round
+        the run reports; ``resumed``: the checkpoint a resumed run starts from; Flower numbers
+        the resumed rounds from 1 again, and the log adds the rounds done before."""
         self.outputs = outputs
         self.done = 0 if resumed is None else int(resumed["round"])
         self.privacy = privacy
         self.grid = grid
         self.num_rounds = num_rounds
         self.server_evaluation = server_evaluation
+        self.select_by = select_by
         self.started = time.perf_counter()
         self._train: dict[str, float] = {}
         self._federated: RankingSums | None = None
+        self._valid: RankingSums | None = None
         self._bytes_seen = (0, 0)
         self.last: dict[str, Any] = {}
-        self.last_federated: dict[str, Any] | None = (
-            None if resumed is None else resumed["last_federated"])
+        # The evaluated round the run reports: {"round", "score", "record", "arrays"}.
+        self.selected: dict[str, Any] | None = None if resumed is None else resumed.get("selected")
 
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         metrics = aggregate_metricrecords(records, weighting_key)
@@ -128,7 +131,9 @@ class RoundLog:
         return metrics
 
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
-        self._federated = RankingSums.from_flat(dict(sum_metric_records(records, weighting_key)))
+        summed = dict(sum_metric_records(records, weighting_key))
+        self._federated = RankingSums.from_flat(summed)
+        self._valid = RankingSums.from_flat(summed, VALID_PREFIX)
         # Flower keeps and logs what this returns: the means read better than the raw sums.
         return MetricRecord({f"{protocol}.{metric}": value
                              for protocol, values in self._federated.means().items()
@@ -144,7 +149,8 @@ class RoundLog:
         if self._federated is not None:
             record.update(self._federated.means())
             record["evaluated_users"] = self._federated.counts["full"]
-            self.last_federated = record.copy()
+            if self._valid is not None and self._valid.counts["sampled"]:
+                record["valid"] = self._valid.means()
         if self.server_evaluation is not None:
             record["server"] = self.server_evaluation(arrays).means()
         if self._train:
@@ -170,14 +176,27 @@ class RoundLog:
         self._bytes_seen = (self.grid.bytes_up, self.grid.bytes_down)
         record.update(bytes_up=up, bytes_down=down,
                       seconds=round(time.perf_counter() - self.started, 3))
-        self._train, self._federated = {}, None
+        if self._federated is not None:
+            self._consider(record, arrays)
+        self._train, self._federated, self._valid = {}, None, None
         self.outputs.log_metrics(record)
         # Privacy needs no saving: DP-FedAvg's accountant replays the rounds on resume.
         self.outputs.save_checkpoint({"round": server_round, "arrays": arrays.to_torch_state_dict(),
-                                      "last_federated": self.last_federated})
+                                      "selected": self.selected})
         log.info("round %d/%d %s", server_round, self.num_rounds, _brief(record))
         self.last = record
         return None
+
+    def _consider(self, record: dict[str, Any], arrays: ArrayRecord) -> None:
+        """Keep the evaluated round with the best validation ``select_by`` (the earliest of
+        equals). A round evaluated without validation items has no score; it replaces any
+        earlier choice, so a run without validation data reports its last round."""
+        protocol, metric = self.select_by.split(".")
+        score = record.get("valid", {}).get(protocol, {}).get(metric)
+        best = self.selected
+        if best is None or score is None or best["score"] is None or score > best["score"]:
+            self.selected = {"round": record["round"], "score": score, "record": record,
+                             "arrays": arrays.to_torch_state_dict()}
 
 
 def _brief(record: dict[str, Any]) -> str:

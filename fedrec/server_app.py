@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -91,7 +92,7 @@ def main(grid: Grid, context: Context) -> None:
     privacy.resume(done)
     rounds = RoundLog(outputs, metered, num_rounds,
                       _server_evaluation(fed, model) if fed and cfg.eval.server else None,
-                      privacy, resumed)
+                      privacy, cfg.eval.select_by, resumed)
     remaining = max(num_rounds - done, 0)
     strategy = build_strategy(cfg.strategy, eval_every=cfg.eval.every, round_offset=done,
                               num_rounds=num_rounds, train_metrics=rounds.aggregate_train,
@@ -120,8 +121,8 @@ def main(grid: Grid, context: Context) -> None:
             rounds=rounds, initial=initial, train_config=train_config, num_rounds=remaining,
             weighted_by_key=weighted_by_key, central=central, round_timeout=cfg.round_timeout)
 
-    model.load_shared_state(final_arrays.to_torch_state_dict())
-    final = rounds.last_federated or {}
+    final = _reported_round(rounds, cfg, num_rounds, final_arrays)
+    model.load_shared_state(final["arrays"])
     summary = {
         "mode": "federated",
         "model": cfg.model.kind,
@@ -132,27 +133,49 @@ def main(grid: Grid, context: Context) -> None:
         "rounds": num_rounds,
         "rounds_requested": cfg.num_rounds,
         "resumed_after_round": None if resumed is None else done,
+        "selected_round": final["round"],
+        "select_by": cfg.eval.select_by,
         "strategy": cfg.strategy.name,
-        "metrics": {"sampled": final.get("sampled", {}), "full": final.get("full", {})},
+        "metrics": {"sampled": final["record"].get("sampled", {}),
+                    "full": final["record"].get("full", {})},
+        "valid_metrics": final["record"].get("valid"),
         "privacy": privacy.as_dict(),
         "communication": {"bytes_up": metered.bytes_up, "bytes_down": metered.bytes_down},
         "wall_seconds": time.perf_counter() - started,
     }
-    if "server" in rounds.last:
-        summary["server_metrics"] = rounds.last["server"]
+    if "server" in final["record"]:
+        summary["server_metrics"] = final["record"]["server"]
     outputs.write_summary(summary)
     outputs.save_model(model, dataset, compose_once(overrides))
     sampled = summary["metrics"]["sampled"]
-    log.info("final federated HR@10 %.4f NDCG@10 %.4f", sampled.get("hr@10", float("nan")),
-             sampled.get("ndcg@10", float("nan")))
+    log.info("federated HR@10 %.4f NDCG@10 %.4f at round %s", sampled.get("hr@10", math.nan),
+             sampled.get("ndcg@10", math.nan), final["round"])
     log.info("results: %s", outputs.path)
     spent = summary["privacy"]["epsilon"]
     private = "" if spent is None else f" at epsilon {spent:.3f} ({cfg.privacy.mechanism})"
-    print(f"fedrec: final HR@10 {sampled.get('hr@10', float('nan')):.4f} "
-          f"NDCG@10 {sampled.get('ndcg@10', float('nan')):.4f}{private}; results in "
-          f"{outputs.path}", flush=True)
+    print(f"fedrec: HR@10 {sampled.get('hr@10', math.nan):.4f} "
+          f"NDCG@10 {sampled.get('ndcg@10', math.nan):.4f} at round "
+          f"{final['round']} of {num_rounds}{private}; results in {outputs.path}", flush=True)
     if cfg.guide_example and fed is not None:
         _print_guide_example(outputs.path / "model.pt", fed.dataset)
+
+
+def _reported_round(rounds: RoundLog, cfg: Config, num_rounds: int,
+                    final_arrays: ArrayRecord) -> dict[str, Any]:
+    """The evaluated round the run reports, and its model: the best by the clients' validation
+    ``eval.select_by``, as the centralized run picks its epoch."""
+    selected = rounds.selected
+    if selected is None:
+        log.warning("no round was evaluated (every evaluation failed; see the Flower log): the "
+                    "summary has no metrics and model.pt holds the last round's model")
+        return {"round": None, "record": {}, "arrays": final_arrays.to_torch_state_dict()}
+    if selected["score"] is None:
+        log.warning("the clients hold no validation interactions: reporting the last evaluated "
+                    "round, not the best by eval.select_by=%s", cfg.eval.select_by)
+    else:
+        log.info("best validation %s %.4f at round %d of %d", cfg.eval.select_by,
+                 selected["score"], selected["round"], num_rounds)
+    return selected
 
 
 def _print_guide_example(model_path: Path, dataset: Dataset) -> None:

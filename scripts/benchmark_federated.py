@@ -51,11 +51,14 @@ def main() -> None:
         fed = run_federated(federated, num_supernodes=num_clients, output_dir=out / "federated")
 
     print()
-    print("| run | HR@10 | NDCG@10 | Recall@20 | wall s | MB up | MB down |")
-    print("|---|---|---|---|---|---|---|")
+    # Both report the epoch or round with the best validation eval.select_by.
+    print("| run | reported epoch or round | HR@10 | NDCG@10 | Recall@20 | wall s | MB up "
+          "| MB down |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, s in (("centralized", central), (f"federated {strategy}", fed)):
         m, c = s["metrics"], s["communication"]
-        print(f"| {name} | {m['sampled']['hr@10']:.4f} | {m['sampled']['ndcg@10']:.4f} | "
+        print(f"| {name} | {s.get('selected_round', s['rounds'])} | "
+              f"{m['sampled']['hr@10']:.4f} | {m['sampled']['ndcg@10']:.4f} | "
               f"{m['full']['recall@20']:.4f} | {s['wall_seconds']:.1f} | "
               f"{c['bytes_up'] / 1e6:.1f} | {c['bytes_down'] / 1e6:.1f} |")
     ratio = fed["metrics"]["sampled"]["hr@10"] / central["metrics"]["sampled"]["hr@10"]

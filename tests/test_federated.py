@@ -48,7 +48,19 @@ def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
     assert lines[-1]["sampled"]["hr@10"] > lines[0]["sampled"]["hr@10"]
     assert sum(line["bytes_up"] for line in lines) == summary["communication"]["bytes_up"]
 
+    # The run reports the round with the best validation HR@10 (the earliest of equals), as the
+    # centralized run picks its epoch, and model.pt holds that round's model.
+    scores = [line["valid"]["sampled"]["hr@10"] for line in lines]
+    best = scores.index(max(scores))
+    assert summary["select_by"] == "sampled.hr@10" and summary["selected_round"] == best
+    assert summary["metrics"] == {"sampled": lines[best]["sampled"], "full": lines[best]["full"]}
+    assert summary["valid_metrics"] == lines[best]["valid"]
+    assert summary["server_metrics"] == lines[best]["server"]
     saved = torch.load(out / "model.pt", weights_only=False)
+    selected = torch.load(out / "checkpoint.pt", weights_only=False)["selected"]
+    assert selected["round"] == best
+    for name, tensor in selected["arrays"].items():
+        assert torch.equal(saved["shared_state"][name], tensor), name
     cfg = typed_config(*TINY.split())
     assert set(saved["shared_state"]) == set(
         TwoTower.for_dataset(cfg.model, load_node(TINY, 0, 3).dataset).shared_state())
@@ -246,5 +258,9 @@ def test_stopped_run_resumes_from_its_last_round(flower, tmp_path):
     assert rounds == [0, 1, 2, 3, 4]
     assert summary["rounds"] == 4 and summary["resumed_after_round"] == stopped_at
     assert summary["metrics"]["sampled"]["hr@10"] > 0
+    # The choice among rounds spans both attempts: the checkpoint carried the best so far.
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    scores = [line["valid"]["sampled"]["hr@10"] for line in lines]
+    assert summary["selected_round"] == scores.index(max(scores))
     with pytest.raises(ConfigError, match=r"^resume="):
         compose_config(["privacy=dp_sgd", f"resume={run}"])
