@@ -236,7 +236,8 @@ class EvalConfig:
     seed: int = MISSING
     # Users scored per matrix product.
     batch_size: int = MISSING
-    # The validation metric that picks the best epoch, as protocol.metric.
+    # The validation metric that picks the reported epoch (centralized) or evaluated round
+    # (federated), as protocol.metric.
     select_by: str = MISSING
     # Federated runs evaluate after every `every` rounds (and always after the last).
     every: int = MISSING

@@ -203,7 +203,8 @@ def _brief(record: dict[str, Any]) -> str:
     parts = []
     if "train_loss" in record and record["train_loss"] is not None:
         parts.append(f"loss {record['train_loss']:.4f}")
-    for label, source in (("", record), ("server ", record.get("server", {}))):
+    for label, source in (("", record), ("valid ", record.get("valid", {})),
+                          ("server ", record.get("server", {}))):
         for protocol, metric in (("sampled", "hr@10"), ("sampled", "ndcg@10"),
                                  ("full", "recall@20")):
             if protocol in source:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedrec.data.sequences import EvalCases, eval_cases, sample_negatives
-from fedrec.metrics import RankingSums, evaluate_popularity, ranking_sums
+from fedrec.metrics import VALID_PREFIX, RankingSums, evaluate_popularity, ranking_sums
 
 L2 = 1 / math.log2(3)  # discount of the second position
 
@@ -48,6 +48,12 @@ def test_sums_add_up_like_one_evaluation():
     assert parts.counts == whole.counts
     assert parts.sums == pytest.approx(whole.sums)
     assert RankingSums.from_flat(whole.flat()).means() == whole.means()
+    # A client's evaluate reply carries validation and test sums in one flat record.
+    other = ranking_sums(lambda rows: -SCORES[rows], cases, [1, 2], 2)
+    reply = {**whole.flat(), **other.flat(VALID_PREFIX)}
+    assert RankingSums.from_flat(reply).means() == whole.means()
+    assert RankingSums.from_flat(reply, VALID_PREFIX).means() == other.means()
+    assert other.means() != whole.means()
 
 
 def _rows(cases: EvalCases, row: int) -> EvalCases:
