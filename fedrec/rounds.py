@@ -120,7 +120,6 @@ class RoundLog:
         self._federated: RankingSums | None = None
         self._valid: RankingSums | None = None
         self._bytes_seen = (0, 0)
-        self.last: dict[str, Any] = {}
         # The evaluated round the run reports: {"round", "score", "record", "arrays"}.
         self.selected: dict[str, Any] | None = None if resumed is None else resumed.get("selected")
 
@@ -184,7 +183,6 @@ class RoundLog:
         self.outputs.save_checkpoint({"round": server_round, "arrays": arrays.to_torch_state_dict(),
                                       "selected": self.selected})
         log.info("round %d/%d %s", server_round, self.num_rounds, _brief(record))
-        self.last = record
         return None
 
     def _consider(self, record: dict[str, Any], arrays: ArrayRecord) -> None:
