@@ -8,7 +8,7 @@ NDCG@K per user. Scores come from one matrix product per block of users.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -117,15 +117,23 @@ def _block_sums(scores: torch.Tensor, rows: torch.Tensor, cases: EvalCases,
 def evaluate_model(model: torch.nn.Module, cases: EvalCases, ks: list[int],
                    batch_size: int) -> RankingSums:
     """Score the cases with a two-tower model: item vectors once, then user blocks."""
+    return evaluate_case_sets(model, [cases], ks, batch_size)[0]
+
+
+@torch.no_grad()
+def evaluate_case_sets(model: torch.nn.Module, case_sets: Sequence[EvalCases], ks: list[int],
+                       batch_size: int) -> list[RankingSums]:
+    """Each set of cases scored against one pass of the item tower: on a one-shopper client
+    that pass is half of an evaluation, so validation and test share it."""
     was_training = model.training
     model.eval()
     items = model.item_vectors()
 
-    def score(rows: torch.Tensor) -> torch.Tensor:
-        return model.user_vectors(cases.history[rows], cases.user[rows]) @ items.T
+    def scorer(cases: EvalCases) -> UserScorer:
+        return lambda rows: model.user_vectors(cases.history[rows], cases.user[rows]) @ items.T
 
     try:
-        return ranking_sums(score, cases, ks, batch_size)
+        return [ranking_sums(scorer(cases), cases, ks, batch_size) for cases in case_sets]
     finally:
         model.train(was_training)
 

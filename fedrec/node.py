@@ -31,7 +31,7 @@ from fedrec.data.loaders import load_dataset
 from fedrec.data.partition import assign_clients, client_users, num_clients
 from fedrec.data.sequences import EvalCases, TrainExamples, heldout_cases, training_examples
 from fedrec.data.split import Split, split_dataset
-from fedrec.metrics import RankingSums, evaluate_model
+from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import PERSONAL_PREFIX, TwoTower
 from fedrec.privacy import DpSgdLedger, train_dp_sgd
 from fedrec.train import Objective, TrainResult, make_loader, make_optimizer, train
@@ -221,6 +221,6 @@ def _trainable(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> Iter
 def evaluate_node(node: NodeData, model: TwoTower) -> tuple[RankingSums, RankingSums]:
     """Validation and test sums: the server reports the test metrics of the round that the
     validation metric picks (``eval.select_by``), as the centralized run picks its epoch."""
-    valid, test = (evaluate_model(model, cases, list(node.cfg.eval.ks), node.cfg.eval.batch_size)
-                   for cases in (node.valid_cases, node.test_cases))
+    valid, test = evaluate_case_sets(model, [node.valid_cases, node.test_cases],
+                                     list(node.cfg.eval.ks), node.cfg.eval.batch_size)
     return valid, test

@@ -120,7 +120,7 @@ class RoundLog:
         self._federated: RankingSums | None = None
         self._valid: RankingSums | None = None
         self._bytes_seen = (0, 0)
-        # The evaluated round the run reports: {"round", "score", "record", "arrays"}.
+        # The evaluated round the run reports: {"round", "record", "arrays"}.
         self.selected: dict[str, Any] | None = None if resumed is None else resumed.get("selected")
 
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -185,17 +185,20 @@ class RoundLog:
         log.info("round %d/%d %s", server_round, self.num_rounds, _brief(record))
         return None
 
+    def validation_score(self, record: dict[str, Any]) -> float | None:
+        """The round's validation ``select_by``; None for a round without validation items."""
+        protocol, metric = self.select_by.split(".")
+        return record.get("valid", {}).get(protocol, {}).get(metric)
+
     def _consider(self, record: dict[str, Any], arrays: ArrayRecord) -> None:
         """Keep the evaluated round with the best validation ``select_by`` (the earliest of
-        equals). A round evaluated without validation items has no score; it replaces any
-        earlier choice, so a run without validation data reports its last round."""
-        protocol, metric = self.select_by.split(".")
-        score = record.get("valid", {}).get(protocol, {}).get(metric)
-        best = self.selected
-        if best is None or score is None or best["score"] is None or score > best["score"]:
-            self.selected = {"round": record["round"], "score": score, "record": record,
+        equals). A round without a score replaces any earlier choice, so a run without
+        validation data reports its last round."""
+        score = self.validation_score(record)
+        best = None if self.selected is None else self.validation_score(self.selected["record"])
+        if self.selected is None or score is None or best is None or score > best:
+            self.selected = {"round": record["round"], "record": record,
                              "arrays": arrays.to_torch_state_dict()}
-
 
 def _brief(record: dict[str, Any]) -> str:
     parts = []

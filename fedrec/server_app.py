@@ -169,12 +169,13 @@ def _reported_round(rounds: RoundLog, cfg: Config, num_rounds: int,
         log.warning("no round was evaluated (every evaluation failed; see the Flower log): the "
                     "summary has no metrics and model.pt holds the last round's model")
         return {"round": None, "record": {}, "arrays": final_arrays.to_torch_state_dict()}
-    if selected["score"] is None:
+    score = rounds.validation_score(selected["record"])
+    if score is None:
         log.warning("the clients hold no validation interactions: reporting the last evaluated "
                     "round, not the best by eval.select_by=%s", cfg.eval.select_by)
     else:
-        log.info("best validation %s %.4f at round %d of %d", cfg.eval.select_by,
-                 selected["score"], selected["round"], num_rounds)
+        log.info("best validation %s %.4f at round %d of %d", cfg.eval.select_by, score,
+                 selected["round"], num_rounds)
     return selected
 
 
