@@ -81,17 +81,19 @@ class TwoTower(nn.Module):
         shape (C,), or for per-example candidates, shape (B, C)."""
         if candidates.dim() == 1:
             ids = torch.cat([history.reshape(-1), candidates])
-            embedded = self.item_embedding(ids)
-            history_emb = embedded[: history.numel()].view(*history.shape, -1)
-            user = self._user_from_embedded(history, history_emb, users)
-            item = self._item_from_embedded(candidates, embedded[history.numel():])
+            # split, not slicing: a slice's backward writes into a zero-filled copy of the whole.
+            history_emb, candidate_emb = self.item_embedding(ids).split(
+                [history.numel(), len(candidates)])
+            user = self._user_from_embedded(history, history_emb.view(*history.shape, -1), users)
+            item = self._item_from_embedded(candidates, candidate_emb)
             return user @ item.T / self.temperature
         # Per-example candidates keep the batch axis first through every layer, which is what
         # Opacus needs to tell one example's gradient from another's.
-        embedded = self.item_embedding(torch.cat([history, candidates], dim=1))
-        length = history.shape[1]
-        user = self._user_from_embedded(history, embedded[:, :length], users)
-        item = self._item_from_embedded(candidates, embedded[:, length:])
+        history_emb, candidate_emb = self.item_embedding(
+            torch.cat([history, candidates], dim=1)).split([history.shape[1],
+                                                            candidates.shape[1]], dim=1)
+        user = self._user_from_embedded(history, history_emb, users)
+        item = self._item_from_embedded(candidates, candidate_emb)
         return torch.einsum("bd,bcd->bc", user, item) / self.temperature
 
     def user_vectors(self, history: torch.Tensor,
