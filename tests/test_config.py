@@ -34,6 +34,8 @@ def test_override_string_is_split_like_a_shell():
         ("train.round_lr_decay=1.5", "train.round_lr_decay"),
         ("strategy.item_server_lr=0", "strategy.item_server_lr"),
         ("strategy=fedavgm strategy.item_server_lr=2", "strategy.item_server_lr"),
+        ("privacy=dp_sgd privacy.batch_size=0", "privacy.batch_size"),
+        ("privacy=dp_sgd privacy.round_lr_decay=0", "privacy.round_lr_decay"),
     ],
 )
 def test_bad_override_fails_naming_the_key(override, named):

@@ -201,7 +201,8 @@ def test_central_dp_refuses_strategies_that_do_not_average():
 
 def test_dp_sgd_run_reports_a_budget_that_grows_and_holds(flower, tmp_path):
     out = tmp_path / "dp_sgd"
-    summary = flower(f"{DP} num_rounds=3", num_supernodes=3, output_dir=out)
+    recipe = "privacy.batch_size=8 privacy.local_epochs=2 privacy.lr=0.02"
+    summary = flower(f"{DP} num_rounds=3 {recipe}", num_supernodes=3, output_dir=out)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     spent = [line["epsilon"] for line in lines]
     assert spent[0] == 0 and 0 < spent[1] < spent[2] < spent[3] <= 4.0 * (1 + 1e-6)
@@ -209,6 +210,13 @@ def test_dp_sgd_run_reports_a_budget_that_grows_and_holds(flower, tmp_path):
     assert privacy["mechanism"] == "dp_sgd" and privacy["epsilon"] == spent[3]
     assert 0 < privacy["delta"] < 1 / 50 and privacy["noise_multiplier"] > 0
     assert privacy["clipping_norm"] == 1.0 and privacy["exhausted_clients"] == 0
+    # The clients trained by privacy's step, not train's (batch 256, which would make every
+    # tiny client's sampling rate 1): their plans are the ones for batches of 8, 2 epochs.
+    plans = [plan_dp_sgd(node.cfg.privacy, num_records=len(node.examples), batch_size=8,
+                         local_epochs=2, planned_rounds=3)
+             for node in (load_node(f"{DP} {recipe}", i, 3) for i in range(3))]
+    assert privacy["noise_multiplier"] == pytest.approx(min(p.noise_multiplier for p in plans))
+    assert all(p.sample_rate < 1 for p in plans)
 
 
 def test_clients_out_of_budget_skip_rounds_and_the_run_goes_on(flower, tmp_path):
