@@ -190,6 +190,27 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 @dataclass
+class DpSgdStepConfig:
+    """How clients train under privacy=dp_sgd, in place of train's keys of the same names. The
+    budget fixes the noise of a step whatever the batch, so DP-SGD wants far larger batches than
+    training without noise; the step is part of train so that an experiment sets both."""
+
+    batch_size: int = MISSING
+    lr: float = MISSING
+    local_epochs: int = MISSING
+    round_lr_decay: float = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "train.dp_sgd.batch_size", self.batch_size,
+               "an integer >= 1")
+        _check(self.lr > 0, "train.dp_sgd.lr", self.lr, "a number > 0")
+        _check(self.local_epochs >= 1, "train.dp_sgd.local_epochs", self.local_epochs,
+               "an integer >= 1")
+        _check(0 < self.round_lr_decay <= 1, "train.dp_sgd.round_lr_decay",
+               self.round_lr_decay, "a number in (0, 1]")
+
+
+@dataclass
 class TrainConfig:
     # Epochs of the centralized reference.
     epochs: int = MISSING
@@ -209,6 +230,7 @@ class TrainConfig:
     # late ones settle instead of each client dragging the model toward its own data. The
     # centralized reference ignores it.
     round_lr_decay: float = MISSING
+    dp_sgd: DpSgdStepConfig = MISSING
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
@@ -327,22 +349,9 @@ class DpSgdConfig(PrivacyConfig):
     # Each example's own uniform negatives (DP-SGD cannot use the batch's other targets): the
     # per-example candidates cost batch x this many item-tower passes per step.
     negatives_per_example: int = MISSING
-    # DP-SGD's own step, in place of train's batch_size, lr, local_epochs and round_lr_decay:
-    # the noise of a step is fixed by the budget whatever the batch, so DP-SGD wants far larger
-    # batches (and steps) than training without noise.
-    batch_size: int = MISSING
-    lr: float = MISSING
-    local_epochs: int = MISSING
-    round_lr_decay: float = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.batch_size >= 1, "privacy.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0, "privacy.lr", self.lr, "a number > 0")
-        _check(self.local_epochs >= 1, "privacy.local_epochs", self.local_epochs,
-               "an integer >= 1")
-        _check(0 < self.round_lr_decay <= 1, "privacy.round_lr_decay", self.round_lr_decay,
-               "a number in (0, 1]")
         _check(self.negatives_per_example >= 1, "privacy.negatives_per_example",
                self.negatives_per_example, "an integer >= 1")
         _check(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon,

@@ -213,13 +213,13 @@ def _plan_privacy(cfg: Config, population: int, sample_size: int,
     if isinstance(privacy, DpSgdConfig):
         planned = privacy.planned_rounds or math.ceil(cfg.num_rounds * sample_size / population)
         train_config["dp-planned-rounds"] = planned
-        train_config.update({"batch-size": privacy.batch_size, "lr": privacy.lr,
-                             "local-epochs": privacy.local_epochs,
-                             "lr-decay": privacy.round_lr_decay})
+        step = cfg.train.dp_sgd
+        train_config.update({"batch-size": step.batch_size, "lr": step.lr,
+                             "local-epochs": step.local_epochs, "lr-decay": step.round_lr_decay})
         log.info("DP-SGD: each client plans its noise for %d rounds (target epsilon %s) and "
-                 "trains by privacy.batch_size=%d, lr=%s, local_epochs=%d and round_lr_decay=%s "
-                 "in place of train's", planned, privacy.target_epsilon, privacy.batch_size,
-                 privacy.lr, privacy.local_epochs, privacy.round_lr_decay)
+                 "trains by train.dp_sgd: batch_size=%d, lr=%s, local_epochs=%d, "
+                 "round_lr_decay=%s", planned, privacy.target_epsilon, step.batch_size, step.lr,
+                 step.local_epochs, step.round_lr_decay)
         return None
     assert isinstance(privacy, CentralDpConfig)
     central = plan_central_dp(privacy, population=population, sample_size=sample_size,

@@ -34,8 +34,8 @@ def test_override_string_is_split_like_a_shell():
         ("train.round_lr_decay=1.5", "train.round_lr_decay"),
         ("strategy.item_server_lr=0", "strategy.item_server_lr"),
         ("strategy=fedavgm strategy.item_server_lr=2", "strategy.item_server_lr"),
-        ("privacy=dp_sgd privacy.batch_size=0", "privacy.batch_size"),
-        ("privacy=dp_sgd privacy.round_lr_decay=0", "privacy.round_lr_decay"),
+        ("train.dp_sgd.batch_size=0", "train.dp_sgd.batch_size"),
+        ("train.dp_sgd.round_lr_decay=0", "train.dp_sgd.round_lr_decay"),
     ],
 )
 def test_bad_override_fails_naming_the_key(override, named):
@@ -54,6 +54,8 @@ def test_experiment_preset_sets_keys_across_groups_and_yields_to_overrides():
     assert cfg.partition.kind == "user"
     assert cfg.train.optimizer == "sgd"
     assert cfg.train.lr == 0.5  # the command line wins over the preset
+    # Under DP-SGD the cross-device clients take the recipe's own step, overrides included.
+    assert (cfg.train.dp_sgd.lr, cfg.train.dp_sgd.batch_size) == (0.5, cfg.train.batch_size)
     assert cfg.strategy.fraction_train < 1
 
 

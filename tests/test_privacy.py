@@ -201,7 +201,7 @@ def test_central_dp_refuses_strategies_that_do_not_average():
 
 def test_dp_sgd_run_reports_a_budget_that_grows_and_holds(flower, tmp_path):
     out = tmp_path / "dp_sgd"
-    recipe = "privacy.batch_size=8 privacy.local_epochs=2 privacy.lr=0.02"
+    recipe = "train.dp_sgd.batch_size=8 train.dp_sgd.local_epochs=2 train.dp_sgd.lr=0.02"
     summary = flower(f"{DP} num_rounds=3 {recipe}", num_supernodes=3, output_dir=out)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     spent = [line["epsilon"] for line in lines]
@@ -210,7 +210,7 @@ def test_dp_sgd_run_reports_a_budget_that_grows_and_holds(flower, tmp_path):
     assert privacy["mechanism"] == "dp_sgd" and privacy["epsilon"] == spent[3]
     assert 0 < privacy["delta"] < 1 / 50 and privacy["noise_multiplier"] > 0
     assert privacy["clipping_norm"] == 1.0 and privacy["exhausted_clients"] == 0
-    # The clients trained by privacy's step, not train's (batch 256, which would make every
+    # The clients trained by train.dp_sgd's step, not train's own (batch 256, which would make every
     # tiny client's sampling rate 1): their plans are the ones for batches of 8, 2 epochs.
     plans = [plan_dp_sgd(node.cfg.privacy, num_records=len(node.examples), batch_size=8,
                          local_epochs=2, planned_rounds=3)
