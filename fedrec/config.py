@@ -201,13 +201,17 @@ class DpSgdStepConfig:
     round_lr_decay: float = MISSING
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "train.dp_sgd.batch_size", self.batch_size,
-               "an integer >= 1")
-        _check(self.lr > 0, "train.dp_sgd.lr", self.lr, "a number > 0")
-        _check(self.local_epochs >= 1, "train.dp_sgd.local_epochs", self.local_epochs,
-               "an integer >= 1")
-        _check(0 < self.round_lr_decay <= 1, "train.dp_sgd.round_lr_decay",
-               self.round_lr_decay, "a number in (0, 1]")
+        _check_step(self, "train.dp_sgd")
+
+
+def _check_step(step: DpSgdStepConfig | TrainConfig, prefix: str) -> None:
+    """The keys a client's round trains by, shared by train and train.dp_sgd."""
+    _check(step.batch_size >= 1, f"{prefix}.batch_size", step.batch_size, "an integer >= 1")
+    _check(step.lr > 0, f"{prefix}.lr", step.lr, "a number > 0")
+    _check(step.local_epochs >= 1, f"{prefix}.local_epochs", step.local_epochs,
+           "an integer >= 1")
+    _check(0 < step.round_lr_decay <= 1, f"{prefix}.round_lr_decay", step.round_lr_decay,
+           "a number in (0, 1]")
 
 
 @dataclass
@@ -234,10 +238,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        _check(self.local_epochs >= 1, "train.local_epochs", self.local_epochs,
-               "an integer >= 1")
-        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _check_step(self, "train")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer,
                f"one of {', '.join(OPTIMIZERS)}")
@@ -245,8 +246,6 @@ class TrainConfig:
         _check(self.num_negatives >= 1, "train.num_negatives", self.num_negatives,
                "an integer >= 1")
         _check(self.num_threads >= 0, "train.num_threads", self.num_threads, "an integer >= 0")
-        _check(0 < self.round_lr_decay <= 1, "train.round_lr_decay", self.round_lr_decay,
-               "a number in (0, 1]")
 
 
 # ------------------------------------------------------------------------------------- eval

@@ -200,6 +200,7 @@ class RoundLog:
             self.selected = {"round": record["round"], "record": record,
                              "arrays": arrays.to_torch_state_dict()}
 
+
 def _brief(record: dict[str, Any]) -> str:
     parts = []
     if "train_loss" in record and record["train_loss"] is not None:
