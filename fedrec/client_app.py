@@ -7,22 +7,49 @@ enabled, lives in Context.state and never enters a reply.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+import os
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedrec.config import CentralDpConfig, DpSgdConfig
+from fedrec.config import CentralDpConfig, Config, ConfigError, DpSgdConfig
 from fedrec.metrics import VALID_PREFIX
 from fedrec.model import PERSONAL_PREFIX, TwoTower
-from fedrec.node import NodeData, evaluate_node, load_config, load_node, node_model, train_round
-from fedrec.privacy import BUDGET_EXHAUSTED, DpSgdLedger, plan_dp_sgd
-from fedrec.secagg import secure_aggregation, starts_round
+from fedrec.node import (
+    NodeData,
+    evaluate_node,
+    load_config,
+    load_node,
+    node_model,
+    protected_units,
+    train_round,
+)
+from fedrec.privacy import (
+    BUDGET_EXHAUSTED,
+    NOT_COVERED,
+    OUTSIDE_PLAN,
+    DpSgdLedger,
+    check_delta,
+    plan_dp_sgd,
+)
+from fedrec.rounds import starts_round
+from fedrec.secagg import secure_aggregation
 
 app = ClientApp()
 
 PERSONAL_STATE = "fedrec.personal"
 DP_SGD_STATE = "fedrec.dp_sgd"
+SECRET_STATE = "fedrec.secret"
 
 
 def _node(context: Context) -> NodeData:
@@ -82,51 +109,89 @@ def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     model = _model(node, msg, context)
     config = msg.content["config"]
-    local_epochs, batch_size = int(config["local-epochs"]), int(config["batch-size"])
+    privacy = node.cfg.privacy
     ledger = None
-    if isinstance(node.cfg.privacy, DpSgdConfig):
-        ledger = _dp_sgd_ledger(node, node.cfg.privacy, context, local_epochs, batch_size,
-                                int(config["dp-planned-rounds"]))
+    if isinstance(privacy, DpSgdConfig):
+        ledger = _dp_sgd_ledger(node, privacy, context, config)
+        if isinstance(ledger, Error):
+            return Message(ledger, reply_to=msg)
     # Flower counts a resumed run's rounds from 1 again: the offset keeps seeds distinct and
     # the lr on its schedule.
     run_round = int(config["server-round"]) + int(config.get("round-offset", 0))
     result = train_round(
         node, model,
         lr=float(config["lr"]) * float(config["lr-decay"]) ** (run_round - 1),
-        local_epochs=local_epochs,
-        batch_size=batch_size,
+        local_epochs=int(config["local-epochs"]),
+        batch_size=int(config.get("batch-size", 0)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=int(config["seed"]) * 100003 + run_round,
+        seed=round_seed(context, node.cfg, run_round),
         ledger=ledger,
     )
     if model.personal is not None:
         context.state[PERSONAL_STATE] = ArrayRecord(torch_state_dict={
             k: v for k, v in model.state_dict().items() if k.startswith(PERSONAL_PREFIX)})
-    # unit-weight: DP-FedAvg averages the clients uniformly (see server_app).
-    metrics = MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss,
-                            "unit-weight": 1})
     if ledger is not None:
         context.state[DP_SGD_STATE] = ledger.to_record()
-        metrics.update({"epsilon": ledger.epsilon(), "delta": ledger.plan.delta,
-                        "noise-multiplier": ledger.plan.noise_multiplier})
+    # unit-weight: the mean over clients that a private run takes (a client's count would be
+    # data the guarantee does not cover); the loss and count go only where nothing is claimed.
+    metrics = MetricRecord({"unit-weight": 1})
+    if privacy.mechanism == "none":
+        metrics.update({"num-examples": result.num_examples, "train_loss": result.loss})
     reply = RecordDict({"arrays": ArrayRecord(torch_state_dict=model.shared_state()),
                         "metrics": metrics})
     return Message(content=reply, reply_to=msg)
 
 
-def _dp_sgd_ledger(node: NodeData, cfg: DpSgdConfig, context: Context, local_epochs: int,
-                   batch_size: int, planned_rounds: int) -> DpSgdLedger:
-    """The node's budget as earlier rounds left it, or a new plan on its first round."""
+def _dp_sgd_ledger(node: NodeData, cfg: DpSgdConfig, context: Context,
+                   config: ConfigRecord) -> DpSgdLedger | Error:
+    """The node's budget as earlier rounds left it, or its plan on its first round; an error
+    reply when the request leaves that plan. The plan is the client's own: its steps come from
+    its config, never from the request, and a request that asks for other steps is refused."""
+    step = node.cfg.train.dp_sgd
+    asked = (int(config["local-epochs"]), int(config.get("dp-steps-per-epoch", -1)))
+    if asked != (step.local_epochs, step.steps_per_epoch):
+        return Error(OUTSIDE_PLAN, (
+            f"the request asks for local-epochs={asked[0]} dp-steps-per-epoch={asked[1]}, but "
+            f"this client's DP-SGD plan trains local_epochs={step.local_epochs} "
+            f"steps_per_epoch={step.steps_per_epoch} a round"))
     if DP_SGD_STATE in context.state:
         return DpSgdLedger.from_record(context.state.config_records[DP_SGD_STATE])
-    plan = plan_dp_sgd(cfg, num_records=len(node.examples), batch_size=batch_size,
-                       local_epochs=local_epochs, planned_rounds=planned_rounds)
+    units = protected_units(node)
+    delta = cfg.delta if cfg.delta is not None else float(config["dp-delta"])
+    try:
+        check_delta(delta, units, f"{cfg.unit}s on this client")
+    except ConfigError as err:
+        return Error(OUTSIDE_PLAN, str(err))
+    plan = plan_dp_sgd(cfg, step, delta=delta, planned_rounds=int(config["dp-planned-rounds"]))
     return DpSgdLedger(cfg.accountant, cfg.target_epsilon, plan, [])
+
+
+def round_seed(context: Context, cfg: Config, run_round: int) -> int:
+    """The seed of the client's own sampling in a round (shuffles, negatives), from a secret
+    drawn once on the node and kept in its Context.state: it never enters a reply, so the server
+    can neither know nor replay it. ``client_seed`` replaces it when a simulation must be
+    reproducible."""
+    if cfg.client_seed is not None:
+        partition = context.node_config.get("partition-id", context.node_id)
+        secret = (cfg.client_seed * 1_000_003 + int(partition)) % 2**62
+    else:
+        if SECRET_STATE not in context.state:
+            context.state[SECRET_STATE] = ConfigRecord(
+                {"seed": int.from_bytes(os.urandom(7), "little")})
+        secret = int(context.state.config_records[SECRET_STATE]["seed"])  # type: ignore[arg-type]
+    return (secret * 100_003 + run_round) % 2**62
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context)
+    if node.cfg.privacy.mechanism != "none" or node.cfg.secagg.enabled:
+        # Per-client ranking sums in the clear would expose held-out items (a one-shopper
+        # client's NDCG gives the test item's rank); no mechanism here covers them.
+        return Message(Error(NOT_COVERED, (
+            f"this run has privacy={node.cfg.privacy.mechanism} secagg="
+            f"{'on' if node.cfg.secagg.enabled else 'off'}: this client sends no evaluation "
+            "figures, which no mechanism of the run would cover")), reply_to=msg)
     valid, test = evaluate_node(node, _model(node, msg, context))
     metrics = MetricRecord({"num-examples": test.counts["sampled"], "unit-weight": 1,
                             **test.flat(), **valid.flat(VALID_PREFIX)})

@@ -192,21 +192,40 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 @dataclass
 class DpSgdStepConfig:
     """How clients train under privacy=dp_sgd, in place of train's keys of the same names. The
-    budget fixes the noise of a step whatever the batch, so DP-SGD wants far larger batches than
-    training without noise; the step is part of train so that an experiment sets both."""
+    step is part of train so that an experiment sets both.
 
-    batch_size: int = MISSING
+    Every value here is public and the same on every client, so the noise each client plans
+    follows from the config alone: the server states every client's epsilon without any client
+    sending it, and a client's reply says nothing about how much data it holds."""
+
+    # Each DP-SGD step takes every protected unit (shopper, or example) of the client with
+    # probability 1 / steps_per_epoch (Poisson sampling); an epoch is this many steps.
+    steps_per_epoch: int = MISSING
+    # privacy.unit=shopper: a sampled shopper's gradient is the mean loss over at most this many
+    # of their examples, drawn afresh each step (a cap on the cost of heavy shoppers).
+    examples_per_shopper: int = MISSING
     lr: float = MISSING
     local_epochs: int = MISSING
     round_lr_decay: float = MISSING
 
     def __post_init__(self) -> None:
+        _check(self.steps_per_epoch >= 1, "train.dp_sgd.steps_per_epoch", self.steps_per_epoch,
+               "an integer >= 1")
+        _check(self.examples_per_shopper >= 1, "train.dp_sgd.examples_per_shopper",
+               self.examples_per_shopper, "an integer >= 1")
         _check_step(self, "train.dp_sgd")
+
+    @property
+    def sample_rate(self) -> float:
+        return 1.0 / self.steps_per_epoch
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.steps_per_epoch * self.local_epochs
 
 
 def _check_step(step: DpSgdStepConfig | TrainConfig, prefix: str) -> None:
     """The keys a client's round trains by, shared by train and train.dp_sgd."""
-    _check(step.batch_size >= 1, f"{prefix}.batch_size", step.batch_size, "an integer >= 1")
     _check(step.lr > 0, f"{prefix}.lr", step.lr, "a number > 0")
     _check(step.local_epochs >= 1, f"{prefix}.local_epochs", step.local_epochs,
            "an integer >= 1")
@@ -238,6 +257,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check_step(self, "train")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer,
@@ -332,31 +352,60 @@ class PrivacyConfig:
                f"one of {', '.join(MECHANISMS)}")
 
 
+UNITS = ("shopper", "example")
+
+
+def _check_relation(cfg: DpSgdConfig | CentralDpConfig, neighbouring: str, sampling: str,
+                    why: str) -> None:
+    """Each mechanism states the one relation and sampling its accountant is proved for."""
+    _check(cfg.neighbouring == neighbouring, "privacy.neighbouring", cfg.neighbouring,
+           f"{neighbouring} with privacy={cfg.mechanism} ({why})")
+    _check(cfg.sampling == sampling, "privacy.sampling", cfg.sampling,
+           f"{sampling} with privacy={cfg.mechanism} ({why})")
+
+
+def _check_delta(delta: float | None) -> None:
+    _check(delta is None or 0 < delta < 1, "privacy.delta", delta,
+           "null (1 / n^1.1 for n protected units) or a number in (0, 1) below 1 / n")
+
+
 @dataclass
 class DpSgdConfig(PrivacyConfig):
-    # The (epsilon, delta) bound on one record of a client over the whole run.
+    # What one (epsilon, delta) protects: shopper, a shopper's whole history in the client
+    # (every example of theirs clipped as one); example, one training example (a history and
+    # its next item), which does not protect an interaction (see docs/privacy.md).
+    unit: str = MISSING
+    # Stated, and checked against what the accountant assumes: add_remove and poisson.
+    neighbouring: str = MISSING
+    sampling: str = MISSING
+    # The (epsilon, delta) bound on one unit of a client over the whole run.
     target_epsilon: float = MISSING
-    # null: 1 / (10 x the client's training records), below 1 / records as it must be.
+    # null: 1 / n^1.1 for n the federation's protected units (the server counts them in a
+    # simulation; a deployment must set it). A client refuses a delta of 1 / (its units) or more.
     delta: float | None = MISSING
     max_grad_norm: float = MISSING
     accountant: str = MISSING
+    # unit=example only: how Opacus computes per-example norms.
     grad_sample_mode: str = MISSING
     # Rounds a client plans its noise for; null: its expected share of num_rounds (the
     # strategy's sample size over the number of nodes). A client picked more often than
-    # planned runs out of budget and stops training.
+    # planned runs out of budget and refuses to train.
     planned_rounds: int | None = MISSING
-    # Each example's own uniform negatives (DP-SGD cannot use the batch's other targets): the
-    # per-example candidates cost batch x this many item-tower passes per step.
+    # Each example's own uniform negatives (DP-SGD cannot use other units' targets): the
+    # per-example candidates cost examples x this many item-tower passes per step.
     negatives_per_example: int = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.unit in UNITS, "privacy.unit", self.unit, f"one of {', '.join(UNITS)}")
+        _check_relation(self, "add_remove", "poisson",
+                        "Opacus' accountant bounds the Poisson-sampled Gaussian mechanism under"
+                        " adding or removing one unit")
         _check(self.negatives_per_example >= 1, "privacy.negatives_per_example",
                self.negatives_per_example, "an integer >= 1")
         _check(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon,
                "a number > 0")
-        _check(self.delta is None or 0 < self.delta < 1, "privacy.delta", self.delta,
-               "null or a number in (0, 1)")
+        _check_delta(self.delta)
         _check(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm,
                "a number > 0")
         _check(self.accountant in ("rdp", "prv"), "privacy.accountant", self.accountant,
@@ -369,6 +418,12 @@ class DpSgdConfig(PrivacyConfig):
 
 @dataclass
 class CentralDpConfig(PrivacyConfig):
+    # Stated, and checked against what the accountant assumes: replace_one (a neighbouring
+    # federation swaps one client's data for any other, so a sum of updates clipped to C moves
+    # by up to 2C) and fixed_size (Flower samples a fixed number of clients without
+    # replacement).
+    neighbouring: str = MISSING
+    sampling: str = MISSING
     # server: the server clips each update (it sees them unclipped); client: each client clips
     # its own update before sending it, the server only adds the noise.
     side: str = MISSING
@@ -376,11 +431,13 @@ class CentralDpConfig(PrivacyConfig):
     # and follows the target_clipped_quantile of the update norms (Andrew et al., 2021).
     clipping: str = MISSING
     clipping_norm: float = MISSING
-    # null: the smallest noise that lets num_rounds rounds fit in max_epsilon.
+    # Noise standard deviation over clipping_norm, as Flower's wrappers take it (the accountant
+    # sees it over the sensitivity, 2 x clipping_norm). null: the least that lets num_rounds
+    # rounds fit in max_epsilon.
     noise_multiplier: float | None = MISSING
     # The run stops, and saves its model, before a round would take epsilon past this.
     max_epsilon: float = MISSING
-    # null: 1 / (10 x the number of clients).
+    # null: 1 / n^1.1 for n the number of clients; 1 / n or more is refused.
     delta: float | None = MISSING
     target_clipped_quantile: float = MISSING
     clip_norm_lr: float = MISSING
@@ -390,6 +447,9 @@ class CentralDpConfig(PrivacyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_relation(self, "replace_one", "fixed_size",
+                        "Flower samples a fixed number of clients without replacement, whose "
+                        "accountant is proved for replacing one client")
         _check(self.side in ("server", "client"), "privacy.side", self.side, "server or client")
         _check(self.clipping in ("fixed", "adaptive"), "privacy.clipping", self.clipping,
                "fixed or adaptive")
@@ -398,8 +458,7 @@ class CentralDpConfig(PrivacyConfig):
         _check(self.noise_multiplier is None or self.noise_multiplier > 0,
                "privacy.noise_multiplier", self.noise_multiplier, "null or a number > 0")
         _check(self.max_epsilon > 0, "privacy.max_epsilon", self.max_epsilon, "a number > 0")
-        _check(self.delta is None or 0 < self.delta < 1, "privacy.delta", self.delta,
-               "null or a number in (0, 1)")
+        _check_delta(self.delta)
         _check(0 < self.target_clipped_quantile < 1, "privacy.target_clipped_quantile",
                self.target_clipped_quantile, "a number in (0, 1)")
         _check(self.clip_norm_lr > 0, "privacy.clip_norm_lr", self.clip_norm_lr,
@@ -467,8 +526,18 @@ class Config:
     federation: str = MISSING
     # What a sweep job (fedrec.sweep) runs: a federated simulation, or the centralized reference.
     mode: str = MISSING
-    # After a simulation, print the guide's top 10 for the dataset's first shopper.
+    # After a simulation, print the guide's top 10 for guide_shopper.
     guide_example: bool = MISSING
+    # null: a made-up shopper whose history is drawn from the public catalogue (no real
+    # shopper's history reaches the log); a user id names a real one explicitly.
+    guide_shopper: str | None = MISSING
+    # null: each client draws a secret seed for its own sampling (negatives, shuffles) that
+    # never leaves it, so the server cannot replay it. An integer makes a simulation
+    # reproducible, at the price of a seed the server knows.
+    client_seed: int | None = MISSING
+    # An absolute path: the server appends the layout of every message it sends and receives
+    # (record names and keys, never values), to check against the wire contract.
+    wire_log: str | None = MISSING
     # Seconds the server waits for a round's replies; a node silent that long counts as failed.
     round_timeout: float = MISSING
     # A stopped federated run's output_dir: go on from its last completed round, into it.
@@ -481,6 +550,8 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.num_rounds >= 1, "num_rounds", self.num_rounds, "an integer >= 1")
+        _check(self.client_seed is None or self.client_seed >= 0, "client_seed",
+               self.client_seed, "null (a secret per client) or an integer >= 0")
         _check(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
         if self.privacy.mechanism == "central_dp":
@@ -496,6 +567,11 @@ class Config:
                "federated or centralized")
         if self.federation == "deployment":
             self._check_deployment()
+        if isinstance(self.privacy, DpSgdConfig):
+            personal = getattr(self.model, "personal_embedding", False)
+            _check(not personal, "model.personal_embedding", personal,
+                   "false with privacy=dp_sgd: the personal vector trains without noise and "
+                   "then shapes the shared updates, which DP-SGD's accounting does not cover")
         if self.resume is not None:
             _check(self.privacy.mechanism != "dp_sgd", "resume", self.resume,
                    "null with privacy=dp_sgd: each client's spent budget lives in that run's "

@@ -3,14 +3,13 @@
 ``client_app.py`` only moves Flower records in and out of these functions. A node's data is
 read once per process and kept (a simulation process serves many virtual nodes, so the dataset is
 loaded once and each node's slice cut once). Raw interactions, user ids and personal vectors stay
-here: what leaves is the shared parameters and counts.
+here: what leaves is listed, per mechanism, in ``fedrec.wire`` and docs/privacy.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ from fedrec.data.partition import assign_clients, client_users, num_clients
 from fedrec.data.sequences import EvalCases, TrainExamples, heldout_cases, training_examples
 from fedrec.data.split import Split, split_dataset
 from fedrec.metrics import RankingSums, evaluate_case_sets
-from fedrec.model import PERSONAL_PREFIX, TwoTower
+from fedrec.model import TwoTower
 from fedrec.privacy import DpSgdLedger, train_dp_sgd
 from fedrec.train import Objective, TrainResult, make_loader, make_optimizer, train
 
@@ -153,6 +152,15 @@ def node_model(node: NodeData) -> TwoTower:
     return TwoTower.for_dataset(node.cfg.model, node.dataset, personal_users=personal)
 
 
+def protected_units(node: NodeData) -> int:
+    """How many units DP-SGD protects on this node: its shoppers with training examples, or
+    its examples."""
+    privacy = node.cfg.privacy
+    if isinstance(privacy, DpSgdConfig) and privacy.unit == "example":
+        return len(node.examples)
+    return int(torch.unique(node.examples.user).numel())
+
+
 def train_round(
     node: NodeData,
     model: TwoTower,
@@ -165,26 +173,22 @@ def train_round(
     ledger: DpSgdLedger | None = None,
 ) -> TrainResult:
     """Train ``model`` (already holding the global shared state) on the node's examples; with a
-    ``ledger``, the shared parameters train by DP-SGD and the ledger records the round."""
+    ``ledger``, by DP-SGD on the ledger's plan (which fixes the steps: ``local_epochs`` and
+    ``batch_size`` are unused), recording the round in the ledger. ``seed``: the client's own
+    secret for the round, never the server's."""
     train_cfg = type(node.cfg.train)(**{**vars(node.cfg.train), "lr": lr})
     after_step = _proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
-    loader = make_loader(node.examples, batch_size, seed)
     if ledger is None:
+        loader = make_loader(node.examples, batch_size, seed)
         return train(model, make_optimizer(model.parameters(), train_cfg), loader,
                      node.objective, epochs=local_epochs, seed=seed, after_step=after_step)
-    shared = [p for n, p in model.named_parameters() if not n.startswith(PERSONAL_PREFIX)]
-    personal = [p for n, p in model.named_parameters() if n.startswith(PERSONAL_PREFIX)]
-    with _trainable(model, shared):
-        result = train_dp_sgd(model, make_optimizer(shared, train_cfg), node.examples,
-                              batch_size, node.objective, ledger, node.cfg.privacy,
-                              epochs=local_epochs, seed=seed, after_step=after_step)
-    if personal:
-        # The personal vector never leaves the client, so it trains without noise, on its own,
-        # with the shared tower held fixed (Opacus then sees only the shared parameters).
-        with _trainable(model, personal):
-            train(model, make_optimizer(personal, train_cfg), loader, node.objective,
-                  epochs=local_epochs, seed=seed)
-    return result
+    if model.personal is not None:  # refused when the config is composed; never trained here
+        raise ValueError("DP-SGD does not cover a personal embedding")
+    privacy = node.cfg.privacy
+    assert isinstance(privacy, DpSgdConfig)
+    return train_dp_sgd(model, make_optimizer(model.parameters(), train_cfg), node.examples,
+                        node.objective, ledger, privacy, node.cfg.train.dp_sgd, seed=seed,
+                        after_step=after_step)
 
 
 def _proximal_step(model: TwoTower, strength: float) -> Callable[[], None]:
@@ -202,20 +206,6 @@ def _proximal_step(model: TwoTower, strength: float) -> Callable[[], None]:
                 p.sub_(shrink * (p - a))
 
     return step
-
-
-@contextlib.contextmanager
-def _trainable(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """Freeze every parameter of ``model`` but ``params`` for the duration."""
-    keep = {id(p) for p in params}
-    before = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-    try:
-        yield
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(before[id(p)])
 
 
 def evaluate_node(node: NodeData, model: TwoTower) -> tuple[RankingSums, RankingSums]:

@@ -7,21 +7,25 @@ as the round ends, and a crash later keeps every finished round.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.proto.node_pb2 import NodeInfo  # type: ignore[attr-defined]
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore.run import Run
 
 from fedrec.metrics import VALID_PREFIX, RankingSums
 from fedrec.outputs import RunOutputs
 from fedrec.privacy import BUDGET_EXHAUSTED, PrivacyReport
 from fedrec.strategy import sum_metric_records
+from fedrec.wire import message_layout
 
 log = logging.getLogger("fedrec.server")
 # How often the server asks the SuperLink for replies.
@@ -42,15 +46,26 @@ def _count_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
     return record.count_bytes()
 
 
-class MeteredGrid(Grid):
-    """The run's Grid, counting the payload bytes of every message sent and every reply."""
+def starts_round(msg: Message) -> bool:
+    """Whether a train message opens a round: a plain one, or SecAgg+'s setup stage."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return configs is None or configs.get(SecAggKey.STAGE) == Stage.SETUP
 
-    def __init__(self, grid: Grid) -> None:
+
+class MeteredGrid(Grid):
+    """The run's Grid, counting the payload bytes of every message sent and every reply, and
+    which nodes were asked to train. With a ``wire_log`` path, it also appends the layout of
+    every message (record names and keys, never values) as a JSON line: what the server really
+    sends and receives, to check against the wire contract (fedrec.wire)."""
+
+    def __init__(self, grid: Grid, wire_log: str | None = None) -> None:
         self._grid = grid
         self.bytes_down = 0
         self.bytes_up = 0
         self.errors: list[Message] = []  # error replies not yet reported by the round log
         self.unanswered = 0  # messages that timed out, not yet reported by the round log
+        self.train_requests: list[int] = []  # nodes asked to train, not yet reported
+        self.wire_log = None if wire_log is None else Path(wire_log)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -58,6 +73,10 @@ class MeteredGrid(Grid):
         SecAgg+ makes four exchanges a round, and each would otherwise wait out the interval."""
         messages = list(messages)
         self.bytes_down += sum(record_bytes(m.content) for m in messages)
+        self.train_requests += [m.metadata.dst_node_id for m in messages
+                                if m.metadata.message_type == MessageType.TRAIN
+                                and starts_round(m)]
+        self._log_layouts("down", messages)
         pending = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -73,7 +92,15 @@ class MeteredGrid(Grid):
             self.unanswered += len(pending)
         self.bytes_up += sum(record_bytes(r.content) for r in replies if not r.has_error())
         self.errors += [r for r in replies if r.has_error()]
+        self._log_layouts("up", replies)
         return replies
+
+    def _log_layouts(self, direction: str, messages: list[Message]) -> None:
+        if self.wire_log is None or not messages:
+            return
+        with self.wire_log.open("a") as out:
+            for msg in messages:
+                out.write(json.dumps({"direction": direction, **message_layout(msg)}) + "\n")
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -101,13 +128,25 @@ class MeteredGrid(Grid):
 ServerEvaluation = Callable[[ArrayRecord], RankingSums]
 
 
+class BudgetSpent(Exception):
+    """The privacy budget allows no further round: the run ends after ``server_round``."""
+
+    def __init__(self, server_round: int, arrays: ArrayRecord) -> None:
+        super().__init__(f"privacy budget spent after round {server_round}")
+        self.server_round = server_round
+        self.arrays = arrays
+
+
 class RoundLog:
     def __init__(self, outputs: RunOutputs, grid: MeteredGrid, num_rounds: int,
                  server_evaluation: ServerEvaluation | None, privacy: PrivacyReport,
-                 select_by: str, resumed: dict[str, Any] | None = None) -> None:
+                 select_by: str, resumed: dict[str, Any] | None = None, *,
+                 federated_evaluation: bool = True) -> None:
         """``select_by``: the validation metric (protocol.metric) whose best evaluated round
         the run reports; ``resumed``: the checkpoint a resumed run starts from; Flower numbers
-        the resumed rounds from 1 again, and the log adds the rounds done before."""
+        the resumed rounds from 1 again, and the log adds the rounds done before.
+        ``federated_evaluation``: False when the clients send no evaluation figures (a private
+        run): the run then reports its last round, chosen by nothing private."""
         self.outputs = outputs
         self.done = 0 if resumed is None else int(resumed["round"])
         self.privacy = privacy
@@ -115,6 +154,7 @@ class RoundLog:
         self.num_rounds = num_rounds
         self.server_evaluation = server_evaluation
         self.select_by = select_by
+        self.federated_evaluation = federated_evaluation
         self.started = time.perf_counter()
         self._train: dict[str, float] = {}
         self._federated: RankingSums | None = None
@@ -124,10 +164,18 @@ class RoundLog:
         self.selected: dict[str, Any] | None = None if resumed is None else resumed.get("selected")
 
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
-        metrics = aggregate_metricrecords(records, weighting_key)
-        self._train = {**dict(metrics), "clients": len(records)}
-        self.privacy.trained([dict(m) for r in records for m in r.metric_records.values()])
-        return metrics
+        """The round's mean training loss, where the clients send it (privacy=none without
+        SecAgg+: fedrec.wire); the privacy accounting of the round's release."""
+        metrics = [m for r in records for m in r.metric_records.values()]
+        self.privacy.trained(len(records))
+        self._train = {"train_loss": None, "clients": len(records)}
+        if metrics and all("train_loss" in m and weighting_key in m for m in metrics):
+            weights = [float(m[weighting_key]) for m in metrics]  # type: ignore[arg-type]
+            losses = [float(m["train_loss"]) for m in metrics]  # type: ignore[arg-type]
+            self._train["train_loss"] = sum(w * x for w, x in zip(weights, losses, strict=True)
+                                            ) / max(sum(weights), 1e-12)
+            return MetricRecord({"train_loss": self._train["train_loss"]})
+        return MetricRecord()
 
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         summed = dict(sum_metric_records(records, weighting_key))
@@ -144,6 +192,8 @@ class RoundLog:
         if self.done and server_round == 0:
             return None  # a resumed run's starting point is the checkpointed round's line
         server_round += self.done
+        self.privacy.requested(self.grid.train_requests)
+        self.grid.train_requests = []
         record: dict[str, Any] = {"round": server_round}
         if self._federated is not None:
             record.update(self._federated.means())
@@ -175,7 +225,7 @@ class RoundLog:
         self._bytes_seen = (self.grid.bytes_up, self.grid.bytes_down)
         record.update(bytes_up=up, bytes_down=down,
                       seconds=round(time.perf_counter() - self.started, 3))
-        if self._federated is not None:
+        if self._federated is not None or not self.federated_evaluation:
             self._consider(record, arrays)
         self._train, self._federated, self._valid = {}, None, None
         self.outputs.log_metrics(record)
@@ -183,6 +233,11 @@ class RoundLog:
         self.outputs.save_checkpoint({"round": server_round, "arrays": arrays.to_torch_state_dict(),
                                       "selected": self.selected})
         log.info("round %d/%d %s", server_round, self.num_rounds, _brief(record))
+        if server_round < self.num_rounds and self.privacy.stop_before_next_round():
+            log.warning("privacy: round %d cost more than planned (clients failed), and another "
+                        "round would take epsilon past privacy.max_epsilon=%s: the run stops "
+                        "here", server_round, self.privacy.cfg.max_epsilon)  # type: ignore[attr-defined]
+            raise BudgetSpent(server_round, arrays)
         return None
 
     def validation_score(self, record: dict[str, Any]) -> float | None:

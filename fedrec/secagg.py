@@ -12,9 +12,9 @@ function per side:
   trains, translates the legacy request into fedrec's train message and the reply back. The
   ClientApp's ``train`` is the plain path's, unchanged.
 
-What each party learns: the server sees each client's metrics (loss, example count, epsilon) in
-the clear, and only the weighted sum of the updates; a client's masks fall away only in that sum,
-unless ``reconstruction_threshold`` of its neighbours collude with the server.
+What each party learns: the server sees only the weighted sum of the updates and of the weights;
+a client's masks fall away only in that sum, unless ``reconstruction_threshold`` of its
+neighbours collude with the server. A client's loss and count do not leave it.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
-from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
@@ -183,13 +182,14 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
     """SecAgg+ train messages go through Flower's secaggplus_mod; plain ones pass untouched."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
-    return secaggplus_mod(msg, context, _translated(call_next))
-
-
-def starts_round(msg: Message) -> bool:
-    """Whether a train message opens a round: a plain one, or SecAgg+'s setup stage."""
-    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-    return configs is None or configs.get(SecAggKey.STAGE) == Stage.SETUP
+    reply = secaggplus_mod(msg, context, _translated(call_next))
+    if not reply.has_error() and "fitres.num_examples" in reply.content:
+        # secaggplus_mod masks the weight into the vector but leaves the legacy records in the
+        # clear: the count and metrics go, and the server's legacy strategy gets a constant
+        # weight (every reply carries the same revealed sum, so the weights cancel).
+        reply.content["fitres.num_examples"] = MetricRecord({"num_examples": 1})
+        reply.content["fitres.metrics"] = ConfigRecord()
+    return reply
 
 
 def _translated(call_next: ClientAppCallable) -> Callable[[Message, Context], Message]:

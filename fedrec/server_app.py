@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -24,9 +25,18 @@ from fedrec.metrics import RankingSums, evaluate_model
 from fedrec.model import TwoTower
 from fedrec.node import Federation, compose_once, load_config, load_federation
 from fedrec.outputs import RunOutputs
-from fedrec.privacy import CentralDp, PrivacyReport, plan_central_dp, wrap_strategy
+from fedrec.privacy import (
+    CentralDp,
+    DpSgdPlan,
+    PrivacyReport,
+    check_delta,
+    default_delta,
+    plan_central_dp,
+    plan_dp_sgd,
+    wrap_strategy,
+)
 from fedrec.recommend import Recommender, RecommendError, format_recommendations
-from fedrec.rounds import MeteredGrid, RoundLog
+from fedrec.rounds import BudgetSpent, MeteredGrid, RoundLog
 from fedrec.secagg import plan_secagg, run_secure_rounds
 from fedrec.strategy import build_strategy, scale_item_step
 
@@ -67,62 +77,79 @@ def main(grid: Grid, context: Context) -> None:
         model.load_shared_state(resumed["arrays"])
     done = 0 if resumed is None else int(resumed["round"])
 
-    metered = MeteredGrid(grid)
+    metered = MeteredGrid(grid, cfg.wire_log)
+    # No seed goes down: each client samples from its own secret (client_app.round_seed).
     train_config = ConfigRecord({"lr": cfg.train.lr, "lr-decay": cfg.train.round_lr_decay,
                                  "local-epochs": cfg.train.local_epochs,
-                                 "batch-size": cfg.train.batch_size, "seed": cfg.seed,
-                                 "round-offset": done})
+                                 "batch-size": cfg.train.batch_size, "round-offset": done})
     population, sample_size = _round_sample(cfg, metered)
-    central = _plan_privacy(cfg, population, sample_size, train_config)
+    central, dp_sgd = _plan_privacy(cfg, fed, population, sample_size, train_config)
+    # Per-client evaluation figures are covered by no mechanism: a private or SecAgg+ run
+    # asks for none, and a simulation evaluates on the server instead (labelled so).
+    federated_evaluation = cfg.privacy.mechanism == "none" and not cfg.secagg.enabled
     num_rounds = cfg.num_rounds if central is None else central.rounds
     if num_rounds < cfg.num_rounds:
         log.info("privacy.max_epsilon=%s allows %d of the %d rounds asked for: the run stops "
                  "after round %d", cfg.privacy.max_epsilon, num_rounds, cfg.num_rounds,
                  num_rounds)
-    # DP-FedAvg's noise is calibrated to a uniform mean of clipped updates: weighting by
-    # examples would enlarge one client's share.
-    weighted_by_key = "num-examples" if central is None else "unit-weight"
+    # A private run averages the clients uniformly: DP-FedAvg's noise is calibrated to a
+    # uniform mean of clipped updates, and a client's count is data no guarantee covers.
+    weighted_by_key = "num-examples" if cfg.privacy.mechanism == "none" else "unit-weight"
     secagg = None
     if cfg.secagg.enabled:
         largest = None if fed is None else float(fed.client_examples().max())
         secagg = plan_secagg(cfg.secagg, sample_size=sample_size,
                              largest_weight=1.0 if central is not None else largest)
-    privacy = PrivacyReport(cfg.privacy, central,
+    privacy = PrivacyReport(cfg.privacy, central=central, dp_sgd=dp_sgd,
                             secagg=None if secagg is None else dataclasses.asdict(secagg))
     privacy.resume(done)
+    server_side = fed is not None and (cfg.eval.server or not federated_evaluation)
+    if fed is None and not federated_evaluation:
+        log.warning("privacy=%s secagg=%s: the clients send no evaluation figures and a "
+                    "deployed server holds no test data, so this run reports no metrics",
+                    cfg.privacy.mechanism, "on" if cfg.secagg.enabled else "off")
     rounds = RoundLog(outputs, metered, num_rounds,
-                      _server_evaluation(fed, model) if fed and cfg.eval.server else None,
-                      privacy, cfg.eval.select_by, resumed)
+                      _server_evaluation(fed, model) if server_side else None,
+                      privacy, cfg.eval.select_by, resumed,
+                      federated_evaluation=federated_evaluation)
     remaining = max(num_rounds - done, 0)
     strategy = build_strategy(cfg.strategy, eval_every=cfg.eval.every, round_offset=done,
                               num_rounds=num_rounds, train_metrics=rounds.aggregate_train,
                               evaluate_metrics=rounds.aggregate_evaluate,
-                              weighted_by_key=weighted_by_key)
+                              weighted_by_key=weighted_by_key,
+                              federated_evaluation=federated_evaluation)
     if central is not None and secagg is None:
         strategy = privacy.strategy = wrap_strategy(strategy, central)
     if secagg is None:
         strategy = scale_item_step(strategy, cfg.strategy.item_server_lr)
     initial = ArrayRecord(torch_state_dict=model.shared_state())
-    if resumed is None:
+    if resumed is None and federated_evaluation:
         # Round 0: the untrained model, evaluated federated, so every run shows where it
         # started.
         rounds.aggregate_evaluate([r.content for r in metered.send_and_receive(
             strategy.configure_evaluate(0, initial, ConfigRecord(), metered),
             timeout=cfg.round_timeout) if not r.has_error()], "num-examples")
-    if secagg is None:
-        final_arrays = strategy.start(grid=metered, initial_arrays=initial,
-                                      num_rounds=remaining, timeout=cfg.round_timeout,
-                                      train_config=train_config,
-                                      evaluate_fn=rounds.end_of_round).arrays
-    else:
-        rounds.end_of_round(0, initial)
-        final_arrays = run_secure_rounds(
-            metered, context, secagg=secagg, strategy_cfg=cfg.strategy, strategy=strategy,
-            rounds=rounds, initial=initial, train_config=train_config, num_rounds=remaining,
-            weighted_by_key=weighted_by_key, central=central, round_timeout=cfg.round_timeout)
+    try:
+        if secagg is None:
+            final_arrays = strategy.start(grid=metered, initial_arrays=initial,
+                                          num_rounds=remaining, timeout=cfg.round_timeout,
+                                          train_config=train_config,
+                                          evaluate_fn=rounds.end_of_round).arrays
+        else:
+            rounds.end_of_round(0, initial)
+            final_arrays = run_secure_rounds(
+                metered, context, secagg=secagg, strategy_cfg=cfg.strategy, strategy=strategy,
+                rounds=rounds, initial=initial, train_config=train_config,
+                num_rounds=remaining, weighted_by_key=weighted_by_key, central=central,
+                round_timeout=cfg.round_timeout)
+    except BudgetSpent as spent:
+        final_arrays, num_rounds = spent.arrays, spent.server_round
 
     final = _reported_round(rounds, cfg, num_rounds, final_arrays)
     model.load_shared_state(final["arrays"])
+    source = ("clients" if "sampled" in final["record"] else
+              "server" if "server" in final["record"] else None)
+    reported = final["record"] if source == "clients" else final["record"].get("server", {})
     summary = {
         "mode": "federated",
         "model": cfg.model.kind,
@@ -136,8 +163,10 @@ def main(grid: Grid, context: Context) -> None:
         "selected_round": final["round"],
         "select_by": cfg.eval.select_by,
         "strategy": cfg.strategy.name,
-        "metrics": {"sampled": final["record"].get("sampled", {}),
-                    "full": final["record"].get("full", {})},
+        "metrics": {"sampled": reported.get("sampled", {}), "full": reported.get("full", {})},
+        # clients: federated evaluation; server: the server's own evaluation of the global
+        # model on every shopper's test item (simulation only), in a private or SecAgg+ run.
+        "metrics_source": source,
         "valid_metrics": final["record"].get("valid"),
         "privacy": privacy.as_dict(),
         "communication": {"bytes_up": metered.bytes_up, "bytes_down": metered.bytes_down},
@@ -157,7 +186,7 @@ def main(grid: Grid, context: Context) -> None:
           f"NDCG@10 {sampled.get('ndcg@10', math.nan):.4f} at round "
           f"{final['round']} of {num_rounds}{private}; results in {outputs.path}", flush=True)
     if cfg.guide_example and fed is not None:
-        _print_guide_example(outputs.path / "model.pt", fed.dataset)
+        _print_guide_example(outputs.path / "model.pt", fed.dataset, cfg)
 
 
 def _reported_round(rounds: RoundLog, cfg: Config, num_rounds: int,
@@ -179,19 +208,32 @@ def _reported_round(rounds: RoundLog, cfg: Config, num_rounds: int,
     return selected
 
 
-def _print_guide_example(model_path: Path, dataset: Dataset) -> None:
-    """The trained guide at work for one shopper. A simulation's server holds the demo data;
-    in a deployment the guide runs where the history lives (python -m fedrec.recommend)."""
-    history = dataset.history(0)
+def _print_guide_example(model_path: Path, dataset: Dataset, cfg: Config) -> None:
+    """The trained guide at work for one shopper: by default a made-up one, whose history is
+    a few catalogue items (public) drawn with the run seed, so no real shopper's history reaches
+    the log; ``guide_shopper`` names a real one. In a deployment the guide runs where the history
+    lives (python -m fedrec.recommend)."""
+    if cfg.guide_shopper is None:
+        who = "a made-up shopper (guide_shopper=<user id> shows a real one)"
+        generator = np.random.default_rng(cfg.seed)
+        history = generator.choice(dataset.num_items, size=min(5, dataset.num_items - 1),
+                                   replace=False).tolist()
+    else:
+        ids = list(dataset.user_ids)
+        if cfg.guide_shopper not in ids:
+            log.warning("no guide example: guide_shopper=%r is not a user id of %s",
+                        cfg.guide_shopper, dataset.name)
+            return
+        who = f"shopper {cfg.guide_shopper} of {dataset.name}"
+        history = dataset.history(ids.index(cfg.guide_shopper))
     try:
         guide = Recommender.load(model_path)
         top = guide.recommend(history, min(10, dataset.num_items - len(set(history))))
     except RecommendError as err:  # the run is done and saved: the example is only a show
         log.warning("no guide example: %s", err)
         return
-    print(f"fedrec: the shopping guide for shopper {dataset.user_ids[0]} of {dataset.name} "
-          f"(python -m fedrec.recommend {model_path} --user {dataset.user_ids[0]}):\n"
-          + format_recommendations(guide, history, top), flush=True)
+    print(f"fedrec: the shopping guide for {who} (python -m fedrec.recommend {model_path} "
+          "--user <id>):\n" + format_recommendations(guide, history, top), flush=True)
 
 
 def _round_sample(cfg: Config, grid: Grid) -> tuple[int, int]:
@@ -202,25 +244,39 @@ def _round_sample(cfg: Config, grid: Grid) -> tuple[int, int]:
                                            cfg.strategy.min_train_nodes))
 
 
-def _plan_privacy(cfg: Config, population: int, sample_size: int,
-                  train_config: ConfigRecord) -> CentralDp | None:
+def _plan_privacy(cfg: Config, fed: Federation | None, population: int, sample_size: int,
+                  train_config: ConfigRecord) -> tuple[CentralDp | None, DpSgdPlan | None]:
     """Plan what privacy needs to know about the federation before the first round: DP-SGD
-    clients get the rounds to plan their noise for; DP-FedAvg gets its noise and the rounds that
-    fit in its budget."""
+    clients get the public inputs of their plan (the server holds the same plan, to state their
+    epsilon); DP-FedAvg gets its noise and the rounds that fit in its budget."""
     privacy = cfg.privacy
     if privacy.mechanism == "none":
-        return None
+        return None, None
     if isinstance(privacy, DpSgdConfig):
         planned = privacy.planned_rounds or math.ceil(cfg.num_rounds * sample_size / population)
-        train_config["dp-planned-rounds"] = planned
+        delta = privacy.delta
+        if fed is not None:  # a simulation counts the federation's protected units
+            units = (int(fed.client_examples().sum()) if privacy.unit == "example"
+                     else int(fed.split.train["user"].nunique()))
+            if delta is None:
+                delta = default_delta(units)
+            check_delta(delta, units, f"{privacy.unit}s in the federation")
+        elif delta is None:
+            raise ConfigError("privacy.delta=null with privacy=dp_sgd and federation=deployment:"
+                              " the server cannot count the shoppers; set privacy.delta below "
+                              "1 / n^1.1 for the n shoppers of the largest node")
         step = cfg.train.dp_sgd
-        train_config.update({"batch-size": step.batch_size, "lr": step.lr,
-                             "local-epochs": step.local_epochs, "lr-decay": step.round_lr_decay})
-        log.info("DP-SGD: each client plans its noise for %d rounds (target epsilon %s) and "
-                 "trains by train.dp_sgd: batch_size=%d, lr=%s, local_epochs=%d, "
-                 "round_lr_decay=%s", planned, privacy.target_epsilon, step.batch_size, step.lr,
-                 step.local_epochs, step.round_lr_decay)
-        return None
+        plan = plan_dp_sgd(privacy, step, delta=delta, planned_rounds=planned)
+        train_config.update({"lr": step.lr, "local-epochs": step.local_epochs,
+                             "lr-decay": step.round_lr_decay, "dp-planned-rounds": planned,
+                             "dp-delta": delta, "dp-steps-per-epoch": step.steps_per_epoch})
+        del train_config["batch-size"]
+        log.info("DP-SGD (unit %s): each client plans noise multiplier %.4f for %d rounds of %d "
+                 "steps at sampling rate %.3g, delta %.3g (target epsilon %s); train.dp_sgd: "
+                 "lr=%s round_lr_decay=%s", privacy.unit, plan.noise_multiplier, planned,
+                 plan.steps_per_round, plan.sample_rate, delta, privacy.target_epsilon, step.lr,
+                 step.round_lr_decay)
+        return None, plan
     assert isinstance(privacy, CentralDpConfig)
     central = plan_central_dp(privacy, population=population, sample_size=sample_size,
                               num_rounds=cfg.num_rounds)
@@ -228,7 +284,7 @@ def _plan_privacy(cfg: Config, population: int, sample_size: int,
              "delta %.3g: epsilon reaches at most %s", sample_size, population,
              central.noise_multiplier, privacy.clipping_norm, central.delta,
              privacy.max_epsilon)
-    return central
+    return central, None
 
 
 def _server_evaluation(fed: Federation, model: TwoTower):

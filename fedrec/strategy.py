@@ -72,16 +72,19 @@ MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 def build_strategy(cfg: StrategyConfig, *, eval_every: int, num_rounds: int,
                    round_offset: int = 0,
                    train_metrics: MetricsAggregation, evaluate_metrics: MetricsAggregation,
-                   weighted_by_key: str = "num-examples") -> flwr_strategy.Strategy:
+                   weighted_by_key: str = "num-examples",
+                   federated_evaluation: bool = True) -> flwr_strategy.Strategy:
     """The configured Flower strategy; unknown or reserved params fail here, before training.
     ``weighted_by_key`` is the reply metric that weights each client in the mean;
-    ``round_offset``: rounds a resumed run did before (Flower counts from 1 again)."""
+    ``round_offset``: rounds a resumed run did before (Flower counts from 1 again);
+    ``federated_evaluation``: False sends no evaluation request at all (a private run)."""
     cls = STRATEGY_CLASSES[cfg.name]
     _check_params(cfg, cls)
     kwargs = {key: getattr(cfg, key) for key in COMMON_KEYS}
     strategy = cls(**kwargs, **dict(cfg.params), train_metrics_aggr_fn=train_metrics,
                    evaluate_metrics_aggr_fn=evaluate_metrics, weighted_by_key=weighted_by_key)
-    _evaluate_every(strategy, eval_every, num_rounds, round_offset)
+    _evaluate_every(strategy, eval_every if federated_evaluation else None, num_rounds,
+                    round_offset)
     return strategy
 
 
@@ -156,15 +159,16 @@ def _check_params(cfg: StrategyConfig, cls: type) -> None:
                               f"expected one of {', '.join(allowed) or '(none)'}")
 
 
-def _evaluate_every(strategy: flwr_strategy.Strategy, every: int, num_rounds: int,
+def _evaluate_every(strategy: flwr_strategy.Strategy, every: int | None, num_rounds: int,
                     round_offset: int) -> None:
-    """Skip federated evaluation except every ``every`` rounds and after the last round."""
+    """Skip federated evaluation except every ``every`` rounds and after the last round (None:
+    always)."""
     configure = strategy.configure_evaluate
 
     def configure_evaluate(server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         run_round = server_round + round_offset if server_round else 0
-        if run_round % every and run_round != num_rounds:
+        if every is None or (run_round % every and run_round != num_rounds):
             return []
         return configure(server_round, arrays, config, grid)
 

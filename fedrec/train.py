@@ -111,17 +111,21 @@ class _BatchedRows(TensorDataset):
         return history, target, user
 
 
-def _as_batch(batch: Batch) -> Batch:
+def batch_collate(batch: Batch) -> Batch:
     return batch  # __getitems__ already returns the batch; collate has nothing left to do
 
 
+def examples_dataset(examples: TrainExamples) -> TensorDataset:
+    """The examples as a dataset that fetches a whole batch at once (also for Opacus'
+    DPDataLoader, whose Poisson draws may be empty: zero-row tensors)."""
+    return _BatchedRows(examples.history, examples.target, examples.user)
+
+
 def make_loader(examples: TrainExamples, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled batches; Opacus' DPDataLoader keeps the dataset and collate and swaps in its
-    Poisson sampler (an empty draw still comes back as zero-row tensors)."""
+    """Shuffled batches."""
     generator = torch.Generator().manual_seed(seed)
-    data = _BatchedRows(examples.history, examples.target, examples.user)
-    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator,
-                      collate_fn=_as_batch)
+    return DataLoader(examples_dataset(examples), batch_size=batch_size, shuffle=True,
+                      generator=generator, collate_fn=batch_collate)
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -4,6 +4,7 @@ licensed real data lives."""
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def train_message(overrides: str, **config: Any) -> tuple[Message, Context]:
     content = RecordDict({
         "arrays": ArrayRecord(torch_state_dict=model.shared_state()),
         "config": ConfigRecord({"lr": 0.01, "lr-decay": 1.0, "local-epochs": 1,
-                                "batch-size": 16, "seed": 0, "server-round": 1, **config}),
+                                "batch-size": 16, "server-round": 1, **config}),
     })
     message = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
@@ -120,3 +121,20 @@ def assert_opacus_per_example_gradients(model, batch, rows, *, only: str = "",
         for name, p in alone.named_parameters():
             if name.startswith(only):
                 assert torch.allclose(per_sample[f"_module.{name}"][j], p.grad, atol=atol), name
+
+
+def assert_wire_contract(wire_log: Path, overrides: str) -> list[dict]:
+    """Every message the server sent or received in a run (its ``wire_log``) keeps the wire
+    contract of that run's config (fedrec.wire); returns the layouts."""
+    from fedrec.model import TwoTower
+    from fedrec.wire import violations
+
+    cfg = typed_config(*overrides.split())
+    node = load_node(overrides, 0, cfg.partition.num_silos)
+    shared = set(TwoTower.for_dataset(cfg.model, node.dataset).shared_state())
+    layouts = [json.loads(line) for line in wire_log.read_text().splitlines()]
+    assert layouts, f"{wire_log} logged no message"
+    problems = [p for layout in layouts
+                for p in violations(cfg, layout, layout["direction"], shared)]
+    assert not problems, problems
+    return layouts

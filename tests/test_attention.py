@@ -49,6 +49,8 @@ def test_reordering_moves_the_attention_tower_and_not_the_mean_tower():
 
 ATTENTION_DP = (f"{TINY} model.user_tower=attention privacy=dp_sgd_eps4 "
                 "privacy.negatives_per_example=8 privacy.grad_sample_mode=ghost")
+# Example-level DP-SGD goes through Opacus' ghost clipping, which must see through attention.
+ATTENTION_DP_EXAMPLE = f"{ATTENTION_DP} privacy.unit=example"
 
 
 def test_opacus_gives_each_example_its_own_gradient_through_attention():
@@ -59,16 +61,16 @@ def test_opacus_gives_each_example_its_own_gradient_through_attention():
                                         only="history_encoder", atol=1e-5)
 
 
-def test_attention_tower_trains_under_dp_sgd_with_ghost_clipping():
-    node = load_node(ATTENTION_DP, 0, 3)
+@pytest.mark.parametrize("overrides", [ATTENTION_DP, ATTENTION_DP_EXAMPLE])
+def test_attention_tower_trains_under_dp_sgd(overrides):
+    node = load_node(overrides, 0, 3)
     cfg = node.cfg.privacy
-    plan = plan_dp_sgd(cfg, num_records=len(node.examples), batch_size=16,
-                       local_epochs=node.cfg.train.local_epochs, planned_rounds=2)
+    plan = plan_dp_sgd(cfg, node.cfg.train.dp_sgd, delta=1e-3, planned_rounds=2)
     ledger = DpSgdLedger(cfg.accountant, cfg.target_epsilon, plan, [])
     model = node_model(node)
     before = {n: p.clone() for n, p in model.shared_state().items()}
-    result = train_round(node, model, lr=0.01, local_epochs=node.cfg.train.local_epochs,
-                         batch_size=16, proximal_mu=0.0, seed=0, ledger=ledger)
+    result = train_round(node, model, lr=0.01, local_epochs=1, batch_size=0, proximal_mu=0.0,
+                         seed=0, ledger=ledger)
     assert np.isfinite(result.loss) and 0 < ledger.epsilon() <= 4.0
     moved = [n for n, p in model.shared_state().items() if not torch.equal(p, before[n])]
     assert any(n.startswith("history_encoder.blocks.1.") for n in moved)

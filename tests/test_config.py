@@ -34,7 +34,9 @@ def test_override_string_is_split_like_a_shell():
         ("train.round_lr_decay=1.5", "train.round_lr_decay"),
         ("strategy.item_server_lr=0", "strategy.item_server_lr"),
         ("strategy=fedavgm strategy.item_server_lr=2", "strategy.item_server_lr"),
-        ("train.dp_sgd.batch_size=0", "train.dp_sgd.batch_size"),
+        ("train.dp_sgd.steps_per_epoch=0", "train.dp_sgd.steps_per_epoch"),
+        ("train.dp_sgd.examples_per_shopper=0", "train.dp_sgd.examples_per_shopper"),
+        ("client_seed=-1", "client_seed"),
         ("train.dp_sgd.round_lr_decay=0", "train.dp_sgd.round_lr_decay"),
     ],
 )
@@ -55,7 +57,7 @@ def test_experiment_preset_sets_keys_across_groups_and_yields_to_overrides():
     assert cfg.train.optimizer == "sgd"
     assert cfg.train.lr == 0.5  # the command line wins over the preset
     # Under DP-SGD the cross-device clients take the recipe's own step, overrides included.
-    assert (cfg.train.dp_sgd.lr, cfg.train.dp_sgd.batch_size) == (0.5, cfg.train.batch_size)
+    assert (cfg.train.dp_sgd.lr, cfg.train.dp_sgd.local_epochs) == (0.5, cfg.train.local_epochs)
     assert cfg.strategy.fraction_train < 1
 
 

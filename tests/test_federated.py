@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, train_message, typed_config, wait_for_round
+from conftest import TINY, assert_wire_contract, train_message, typed_config, wait_for_round
 from flwr.app import ArrayRecord
 
 from fedrec.client_app import PERSONAL_STATE
@@ -25,16 +25,22 @@ from fedrec.strategy import ITEM_TABLE, STRATEGY_CLASSES, build_strategy
 
 
 def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
-    out = tmp_path / "run"
-    summary = flower(f"{TINY} num_rounds=3 eval.server=true", num_supernodes=3, output_dir=out)
+    out, wire = tmp_path / "run", tmp_path / "wire.jsonl"
+    summary = flower(f"{TINY} num_rounds=3 eval.server=true wire_log={wire}", num_supernodes=3,
+                     output_dir=out)
+    layouts = assert_wire_contract(wire, f"{TINY} num_rounds=3")
+    assert {(x["direction"], x["type"]) for x in layouts} == {
+        ("down", "train"), ("up", "train"), ("down", "evaluate"), ("up", "evaluate")}
 
     assert summary["mode"] == "federated" and summary["num_clients"] == 3
     assert summary["num_users"] == 60 and summary["num_items"] == 40 and summary["rounds"] == 3
     assert set(summary["metrics"]) == {"sampled", "full"}
     assert set(summary["metrics"]["sampled"]) == {"hr@10", "ndcg@10", "hr@20", "ndcg@20"}
     assert set(summary["metrics"]["full"]) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}
-    assert summary["privacy"] == {"mechanism": "none", "epsilon": None, "delta": None,
-                                  "secagg": False}
+    assert summary["privacy"] == {"mechanism": "none", "unit": None, "neighbouring": None,
+                                  "sampling": None, "epsilon": None, "delta": None,
+                                  "noise_multiplier": None, "secagg": False}
+    assert summary["metrics_source"] == "clients"
     assert summary["communication"]["bytes_up"] > 0 and summary["communication"]["bytes_down"] > 0
     assert summary["wall_seconds"] > 0
     assert "server_metrics" in summary  # labelled apart from the federated metrics
@@ -68,7 +74,7 @@ def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
     assert "dataset" in (out / "config.yaml").read_text()
     # The run ends by showing the trained guide for one shopper (guide_example).
     log = out.with_name("run.flwr.log").read_text()
-    assert "the shopping guide for shopper" in log and "top 10:" in log
+    assert "the shopping guide for a made-up shopper" in log and "top 10:" in log
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedavgm", "fedtrimmedavg",
@@ -166,7 +172,8 @@ def test_client_lr_decays_with_the_run_round():
 def test_item_server_lr_scales_only_the_item_table_step(flower, tmp_path):
     """One real round with item_server_lr=3 against FedAvg of the same three replies computed
     here: the item table moves three times as far, every other parameter as FedAvg moves it."""
-    overrides = f"{TINY} strategy.item_server_lr=3.0"
+    # client_seed: the clients' own sampling reproducible, so this test can replay it.
+    overrides = f"{TINY} strategy.item_server_lr=3.0 client_seed=3"
     out = tmp_path / "item_step"
     flower(f"{overrides} num_rounds=1", num_supernodes=3, output_dir=out)
     cfg = typed_config(*overrides.split())
@@ -176,7 +183,7 @@ def test_item_server_lr_scales_only_the_item_table_step(flower, tmp_path):
     for partition in range(3):
         message, context = train_message(overrides, **{
             "lr": cfg.train.lr, "local-epochs": cfg.train.local_epochs,
-            "batch-size": cfg.train.batch_size, "seed": cfg.seed, "round-offset": 0})
+            "batch-size": cfg.train.batch_size, "round-offset": 0})
         message.content["arrays"] = ArrayRecord(torch_state_dict=initial)
         context.node_config["partition-id"] = partition
         replies.append(client_app(message, context).content)

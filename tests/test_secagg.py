@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, assert_wire_contract
 
 from fedrec.config import ConfigError, compose_config, to_typed
 from fedrec.secagg import plan_secagg
@@ -28,10 +28,19 @@ def test_secagg_aggregate_equals_the_plain_mean(flower, tmp_path):
     plain FedAvg, up to its quantization, and both paths step the item table alike."""
     runs = {}
     for mode in ("off", "on"):
-        summary = flower(f"{TINY} num_rounds=1 secagg={mode} strategy.item_server_lr=2.0",
-                         num_supernodes=3, output_dir=tmp_path / mode)
+        # client_seed: both runs' clients sample alike, so their updates are the same.
+        overrides = f"{TINY} num_rounds=1 secagg={mode} strategy.item_server_lr=2.0 client_seed=1"
+        wire = tmp_path / f"{mode}.wire.jsonl"
+        summary = flower(f"{overrides} wire_log={wire}", num_supernodes=3,
+                         output_dir=tmp_path / mode)
         assert summary["privacy"]["secagg"] is (mode == "on")
         runs[mode] = _shared_state(tmp_path / mode)
+        layouts = assert_wire_contract(wire, overrides)
+        if mode == "on":  # the count and loss do not leave a client in the clear
+            results = [x["records"] for x in layouts
+                       if x["direction"] == "up" and "fitres.metrics" in x.get("records", {})]
+            assert len(results) == 3
+            assert all(r["fitres.metrics"]["keys"] == [] for r in results)
     initial_to_plain = 0.0
     for name, plain in runs["off"].items():
         secure = runs["on"][name]
@@ -105,8 +114,11 @@ def test_round_survives_a_client_dropping_out_after_sharing_keys(flower, tmp_pat
 
 
 def test_secagg_with_dp_sgd_runs_end_to_end(flower, tmp_path):
-    summary = flower(f"{TINY} num_rounds=2 secagg=on privacy=dp_sgd privacy.target_epsilon=8",
-                     num_supernodes=3, output_dir=tmp_path / "run")
+    overrides = f"{TINY} num_rounds=2 secagg=on privacy=dp_sgd privacy.target_epsilon=8"
+    wire = tmp_path / "wire.jsonl"
+    summary = flower(f"{overrides} wire_log={wire}", num_supernodes=3,
+                     output_dir=tmp_path / "run")
+    assert_wire_contract(wire, overrides)
     privacy = summary["privacy"]
     assert privacy["secagg"] is True and privacy["mechanism"] == "dp_sgd"
     assert 0 < privacy["epsilon"] <= 8
