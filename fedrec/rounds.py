@@ -125,7 +125,8 @@ class MeteredGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
 
-ServerEvaluation = Callable[[ArrayRecord], RankingSums]
+# The global model's (validation, test) sums over every shopper, on the server (simulation).
+ServerEvaluation = Callable[[ArrayRecord], tuple[RankingSums, RankingSums]]
 
 
 class BudgetSpent(Exception):
@@ -201,7 +202,10 @@ class RoundLog:
             if self._valid is not None and self._valid.counts["sampled"]:
                 record["valid"] = self._valid.means()
         if self.server_evaluation is not None:
-            record["server"] = self.server_evaluation(arrays).means()
+            valid, test = self.server_evaluation(arrays)
+            record["server"] = test.means()
+            if valid.counts["sampled"]:
+                record["server_valid"] = valid.means()
         if self._train:
             record["train_loss"] = self._train.get("train_loss")
             record["train_clients"] = self._train["clients"]

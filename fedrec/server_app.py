@@ -21,7 +21,7 @@ from fedrec.config import CentralDpConfig, Config, ConfigError, DpSgdConfig
 from fedrec.data.dataset import Dataset
 from fedrec.data.loaders import load_catalogue
 from fedrec.data.sequences import heldout_cases
-from fedrec.metrics import RankingSums, evaluate_model
+from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import TwoTower
 from fedrec.node import Federation, compose_once, load_config, load_federation
 from fedrec.outputs import RunOutputs
@@ -288,16 +288,19 @@ def _plan_privacy(cfg: Config, fed: Federation | None, population: int, sample_s
 
 
 def _server_evaluation(fed: Federation, model: TwoTower):
-    """Server-side evaluation of the global model on every user's test item (simulation only:
-    a real server does not hold the shoppers' data)."""
+    """Server-side evaluation of the global model on every user's validation and test items
+    (simulation only: a real server does not hold the shoppers' data). The validation figures
+    are for choosing hyper-parameters between runs; a run never picks its round by them."""
     cfg = fed.cfg
-    test = heldout_cases(fed.split, "test", num_items=fed.dataset.num_items,
-                         max_history=cfg.model.max_history,
-                         num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed)
+    valid, test = (heldout_cases(fed.split, part, num_items=fed.dataset.num_items,
+                                 max_history=cfg.model.max_history,
+                                 num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed)
+                   for part in ("valid", "test"))
 
-    def evaluate(arrays: ArrayRecord) -> RankingSums:
+    def evaluate(arrays: ArrayRecord) -> tuple[RankingSums, RankingSums]:
         model.load_shared_state(arrays.to_torch_state_dict())
-        return evaluate_model(model, test, list(cfg.eval.ks), cfg.eval.batch_size)
+        sums = evaluate_case_sets(model, [valid, test], list(cfg.eval.ks), cfg.eval.batch_size)
+        return sums[0], sums[1]
 
     return evaluate
 

@@ -10,6 +10,7 @@ or masked by SecAgg+) and a constant weight. Evaluation figures are not sent at 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedrec.config import CentralDpConfig, Config, DpSgdConfig
 
@@ -35,8 +36,9 @@ PLAIN_TRAIN_METRICS = {"unit-weight", "num-examples", "train_loss"}
 # at the training stage, the legacy fit instructions; up: the stage's reply (public keys,
 # encrypted shares, the masked vector, shares for unmasking) and the legacy fit result with a
 # constant weight, no metrics and a status.
-SECAGG_RECORD = "secaggplus"
-SECAGG_DOWN = {"fitins.parameters": None, "fitins.config": None, SECAGG_RECORD: None}
+SECAGG_RECORD = RECORD_KEY_CONFIGS  # "secaggplus_configs"
+SECAGG_DOWN = {"fitins.parameters": None, SECAGG_RECORD: None}
+SECAGG_TRAIN_CONFIG = {"secagg-array-names", "secagg-weight-key", "secagg-max-weight"}
 SECAGG_UP = {SECAGG_RECORD: None, "fitres.parameters": set(),
              "fitres.num_examples": {"num_examples"}, "fitres.metrics": set(),
              "fitres.status": {"code", "message"}}
@@ -64,8 +66,13 @@ def allowed(cfg: Config, message_type: str, direction: str) -> dict[str, set[str
     own keys, SecAgg+'s; ``SHARED`` stands for the model's shared parameter names)."""
     private = cfg.privacy.mechanism != "none"
     if cfg.secagg.enabled and message_type == "train":
-        down = dict(SECAGG_DOWN)
-        return down if direction == "down" else dict(SECAGG_UP)
+        if direction == "up":
+            return dict(SECAGG_UP)
+        # The legacy fit instructions carry the plain path's train config and the names the
+        # client needs to translate them (fedrec.secagg).
+        plain = allowed(cfg.__class__(**{**vars(cfg), "secagg": _secagg_off(cfg)}),
+                        message_type, direction)["config"]
+        return {**SECAGG_DOWN, "fitins.config": (plain or set()) | SECAGG_TRAIN_CONFIG}
     if message_type == "evaluate":
         if direction == "down":
             return {"arrays": {SHARED}, "config": set(EVALUATE_CONFIG)}
@@ -81,6 +88,10 @@ def allowed(cfg: Config, message_type: str, direction: str) -> dict[str, set[str
         return {"arrays": {SHARED}, "config": config}
     return {"arrays": {SHARED},
             "metrics": set(PRIVATE_TRAIN_METRICS if private else PLAIN_TRAIN_METRICS)}
+
+
+def _secagg_off(cfg: Config) -> object:
+    return cfg.secagg.__class__(**{**vars(cfg.secagg), "enabled": False})
 
 
 def violations(cfg: Config, layout: dict[str, object], direction: str,

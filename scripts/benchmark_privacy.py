@@ -6,13 +6,18 @@ budget, through the real Flower runtime.
         [overrides...]
 
 Each partition has its own recipe (--user, --silo: federated overrides), and every run of that
-partition uses it, so a row differs from the non-private one only in `privacy`. Prints HR@10,
-NDCG@10, Recall@20, epsilon spent, wall time, and the ratios of HR@10 and wall time to the
+partition uses it, so a row differs from the non-private one only in `privacy`. Every row is the
+server-side evaluation (simulation only) of the run's last round, on every shopper's validation
+and test item: a private run picks no round by private figures, so the non-private one is
+compared the same way. Prints the unit, epsilon spent and delta, validation and test HR@10,
+test NDCG@10 and Recall@20, wall time, and the ratios of test HR@10 and wall time to the
 non-private run. A run that fails is listed with its error; the others still run.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from common import partition_parser, partition_runs, run_row
@@ -34,31 +39,46 @@ def main() -> None:
             (mechanism, eps, f"privacy={mechanism} privacy."
              f"{'target_epsilon' if mechanism == 'dp_sgd' else 'max_epsilon'}={eps}")
             for mechanism in args.mechanisms for eps in args.epsilons]
-        results = [(m, eps, run_row(f"{base} {privacy}", out / f"{partition}-{m}-{eps}"))
-                   for m, eps, privacy in runs]
+        results = []
+        for mechanism, eps, privacy in runs:
+            folder = out / f"{partition}-{mechanism}-{eps}"
+            summary = run_row(f"{base} eval.server=true {privacy}", folder)
+            results.append((mechanism, eps, summary if isinstance(summary, str)
+                            else (summary, _last_round(folder))))
         _print_table(partition, base, results)
+
+
+def _last_round(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 def _print_table(partition: str, base: str, results: list[tuple[str, float | None, Any]]) -> None:
     print(f"\npartition={partition}: {base}\n")
-    print("| mechanism | epsilon budget | epsilon spent | HR@10 | NDCG@10 | Recall@20 | wall s "
-          "| HR@10 / non-private | wall / non-private |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    reference = results[0][2] if isinstance(results[0][2], dict) else None
-    for mechanism, eps, summary in results:
+    print("| mechanism | unit | epsilon budget | epsilon spent | delta | valid HR@10 | HR@10 | "
+          "NDCG@10 | Recall@20 | wall s | HR@10 / non-private | wall / non-private |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    reference = results[0][2] if not isinstance(results[0][2], str) else None
+    for mechanism, eps, result in results:
         budget = "inf" if eps is None else f"{eps:g}"
-        if isinstance(summary, str):
-            print(f"| {mechanism} | {budget} | failed: {summary} | | | | | | |")
+        if isinstance(result, str):
+            print(f"| {mechanism} | | {budget} | failed: {result} | | | | | | | | |")
             continue
-        sampled, full = summary["metrics"]["sampled"], summary["metrics"]["full"]
-        spent = summary["privacy"]["epsilon"]
+        summary, last = result
+        test, valid = last["server"], last.get("server_valid", {})
+        privacy = summary["privacy"]
+        spent, delta = privacy["epsilon"], privacy["delta"]
         ratios = ["", ""]
         if reference is not None:
-            ratios = [f"{sampled['hr@10'] / reference['metrics']['sampled']['hr@10']:.3f}",
-                      f"{summary['wall_seconds'] / reference['wall_seconds']:.2f}"]
-        print(f"| {mechanism} | {budget} | {'-' if spent is None else f'{spent:.3f}'} | "
-              f"{sampled['hr@10']:.4f} | {sampled['ndcg@10']:.4f} | {full['recall@20']:.4f} | "
-              f"{summary['wall_seconds']:.1f} | {ratios[0]} | {ratios[1]} |", flush=True)
+            plain = reference[1]["server"]["sampled"]["hr@10"]
+            ratios = [f"{test['sampled']['hr@10'] / plain:.3f}",
+                      f"{summary['wall_seconds'] / reference[0]['wall_seconds']:.2f}"]
+        print(f"| {mechanism} | {privacy['unit'] or '-'} | {budget} | "
+              f"{'-' if spent is None else f'{spent:.3f}'} | "
+              f"{'-' if delta is None else f'{delta:.2g}'} | "
+              f"{valid.get('sampled', {}).get('hr@10', float('nan')):.4f} | "
+              f"{test['sampled']['hr@10']:.4f} | {test['sampled']['ndcg@10']:.4f} | "
+              f"{test['full']['recall@20']:.4f} | {summary['wall_seconds']:.1f} | "
+              f"{ratios[0]} | {ratios[1]} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ def test_client_lr_decays_with_the_run_round():
     initial = node_model(load_node(TINY, 0, 3)).shared_state()
 
     def trained(**config):
-        message, context = train_message(TINY, **config)
+        # client_seed: the same sampling in every call, so only the lr differs.
+        message, context = train_message(f"{TINY} client_seed=2", **config)
         message.content["arrays"] = ArrayRecord(torch_state_dict=initial)
         return client_app(message, context).content["arrays"].to_torch_state_dict()
 
