@@ -484,10 +484,10 @@ class SecAggConfig:
     # 2 * clipping_range / quantization_range per unit weight.
     clipping_range: float = MISSING
     quantization_range: int = MISSING
-    # The largest client weight (training examples, or 1 under central_dp): updates are scaled
-    # by weight / max_weight, so a client above it would overflow (it refuses and drops out),
-    # and one far below it loses precision. null: twice the largest client's examples, which
-    # the server knows only in simulation (twice: Poisson sampling under DP-SGD varies them).
+    # The largest client weight (training examples, or 1 under a privacy mechanism): updates
+    # are scaled by weight / max_weight, so a client above it would overflow (it refuses and
+    # drops out), and one far below it loses precision. null: twice the largest client's
+    # examples, which the server knows only in simulation; every client receives it.
     max_weight: float | None = MISSING
     # Seconds the server waits for each SecAgg+ stage; a client slower than this drops out.
     # null waits for ever.
@@ -591,8 +591,8 @@ class Config:
         if self.secagg.enabled:
             _check(self.secagg.max_weight is not None, "secagg.max_weight", None,
                    "a number with federation=deployment: the server cannot count the nodes' "
-                   "examples; set at least the largest node's training examples (x2 with "
-                   "dp_sgd)")
+                   "examples; set at least the largest node's training examples (1 under a "
+                   "privacy mechanism, whose clients all weigh 1)")
 
     def _check_secagg(self) -> None:
         """What cannot work when the server sees only the sum of the updates."""

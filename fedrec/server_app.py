@@ -99,7 +99,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.secagg.enabled:
         largest = None if fed is None else float(fed.client_examples().max())
         secagg = plan_secagg(cfg.secagg, sample_size=sample_size,
-                             largest_weight=1.0 if central is not None else largest)
+                             largest_weight=1.0 if cfg.privacy.mechanism != "none" else largest)
     privacy = PrivacyReport(cfg.privacy, central=central, dp_sgd=dp_sgd,
                             secagg=None if secagg is None else dataclasses.asdict(secagg))
     privacy.resume(done)
