@@ -156,7 +156,7 @@ def _dp_sgd_ledger(node: NodeData, cfg: DpSgdConfig, context: Context,
             f"steps_per_epoch={step.steps_per_epoch} a round"))
     if DP_SGD_STATE in context.state:
         return DpSgdLedger.from_record(context.state.config_records[DP_SGD_STATE])
-    units = protected_units(node)
+    units = protected_units(node)  # zero: refused by check_delta
     delta = cfg.delta if cfg.delta is not None else float(config["dp-delta"])
     try:
         check_delta(delta, units, f"{cfg.unit}s on this client")

@@ -44,7 +44,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.utils import register_norm_sampler
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
 from fedrec.config import (
@@ -69,12 +69,15 @@ NOT_COVERED = 4003
 
 # -------------------------------------------------------------------------------- delta
 def default_delta(units: int) -> float:
-    """1 / n^1.1 for n protected units: far below 1 / n, where (epsilon, 1/n)-DP allows
-    publishing one unit's data outright."""
+    """1 / n^1.1 for n protected units: below 1 / n, where (epsilon, 1/n)-DP allows publishing
+    one unit's data outright. For small n it is still large (10 shops: 0.079); set
+    privacy.delta where that matters."""
     return float(units) ** -1.1
 
 
 def check_delta(delta: float, units: int, what: str) -> None:
+    if units < 1:
+        raise ConfigError(f"no {what} to protect: DP-SGD needs training examples")
     if delta >= 1.0 / units:
         raise ConfigError(
             f"privacy.delta={delta:.3g} is not below 1 / {units} {what}: a mechanism with delta "
@@ -309,6 +312,18 @@ def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
     return TrainResult(loss=loss, num_examples=seen)
 
 
+def _noise_only_step(optimizer: DPOptimizer) -> None:
+    """The step of an empty Poisson draw: no gradient, the noise alone. Skipping it would make
+    "nothing moved" an outcome whose probability depends on how many units the client holds."""
+    for p in optimizer.params:
+        if isinstance(optimizer, DPOptimizerFastGradientClipping):
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _train_by_example(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
                       examples: TrainExamples, objective: Objective, plan: DpSgdPlan,
                       cfg: DpSgdConfig, *, seed: int,
@@ -345,7 +360,8 @@ def _train_by_example(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
             # Opacus' hooks on the first layer fire although item ids need no gradient.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             result = train(module, optimizer, private_loader, objective, epochs=epochs,
-                           seed=seed, after_step=after_step)
+                           seed=seed, after_step=after_step,
+                           empty_step=lambda: _noise_only_step(optimizer))
     finally:
         module.remove_hooks()
     return result
@@ -537,13 +553,47 @@ def wrap_legacy_strategy(strategy: legacy_strategy.Strategy,
     """Distributed DP for secagg=on: each client clips its own update (Flower's legacy
     fixedclipping wrapper sends the norm), SecAgg+ reveals only the sum, and the server adds the
     noise to it. Server-side and adaptive clipping are refused with secagg when the config is
-    composed. Flower's wrapper releases nothing in a round with any failed client."""
+    composed. Flower's wrapper releases nothing in a round with an error reply; a client that
+    times out in a SecAgg+ stage is left out without an error, so a release of fewer updates
+    than sampled is checked against the budget here (LegacyBudgetGuard)."""
     cfg = central.cfg
     if cfg.side != "client" or cfg.clipping != "fixed":
         raise ConfigError(f"privacy.side={cfg.side} privacy.clipping={cfg.clipping} cannot run "
                           "with secagg=on: use privacy.side=client privacy.clipping=fixed")
-    return legacy_strategy.DifferentialPrivacyClientSideFixedClipping(
-        strategy, central.noise_multiplier, cfg.clipping_norm, central.sample_size)
+    return LegacyBudgetGuard(legacy_strategy.DifferentialPrivacyClientSideFixedClipping(
+        strategy, central.noise_multiplier, cfg.clipping_norm, central.sample_size), central)
+
+
+class LegacyBudgetGuard(legacy_strategy.Strategy):
+    """BudgetGuard for Flower's legacy strategies (SecAgg+'s workflow)."""
+
+    def __init__(self, strategy: legacy_strategy.Strategy, central: CentralDp) -> None:
+        self.strategy = strategy
+        self.central = central
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple:
+        if results and not self.central.release_fits(len(results)):
+            log.warning("round %d: %d of %d sampled clients took part; releasing their sum would "
+                        "take epsilon past privacy.max_epsilon=%s, so the round releases "
+                        "nothing", server_round, len(results), self.central.sample_size,
+                        self.central.cfg.max_epsilon)
+            return None, {}
+        return self.strategy.aggregate_fit(server_round, results, failures)
+
+    def initialize_parameters(self, client_manager):
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return self.strategy.configure_fit(server_round, parameters, client_manager)
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return self.strategy.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round, parameters):
+        return self.strategy.evaluate(server_round, parameters)
 
 
 # -------------------------------------------------------------------------------- report
@@ -571,13 +621,23 @@ class PrivacyReport:
         self._dp_sgd_rounds = (None if dp_sgd is None else rounds_within(
             dp_sgd, cfg.target_epsilon, cfg.accountant))  # type: ignore[attr-defined]
 
-    def resume(self, rounds_done: int) -> None:
-        """A resumed run: DP-FedAvg's accountant composes the rounds its release already made
-        (full rounds: a resumed run cannot know how many replied, and a full round is the
-        cheapest, so the resumed figure is a lower bound; docs/privacy.md)."""
-        if self.central is not None:
-            for _ in range(rounds_done):
-                self.central.compose_round()
+    def resume(self, state: dict[str, object] | None) -> None:
+        """A resumed run: DP-FedAvg's accountant as the checkpoint left it, every release of the
+        first attempt included; a run whose budget allows no further round is refused."""
+        if self.central is None:
+            return
+        if state is None:
+            raise ConfigError("resume: the checkpoint holds no DP-FedAvg accountant state (it "
+                              "predates it): the rounds it released cannot be accounted")
+        self.central.accountant.load_state_dict(state)
+        if not self.central.next_round_fits():
+            raise ConfigError(f"resume: epsilon {self.central.epsilon():.4f} leaves no room for "
+                              f"another round within privacy.max_epsilon="
+                              f"{self.central.cfg.max_epsilon}: the run is done")
+
+    def state(self) -> dict[str, object] | None:
+        """What a checkpoint keeps to resume the accounting."""
+        return None if self.central is None else self.central.accountant.state_dict()
 
     def requested(self, node_ids: list[int]) -> None:
         """The server asked these nodes to train a round."""

@@ -233,9 +233,9 @@ class RoundLog:
             self._consider(record, arrays)
         self._train, self._federated, self._valid = {}, None, None
         self.outputs.log_metrics(record)
-        # Privacy needs no saving: DP-FedAvg's accountant replays the rounds on resume.
         self.outputs.save_checkpoint({"round": server_round, "arrays": arrays.to_torch_state_dict(),
-                                      "selected": self.selected})
+                                      "selected": self.selected,
+                                      "privacy_accountant": self.privacy.state()})
         log.info("round %d/%d %s", server_round, self.num_rounds, _brief(record))
         if server_round < self.num_rounds and self.privacy.stop_before_next_round():
             log.warning("privacy: round %d cost more than planned (clients failed), and another "

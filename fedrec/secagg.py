@@ -27,7 +27,15 @@ from typing import cast
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import ndarrays_to_parameters
@@ -39,7 +47,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedrec.config import ConfigError, SecAggConfig, StrategyConfig
-from fedrec.privacy import CentralDp, wrap_legacy_strategy
+from fedrec.node import load_config
+from fedrec.privacy import NOT_COVERED, CentralDp, wrap_legacy_strategy
 from fedrec.rounds import RoundLog
 from fedrec.strategy import build_legacy_strategy, with_item_step
 
@@ -181,6 +190,11 @@ def run_secure_rounds(
 def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """SecAgg+ train messages go through Flower's secaggplus_mod; plain ones pass untouched."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        if load_config(str(context.run_config["overrides"])).secagg.enabled:
+            # A run with SecAgg+ never trains in the clear, whatever the server asks.
+            return Message(Error(NOT_COVERED, "this run has secagg=on: this client trains only "
+                                 "inside SecAgg+'s stages, never for a plain train request"),
+                           reply_to=msg)
         return call_next(msg, context)
     reply = secaggplus_mod(msg, context, _translated(call_next))
     if not reply.has_error() and "fitres.num_examples" in reply.content:

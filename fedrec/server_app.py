@@ -102,7 +102,8 @@ def main(grid: Grid, context: Context) -> None:
                              largest_weight=1.0 if cfg.privacy.mechanism != "none" else largest)
     privacy = PrivacyReport(cfg.privacy, central=central, dp_sgd=dp_sgd,
                             secagg=None if secagg is None else dataclasses.asdict(secagg))
-    privacy.resume(done)
+    if resumed is not None:
+        privacy.resume(resumed.get("privacy_accountant"))
     server_side = fed is not None and (cfg.eval.server or not federated_evaluation)
     if fed is None and not federated_evaluation:
         log.warning("privacy=%s secagg=%s: the clients send no evaluation figures and a "
@@ -199,7 +200,11 @@ def _reported_round(rounds: RoundLog, cfg: Config, num_rounds: int,
                     "summary has no metrics and model.pt holds the last round's model")
         return {"round": None, "record": {}, "arrays": final_arrays.to_torch_state_dict()}
     score = rounds.validation_score(selected["record"])
-    if score is None:
+    if not rounds.federated_evaluation:
+        log.info("privacy=%s secagg=%s: the run reports its last round, %s, chosen by nothing "
+                 "private (its metrics: the server's own evaluation, in a simulation)",
+                 cfg.privacy.mechanism, "on" if cfg.secagg.enabled else "off", selected["round"])
+    elif score is None:
         log.warning("the clients hold no validation interactions: reporting the last evaluated "
                     "round, not the best by eval.select_by=%s", cfg.eval.select_by)
     else:
@@ -256,8 +261,9 @@ def _plan_privacy(cfg: Config, fed: Federation | None, population: int, sample_s
         planned = privacy.planned_rounds or math.ceil(cfg.num_rounds * sample_size / population)
         delta = privacy.delta
         if fed is not None:  # a simulation counts the federation's protected units
+            # As clients count them (node.protected_units): shoppers with a training example.
             units = (int(fed.client_examples().sum()) if privacy.unit == "example"
-                     else int(fed.split.train["user"].nunique()))
+                     else int((fed.split.train.groupby("user").size() >= 2).sum()))
             if delta is None:
                 delta = default_delta(units)
             check_delta(delta, units, f"{privacy.unit}s in the federation")

@@ -146,9 +146,11 @@ def train(
     epochs: int,
     seed: int,
     after_step: Callable[[], None] | None = None,
+    empty_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train for ``epochs`` passes over ``batches``; ``after_step`` runs after each optimizer
-    step (FedProx's proximal pull toward the global model)."""
+    step (FedProx's proximal pull toward the global model); ``empty_step`` takes the step of an
+    empty batch (DP-SGD: noise alone, as its accountant assumes), which is otherwise skipped."""
     model.train()
     generator = torch.Generator().manual_seed(seed)
     last_loss, num_examples = math.nan, 0
@@ -156,6 +158,10 @@ def train(
         total, count, num_examples = 0.0, 0, 0
         for batch in batches:
             if len(batch[1]) == 0:  # Poisson sampling can draw an empty batch
+                if empty_step is not None:
+                    empty_step()
+                    if after_step is not None:
+                        after_step()
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss = objective(model, batch, generator)

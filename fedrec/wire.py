@@ -25,6 +25,9 @@ FEDPROX_CONFIG = {"proximal-mu"}
 DP_SGD_CONFIG = {"dp-planned-rounds", "dp-delta", "dp-steps-per-epoch"}
 # Flower's client-side clipping wrappers: the clipping norm each client applies.
 CLIENT_CLIPPING_CONFIG = {"clipping_norm"}
+# Flower's adaptiveclipping_mod: whether the client's update was clipped, in the clear. Andrew
+# et al.'s accounting covers it only as a noised count; Flower sends each bit (docs/privacy.md).
+ADAPTIVE_CLIPPING_METRICS = {"norm_bit"}
 EVALUATE_CONFIG = {"server-round"}
 
 # A train reply: the weight every client sends (a constant), and under privacy=none without
@@ -86,8 +89,11 @@ def allowed(cfg: Config, message_type: str, direction: str) -> dict[str, set[str
         if isinstance(cfg.privacy, CentralDpConfig) and cfg.privacy.side == "client":
             config |= CLIENT_CLIPPING_CONFIG
         return {"arrays": {SHARED}, "config": config}
-    return {"arrays": {SHARED},
-            "metrics": set(PRIVATE_TRAIN_METRICS if private else PLAIN_TRAIN_METRICS)}
+    metrics = set(PRIVATE_TRAIN_METRICS if private else PLAIN_TRAIN_METRICS)
+    if (isinstance(cfg.privacy, CentralDpConfig) and cfg.privacy.side == "client"
+            and cfg.privacy.clipping == "adaptive"):
+        metrics |= ADAPTIVE_CLIPPING_METRICS
+    return {"arrays": {SHARED}, "metrics": metrics}
 
 
 def _secagg_off(cfg: Config) -> object:

@@ -508,3 +508,30 @@ def test_protected_units_count_shoppers_or_examples():
     examples = load_node(f"{DP} privacy.unit=example", 0, 3)
     assert protected_units(shoppers) == len(torch.unique(shoppers.examples.user))
     assert protected_units(examples) == len(examples.examples) > protected_units(shoppers)
+
+
+def test_a_secagg_client_never_trains_on_a_plain_request():
+    """An untrusted server could skip SecAgg+'s stages and ask for a plain update."""
+    message, context = train_message(f"{TINY} secagg=on")
+    reply = client_app(message, context)
+    assert reply.has_error() and reply.error.code == NOT_COVERED
+    assert "secagg=on" in reply.error.reason
+
+
+def test_a_resumed_dp_fedavg_run_keeps_its_accountant_or_is_refused():
+    from fedrec.privacy import PrivacyReport
+
+    cfg = typed_config("privacy=central_dp", "privacy.noise_multiplier=2.0",
+                       "privacy.max_epsilon=50").privacy
+    first = plan_central_dp(cfg, population=3, sample_size=3, num_rounds=5)
+    first.compose_round(3)
+    first.compose_round(2)  # a short round, dearer than a full one
+    report = PrivacyReport(cfg, central=first)
+    resumed = PrivacyReport(cfg, central=plan_central_dp(cfg, population=3, sample_size=3,
+                                                         num_rounds=5))
+    resumed.resume(report.state())
+    assert resumed.epsilon == pytest.approx(first.epsilon())
+    spent = dataclasses.replace(cfg, max_epsilon=first.epsilon() * 1.0001)
+    with pytest.raises(ConfigError, match="leaves no room"):
+        PrivacyReport(spent, central=plan_central_dp(spent, population=3, sample_size=3,
+                                                     num_rounds=1)).resume(report.state())
