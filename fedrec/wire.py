@@ -73,22 +73,15 @@ def allowed(cfg: Config, message_type: str, direction: str) -> dict[str, set[str
             return dict(SECAGG_UP)
         # The legacy fit instructions carry the plain path's train config and the names the
         # client needs to translate them (fedrec.secagg).
-        plain = allowed(cfg.__class__(**{**vars(cfg), "secagg": _secagg_off(cfg)}),
-                        message_type, direction)["config"]
-        return {**SECAGG_DOWN, "fitins.config": (plain or set()) | SECAGG_TRAIN_CONFIG}
+        return {**SECAGG_DOWN, "fitins.config": _train_config(cfg) | SECAGG_TRAIN_CONFIG}
     if message_type == "evaluate":
         if direction == "down":
             return {"arrays": {SHARED}, "config": set(EVALUATE_CONFIG)}
         if private or cfg.secagg.enabled:
             return {}  # a client answers with an error, and no figures
-        return {"metrics": None}  # ranking sums and counts: see evaluation_keys
+        return {"metrics": None}  # ranking sums and counts (RankingSums.flat), test and valid.
     if direction == "down":
-        config = set(TRAIN_CONFIG) | FEDPROX_CONFIG
-        if isinstance(cfg.privacy, DpSgdConfig):
-            config |= DP_SGD_CONFIG
-        if isinstance(cfg.privacy, CentralDpConfig) and cfg.privacy.side == "client":
-            config |= CLIENT_CLIPPING_CONFIG
-        return {"arrays": {SHARED}, "config": config}
+        return {"arrays": {SHARED}, "config": _train_config(cfg)}
     metrics = set(PRIVATE_TRAIN_METRICS if private else PLAIN_TRAIN_METRICS)
     if (isinstance(cfg.privacy, CentralDpConfig) and cfg.privacy.side == "client"
             and cfg.privacy.clipping == "adaptive"):
@@ -96,8 +89,14 @@ def allowed(cfg: Config, message_type: str, direction: str) -> dict[str, set[str
     return {"arrays": {SHARED}, "metrics": metrics}
 
 
-def _secagg_off(cfg: Config) -> object:
-    return cfg.secagg.__class__(**{**vars(cfg.secagg), "enabled": False})
+def _train_config(cfg: Config) -> set[str]:
+    """The keys of a train request's config under ``cfg``'s mechanism."""
+    config = set(TRAIN_CONFIG) | FEDPROX_CONFIG
+    if isinstance(cfg.privacy, DpSgdConfig):
+        config |= DP_SGD_CONFIG
+    if isinstance(cfg.privacy, CentralDpConfig) and cfg.privacy.side == "client":
+        config |= CLIENT_CLIPPING_CONFIG
+    return config
 
 
 def violations(cfg: Config, layout: dict[str, object], direction: str,
