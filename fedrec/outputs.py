@@ -50,7 +50,11 @@ class RunOutputs:
                                     "a federated run that finished a round leaves one)")
         if (outputs.path / "summary.json").exists():
             raise FileExistsError(f"resume={run_dir}: that run finished (summary.json exists)")
-        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        try:  # tensors and plain data only: a crafted pickle is refused, never run
+            checkpoint = torch.load(checkpoint_path, weights_only=True)
+        except Exception as err:  # torch raises many kinds for a foreign or crafted file
+            raise ValueError(f"resume={run_dir}: {checkpoint_path} is not a fedrec checkpoint "
+                             f"of tensors and plain data ({type(err).__name__})") from err
         metrics = outputs.path / "metrics.jsonl"
         kept = [line for line in metrics.read_text().splitlines()
                 if json.loads(line)["round"] <= checkpoint["round"]]

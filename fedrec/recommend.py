@@ -213,7 +213,8 @@ def _read_model_file(path: Path) -> dict[str, Any]:
         raise RecommendError(f"model file {path} does not exist (a run writes model.pt into "
                              "its output_dir)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        # Tensors and plain data only: a crafted pickle is refused, never run.
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a truncated or foreign file
         raise RecommendError(f"model file {path} cannot be read ({type(err).__name__}: "
                              f"{err}); is it a fedrec model.pt?") from err

@@ -62,8 +62,8 @@ def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
     assert summary["metrics"] == {"sampled": lines[best]["sampled"], "full": lines[best]["full"]}
     assert summary["valid_metrics"] == lines[best]["valid"]
     assert summary["server_metrics"] == lines[best]["server"]
-    saved = torch.load(out / "model.pt", weights_only=False)
-    selected = torch.load(out / "checkpoint.pt", weights_only=False)["selected"]
+    saved = torch.load(out / "model.pt", weights_only=True)
+    selected = torch.load(out / "checkpoint.pt", weights_only=True)["selected"]
     assert selected["round"] == best
     for name, tensor in selected["arrays"].items():
         assert torch.equal(saved["shared_state"][name], tensor), name
@@ -193,7 +193,7 @@ def test_item_server_lr_scales_only_the_item_table_step(flower, tmp_path):
     fedavg = {k: sum(w * s[k] for w, s in zip(weights, states, strict=True)) / sum(weights)
               for k in initial}
 
-    trained = torch.load(out / "model.pt", weights_only=False)["shared_state"]
+    trained = torch.load(out / "model.pt", weights_only=True)["shared_state"]
     for key, start in initial.items():
         scale = 3.0 if key == ITEM_TABLE else 1.0
         assert torch.allclose(trained[key] - start, scale * (fedavg[key] - start), atol=1e-5), key
@@ -258,7 +258,7 @@ def test_stopped_run_resumes_from_its_last_round(flower, tmp_path):
     stop_local_superlink()
     attempt.join(timeout=120)
     assert failure, "the first attempt was meant to be stopped before round 4"
-    stopped_at = torch.load(run / "checkpoint.pt", weights_only=False)["round"]
+    stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["round"]
     assert 2 <= stopped_at < 4
 
     summary = flower(f"{overrides} resume={run}", num_supernodes=3, output_dir=run)

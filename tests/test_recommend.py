@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,7 +100,7 @@ def test_bad_inputs_get_errors_that_name_the_problem(guide, model_path, tmp_path
     with pytest.raises(RecommendError, match="cannot be read"):
         Recommender.load(corrupt)
     partial = tmp_path / "partial.pt"
-    payload = torch.load(model_path, weights_only=False)
+    payload = torch.load(model_path, weights_only=True)
     del payload["item_vectors"]
     torch.save(payload, partial)
     with pytest.raises(RecommendError, match="lacks item_vectors"):
@@ -131,3 +132,34 @@ def test_cli_batch_demo_and_errors(guide, model_path, tmp_path, capsys):
     assert main([str(model_path), "--batch", str(histories), "--out",
                  str(tmp_path / "x.csv")]) == 2
     assert "expected the header shopper,item" in capsys.readouterr().err
+
+
+class _Marker:
+    """A pickle that would create a file when loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_crafted_model_file_is_refused_and_never_runs(tmp_path):
+    marker, crafted = tmp_path / "ran", tmp_path / "crafted.pt"
+    torch.save({"shared_state": _Marker(marker)}, crafted)
+    with pytest.raises(RecommendError, match="cannot be read"):
+        Recommender.load(crafted)
+    assert not marker.exists()
+
+
+def test_a_crafted_checkpoint_is_refused_and_never_runs(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fedrec.outputs import CHECKPOINT, RunOutputs
+
+    marker = tmp_path / "ran"
+    (tmp_path / "metrics.jsonl").write_text("")
+    torch.save({"round": 1, "arrays": _Marker(marker)}, tmp_path / CHECKPOINT)
+    with pytest.raises(ValueError, match="not a fedrec checkpoint"):
+        RunOutputs.resume(tmp_path, OmegaConf.create({}))
+    assert not marker.exists()

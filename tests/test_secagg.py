@@ -16,7 +16,7 @@ from fedrec.secagg import plan_secagg
 
 
 def _shared_state(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "model.pt", weights_only=False)["shared_state"]
+    return torch.load(run / "model.pt", weights_only=True)["shared_state"]
 
 
 def _rounds(run: Path) -> list[dict]:
