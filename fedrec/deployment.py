@@ -37,6 +37,7 @@ from fedrec.config import parse_overrides
 from fedrec.simulation import (
     PROJECT_DIR,
     SimulationError,
+    failure_lines,
     stop_processes,
     stop_started_run,
     stream_command,
@@ -179,12 +180,16 @@ class LocalDeployment:
             self.processes.pop("flwr-run", None)
         runs = re.findall(r"Successfully started run (\d+)",
                           (self.logs / "flwr-run.log").read_text())
-        status = self.flwr_json("ls", CONNECTION, "--run-id", runs[-1])["runs"][0]["status"] \
-            if runs else "not started"
+        run = self.flwr_json("ls", CONNECTION, "--run-id", runs[-1])["runs"][0] if runs else {}
+        status = run.get("status", "not started")
         summary = output_dir / "summary.json"
         if status != "finished:completed" or not summary.exists():
-            raise SimulationError(f"the run ended {status!r} without {summary}; logs: "
-                                  f"{self.logs} (flwr-run.log holds the ServerApp's)")
+            details = run.get("status-details") or "no details"
+            nodes = "\n".join(failure_lines(path, limit=4)
+                              for path in sorted(self.logs.glob("supernode-*.log")))
+            raise SimulationError(
+                f"the run ended {status!r} ({details}) without {summary}; "
+                f"{failure_lines(self.logs / 'flwr-run.log')}\nthe SuperNodes': {nodes}")
         return json.loads(summary.read_text())
 
     # ---------------------------------------------------------------------------- helpers

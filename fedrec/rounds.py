@@ -179,6 +179,9 @@ class RoundLog:
         return MetricRecord()
 
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
+        if not records:  # every client failed: the round's line counts them (failed_clients)
+            self._federated = self._valid = None
+            return MetricRecord()
         summed = dict(sum_metric_records(records, weighting_key))
         self._federated = RankingSums.from_flat(summed)
         self._valid = RankingSums.from_flat(summed, VALID_PREFIX)

@@ -83,6 +83,11 @@ def main(grid: Grid, context: Context) -> None:
                                  "local-epochs": cfg.train.local_epochs,
                                  "batch-size": cfg.train.batch_size, "round-offset": done})
     population, sample_size = _round_sample(cfg, metered)
+    if fed is not None and population != fed.num_clients:
+        raise ConfigError(
+            f"the federation has {population} nodes but partition={cfg.partition.kind} gives "
+            f"{fed.num_clients} clients on {fed.dataset.name}: run with --federation-config "
+            f"\"num-supernodes={fed.num_clients}\"")
     central, dp_sgd = _plan_privacy(cfg, fed, population, sample_size, train_config)
     # Per-client evaluation figures are covered by no mechanism: a private or SecAgg+ run
     # asks for none, and a simulation evaluates on the server instead (labelled so).
@@ -127,9 +132,14 @@ def main(grid: Grid, context: Context) -> None:
     if resumed is None and federated_evaluation:
         # Round 0: the untrained model, evaluated federated, so every run shows where it
         # started.
-        rounds.aggregate_evaluate([r.content for r in metered.send_and_receive(
+        replies = list(metered.send_and_receive(
             strategy.configure_evaluate(0, initial, ConfigRecord(), metered),
-            timeout=cfg.round_timeout) if not r.has_error()], "num-examples")
+            timeout=cfg.round_timeout))
+        answered = [r.content for r in replies if not r.has_error()]
+        if replies and not answered:  # a config or data error every node meets: say it once
+            raise RuntimeError(f"every client failed to evaluate the initial model, so no "
+                               f"round can run; the first said: {replies[0].error.reason}")
+        rounds.aggregate_evaluate(answered, "num-examples")
     try:
         if secagg is None:
             final_arrays = strategy.start(grid=metered, initial_arrays=initial,

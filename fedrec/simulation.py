@@ -74,9 +74,31 @@ def run_federated(
         run_config.unlink()
     summary_path = output_dir / "summary.json"
     if not summary_path.exists():
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
-        raise SimulationError(f"flwr run wrote no {summary_path}; end of {log_path}:\n{tail}")
+        raise SimulationError(f"flwr run wrote no {summary_path}; {failure_lines(log_path)}")
     return json.loads(summary_path.read_text())
+
+
+# The last line of a Python traceback: "KeyError: 'full'", "fedrec.config.ConfigError: ...".
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt)"
+                             r"\b.*$")
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failure_lines(log_path: Path, limit: int = 12) -> str:
+    """What a failed run's log says went wrong, for an error message: its ERROR lines and the
+    exception line ending each traceback, once each, in order (Flower logs every line twice,
+    and a ClientApp failure repeats per message). A full log can run to hundreds of lines."""
+    text = _COLOUR.sub("", log_path.read_text(errors="replace")) if log_path.exists() else ""
+    seen: dict[str, None] = {}
+    for line in text.splitlines():
+        line = re.sub(r"^\d\d/\d\d/\d{4} [\d:]+:", "", line).strip()
+        if line.startswith("ERROR") or _EXCEPTION_LINE.match(line):
+            seen.setdefault(re.sub(r"^ERROR\s*:?\s*", "", line), None)
+    found = list(seen)[-limit:]
+    if not found:
+        tail = "\n".join(text.splitlines()[-15:])
+        return f"{log_path} names no error; its end:\n{tail}"
+    return f"the errors in {log_path}:\n" + "\n".join(f"  {line}" for line in found)
 
 
 def stop_started_run(log_path: Path, env: dict[str, str], *connection: str) -> str:
