@@ -8,6 +8,7 @@ before any data is read or any model trained.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -680,3 +681,42 @@ def _explain(err: BaseException) -> str:
 def to_typed(cfg: DictConfig) -> Config:
     """The validated, typed view of a composed config (runs every __post_init__ check)."""
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def federated_config(composed: DictConfig) -> Config:
+    """The typed config of a federated run, which needs a model with parameters to federate."""
+    cfg = to_typed(composed)
+    if not isinstance(cfg.model, TwoTowerConfig):
+        raise ConfigError(f"model={cfg.model.kind} has no parameters to federate: "
+                          "use model=two_tower (run the baseline with fedrec.centralized)")
+    return cfg
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def config_from_spec(cls: type, spec: object, what: str) -> Any:
+    """A config dataclass from a plain dict (as model.pt stores its model and data specs),
+    checked as a composed one is: every field present, nothing else, plain values only. No
+    Hydra composition and no interpolation: a stored ``${...}`` stays a string."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{what} is a {type(spec).__name__}, expected a mapping")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown, missing = sorted(set(spec) - fields), sorted(fields - set(spec))
+    if unknown or missing:
+        raise ConfigError(f"{what} does not describe a {cls.__name__}: unknown keys "
+                          f"{unknown or 'none'}, missing keys {missing or 'none'}")
+    for key, value in spec.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, _PLAIN) for v in values):
+            raise ConfigError(f"{what}.{key}={value!r} is not a plain value")
+    return cls(**spec)
+
+
+def dataset_from_spec(spec: object, what: str = "data spec") -> DatasetConfig:
+    """The dataset config a data spec describes; its format picks the class."""
+    fmt = spec.get("format") if isinstance(spec, dict) else None
+    _check(fmt in DATASET_FORMATS, f"{what}.format", fmt, f"one of {', '.join(DATASET_FORMATS)}")
+    cls = {"synthetic": SyntheticDatasetConfig, "sequence": SequenceDatasetConfig,
+           "csv": CsvDatasetConfig}.get(str(fmt), FileDatasetConfig)
+    return config_from_spec(cls, spec, what)

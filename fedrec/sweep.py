@@ -67,7 +67,7 @@ def _run(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]
         from fedrec.centralized import run as run_centralized
 
         return run_centralized(overrides)
-    from fedrec.node import build_federation
+    from fedrec.data.federation import build_federation
 
     clients = build_federation(typed).num_clients
     log.info("federated: %d clients, %d rounds (Flower log: %s)", clients, typed.num_rounds,

@@ -10,9 +10,17 @@ or masked by SecAgg+) and a constant weight. Evaluation figures are not sent at 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
 from fedrec.config import CentralDpConfig, Config, DpSgdConfig
+
+# Error codes of a client's refusals (Flower's own codes are small integers): its budget cannot
+# pay for another round; the request leaves the client's own plan; the request asks for what
+# the run's guarantee does not cover.
+BUDGET_EXHAUSTED = 4001
+OUTSIDE_PLAN = 4002
+NOT_COVERED = 4003
 
 # The shared parameters: an "arrays" record may hold exactly the model's shared state.
 SHARED = "<shared parameters>"
@@ -41,10 +49,21 @@ PLAIN_TRAIN_METRICS = {"unit-weight", "num-examples", "train_loss"}
 # constant weight, no metrics and a status.
 SECAGG_RECORD = RECORD_KEY_CONFIGS  # "secaggplus_configs"
 SECAGG_DOWN = {"fitins.parameters": None, SECAGG_RECORD: None}
-SECAGG_TRAIN_CONFIG = {"secagg-array-names", "secagg-weight-key", "secagg-max-weight"}
+# Keys fedrec adds to SecAgg+'s legacy train config, so a client can translate it without its
+# model: the arrays' names, the reply's weight key and the largest weight SecAgg+ can carry.
+ARRAY_NAMES, WEIGHT_KEY, MAX_WEIGHT = "secagg-array-names", "secagg-weight-key", "secagg-max-weight"
+SECAGG_TRAIN_CONFIG = {ARRAY_NAMES, WEIGHT_KEY, MAX_WEIGHT}
+# Legacy strategies name their config keys differently from the new API's.
+LEGACY_CONFIG_KEYS = {"proximal_mu": "proximal-mu"}
 SECAGG_UP = {SECAGG_RECORD: None, "fitres.parameters": set(),
              "fitres.num_examples": {"num_examples"}, "fitres.metrics": set(),
              "fitres.status": {"code", "message"}}
+
+
+def starts_round(msg: Message) -> bool:
+    """Whether a train message opens a round: a plain one, or SecAgg+'s setup stage."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return configs is None or configs.get(SecAggKey.STAGE) == Stage.SETUP
 
 
 def message_layout(msg: Message) -> dict[str, object]:
@@ -72,7 +91,7 @@ def allowed(cfg: Config, message_type: str, direction: str) -> dict[str, set[str
         if direction == "up":
             return dict(SECAGG_UP)
         # The legacy fit instructions carry the plain path's train config and the names the
-        # client needs to translate them (fedrec.secagg).
+        # client needs to translate them (fedrec.client.secagg).
         return {**SECAGG_DOWN, "fitins.config": _train_config(cfg) | SECAGG_TRAIN_CONFIG}
     if message_type == "evaluate":
         if direction == "down":

@@ -20,10 +20,9 @@ import logging
 import tempfile
 from pathlib import Path
 
-from common import DEFAULT_DATA, local_superlink
+from common import DEFAULT_DATA, load_federation, local_superlink
 
 from fedrec.centralized import run as run_centralized
-from fedrec.node import load_federation
 from fedrec.simulation import run_federated
 
 

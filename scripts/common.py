@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedrec.node import load_federation
+from fedrec.config import compose_config, federated_config
+from fedrec.data.federation import Federation, build_federation
 from fedrec.simulation import run_federated, stop_local_superlink, superlink_pids
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -26,6 +27,11 @@ def local_superlink() -> Iterator[None]:
     finally:
         if not was_running:
             stop_local_superlink()
+
+
+def load_federation(overrides: str) -> Federation:
+    """The federation a run of these overrides trains on, as its ServerApp builds it."""
+    return build_federation(federated_config(compose_config(overrides)))
 
 
 def run_row(overrides: str, output_dir: Path) -> dict[str, Any] | str:

@@ -19,9 +19,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 from opacus import GradSampleModule
 
+from fedrec.client.task import NodeData, NodeHolder, node_model
 from fedrec.config import compose_config, to_typed
 from fedrec.data.dataset import Dataset, RawData, build_dataset
-from fedrec.node import load_node, node_model
 from fedrec.simulation import run_federated, stop_local_superlink, superlink_pids
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -33,6 +33,13 @@ def make_dataset(rows: list[tuple[str, str, int]], attributes: dict[str, list[st
     frame = pd.DataFrame(rows, columns=["user", "item", "order"])
     return build_dataset(name, RawData(frame, item_attributes=attributes), min_rating=None,
                          kcore=0, source=name)
+
+
+def load_node(overrides: str, partition_id: int | None, num_partitions: int | None,
+              data_path: str | None = None) -> NodeData:
+    """A node's data as a ClientApp process loads it: through a holder of its own, for one
+    run, so no test sees another's data."""
+    return NodeHolder().node(0, overrides, partition_id, num_partitions, data_path)
 
 
 def typed_config(*overrides: str):

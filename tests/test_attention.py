@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, assert_opacus_per_example_gradients, per_example_batch, typed_config
+from conftest import (
+    TINY,
+    assert_opacus_per_example_gradients,
+    load_node,
+    per_example_batch,
+    typed_config,
+)
 
+from fedrec.accounting import plan_dp_sgd
+from fedrec.client.dp_sgd import DpSgdLedger
+from fedrec.client.task import node_model, train_round
 from fedrec.model import TwoTower
-from fedrec.node import load_node, node_model, train_round
-from fedrec.privacy import DpSgdLedger, plan_dp_sgd
 
 SMALL = ("model.embedding_dim=16", "model.hidden_dim=32", "model.max_history=6")
 PAD = 30

@@ -46,6 +46,7 @@ def _overrides(nodes: Path, rounds: int) -> str:
     return f"{RUN} dataset.catalogue={nodes / 'catalogue.csv'} num_rounds={rounds}"
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_tls_authenticated_deployment_trains(deployment, nodes, tmp_path):
     summary = deployment.run(_overrides(nodes, 2), tmp_path / "run", timeout=900)
     assert summary["mode"] == "federated" and summary["rounds"] == 2
@@ -58,6 +59,7 @@ def test_tls_authenticated_deployment_trains(deployment, nodes, tmp_path):
     assert (deployment.logs / "supernode-0.log").stat().st_size > 0
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_run_survives_a_node_killed_after_round_one(deployment, nodes, tmp_path):
     key = deployment.node_key("node-2")
     deployment.flwr("supernode", "register", f"{key}.pub", "fedrec-local")
@@ -85,6 +87,7 @@ def test_run_survives_a_node_killed_after_round_one(deployment, nodes, tmp_path)
     deployment.stop_node(2)
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_unregistered_node_is_refused(deployment, nodes):
     key = deployment.node_key("stranger")  # never registered
     node = deployment.start_node(9, nodes / "node-2" / "interactions.csv", key=key,

@@ -11,19 +11,27 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, assert_wire_contract, train_message, typed_config, wait_for_round
+from conftest import (
+    TINY,
+    assert_wire_contract,
+    load_node,
+    train_message,
+    typed_config,
+    wait_for_round,
+)
 from flwr.app import ArrayRecord
 
-from fedrec.client_app import PERSONAL_STATE
-from fedrec.client_app import app as client_app
+from fedrec.client.app import PERSONAL_STATE
+from fedrec.client.app import app as client_app
+from fedrec.client.task import NodeHolder, node_model, train_round
 from fedrec.config import ConfigError, compose_config
 from fedrec.data.formats import DataFormatError
 from fedrec.model import TwoTower
-from fedrec.node import load_node, node_model, train_round
+from fedrec.server.strategy import ITEM_TABLE, STRATEGY_CLASSES, build_strategy
 from fedrec.simulation import SimulationError
-from fedrec.strategy import ITEM_TABLE, STRATEGY_CLASSES, build_strategy
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
     out, wire = tmp_path / "run", tmp_path / "wire.jsonl"
     summary = flower(f"{TINY} num_rounds=3 eval.server=true wire_log={wire}", num_supernodes=3,
@@ -79,6 +87,7 @@ def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedavgm", "fedtrimmedavg",
                                       "fedmedian", "multikrum"])
+@pytest.mark.slow  # starts the Flower runtime
 def test_each_strategy_family_runs(flower, tmp_path, strategy):
     summary = flower(f"{TINY} num_rounds=1 strategy={strategy}", num_supernodes=3,
                      output_dir=tmp_path / strategy)
@@ -86,6 +95,7 @@ def test_each_strategy_family_runs(flower, tmp_path, strategy):
     assert 0 <= summary["metrics"]["sampled"]["hr@10"] <= 1
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_bad_override_fails_before_training(flower, tmp_path):
     with pytest.raises(SimulationError, match=r"train\.lr=-1"):
         flower(f"{TINY} train.lr=-1", num_supernodes=3, output_dir=tmp_path / "bad")
@@ -95,7 +105,7 @@ def test_bad_override_fails_before_training(flower, tmp_path):
 @pytest.mark.parametrize("name", sorted(STRATEGY_CLASSES))
 def test_every_strategy_builds_from_its_config(name):
     cfg = typed_config(f"strategy={name}")
-    strategy = build_strategy(cfg.strategy, eval_every=1, num_rounds=2,
+    strategy = build_strategy(cfg.strategy,
                               train_metrics=lambda r, k: None, evaluate_metrics=lambda r, k: None)
     assert isinstance(strategy, STRATEGY_CLASSES[name])
 
@@ -103,7 +113,7 @@ def test_every_strategy_builds_from_its_config(name):
 def test_unknown_strategy_param_is_refused():
     cfg = typed_config("strategy=fedadam", "+strategy.params.momentum=0.5")
     with pytest.raises(ConfigError, match=r"strategy\.params\.momentum.*eta"):
-        build_strategy(cfg.strategy, eval_every=1, num_rounds=2,
+        build_strategy(cfg.strategy,
                        train_metrics=lambda r, k: None, evaluate_metrics=lambda r, k: None)
 
 
@@ -123,8 +133,15 @@ def test_proximal_term_changes_the_update():
     assert (proximal - origin).norm() < (plain - origin).norm()
 
 
-def test_node_data_is_loaded_once_and_partitions_must_match():
-    assert load_node(TINY, 1, 3) is load_node(TINY, 1, 3)
+def test_node_data_is_held_per_run_and_partitions_must_match():
+    holder = NodeHolder()
+    first = holder.node(1, TINY, 1, 3, None)
+    assert holder.node(1, TINY, 1, 3, None) is first  # read once for the run
+    assert holder.config(1, TINY) is first.cfg
+    # Another run in the same process reads its data and config afresh.
+    other = holder.node(2, TINY, 1, 3, None)
+    assert other is not first and other.cfg is not first.cfg
+    assert torch.equal(other.examples.user, first.examples.user)
     with pytest.raises(ConfigError, match="num-supernodes=3"):
         load_node(TINY, 0, 5)
 
@@ -170,6 +187,7 @@ def test_client_lr_decays_with_the_run_round():
     assert not torch.allclose(decayed["item_mlp.0.weight"], undecayed["item_mlp.0.weight"])
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_item_server_lr_scales_only_the_item_table_step(flower, tmp_path):
     """One real round with item_server_lr=3 against FedAvg of the same three replies computed
     here: the item table moves three times as far, every other parameter as FedAvg moves it."""
@@ -200,6 +218,7 @@ def test_item_server_lr_scales_only_the_item_table_step(flower, tmp_path):
     assert (fedavg[ITEM_TABLE] - initial[ITEM_TABLE]).abs().max() > 1e-3  # it did move
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_federated_evaluation_runs_every_n_rounds(flower, tmp_path):
     out = tmp_path / "every"
     flower(f"{TINY} num_rounds=3 eval.every=2", num_supernodes=3, output_dir=out)
@@ -235,6 +254,7 @@ def test_deployed_node_reads_its_own_data_path(tmp_path):
         load_node(overrides, None, None, str(stray))
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_stopped_run_resumes_from_its_last_round(flower, tmp_path):
     """Stop a 4-round run (SuperLink and simulation killed) once round 2 is logged; resume it:
     it reaches round 4 and metrics.jsonl holds every round exactly once."""

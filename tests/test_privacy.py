@@ -18,6 +18,7 @@ from conftest import (
     TINY,
     assert_opacus_per_example_gradients,
     assert_wire_contract,
+    load_node,
     per_example_batch,
     train_message,
     typed_config,
@@ -32,25 +33,14 @@ from independent_accounting import (
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedrec.client_app import DP_SGD_STATE
-from fedrec.client_app import app as client_app
+from fedrec.accounting import DpSgdPlan, default_delta, dp_sgd_epsilon, plan_dp_sgd
+from fedrec.client.app import DP_SGD_STATE
+from fedrec.client.app import app as client_app
+from fedrec.client.dp_sgd import DpSgdLedger, embedding_norm_sample, train_dp_sgd
+from fedrec.client.task import node_model, protected_units, train_round
 from fedrec.config import ConfigError
-from fedrec.node import load_node, node_model, protected_units, train_round
-from fedrec.privacy import (
-    BUDGET_EXHAUSTED,
-    NOT_COVERED,
-    OUTSIDE_PLAN,
-    DpSgdLedger,
-    DpSgdPlan,
-    _epsilon_after,
-    accounted_noise,
-    default_delta,
-    dp_sgd_epsilon,
-    embedding_norm_sample,
-    plan_central_dp,
-    plan_dp_sgd,
-    train_dp_sgd,
-)
+from fedrec.server.privacy import _epsilon_after, accounted_noise, plan_central_dp
+from fedrec.wire import BUDGET_EXHAUSTED, NOT_COVERED, OUTSIDE_PLAN
 
 DP = f"{TINY} privacy=dp_sgd_eps4 privacy.negatives_per_example=8"
 # What a server sends with a DP-SGD train request: the public inputs of each client's plan.
@@ -356,6 +346,7 @@ def test_central_dp_round_with_failed_clients_costs_its_real_strength():
 
 
 # --------------------------------------------------------------------------- real runs
+@pytest.mark.slow  # starts the Flower runtime
 def test_dp_sgd_run_states_its_guarantee_and_keeps_the_wire_contract(flower, tmp_path):
     out, wire = tmp_path / "dp_sgd", tmp_path / "wire.jsonl"
     overrides = f"{DP} num_rounds=3"
@@ -388,6 +379,7 @@ def test_dp_sgd_run_states_its_guarantee_and_keeps_the_wire_contract(flower, tmp
     assert "the shopping guide for a made-up shopper" in log
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_clients_out_of_budget_skip_rounds_and_the_run_goes_on(flower, tmp_path):
     out = tmp_path / "exhausted"
     # Two of three clients a round for four rounds, each client budgeted for one round: from
@@ -405,6 +397,7 @@ def test_clients_out_of_budget_skip_rounds_and_the_run_goes_on(flower, tmp_path)
     assert summary["privacy"]["epsilon"] <= 4.0 * (1 + 1e-6)
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_central_dp_stops_at_its_budget_and_keeps_the_wire_contract(flower, tmp_path):
     out, wire = tmp_path / "central", tmp_path / "wire.jsonl"
     delta = 3 ** -1.1
@@ -432,7 +425,7 @@ import time
 
 from flwr.clientapp import ClientApp
 
-from fedrec import client_app as fedrec_client
+from fedrec.client import app as fedrec_client
 
 
 def hang_once(msg, context, call_next):
@@ -449,6 +442,7 @@ app.evaluate()(fedrec_client.evaluate)
 '''
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_central_dp_round_with_a_failed_client_is_charged_and_the_run_stops(flower, tmp_path):
     """A client that does not answer in time: round 2 releases the noised mean of 2 updates,
     not 3. The server charges it at that strength, and stops once another full round would
@@ -496,7 +490,7 @@ def test_central_dp_refuses_a_short_release_that_would_pass_the_budget():
 
 
 def test_dp_sgd_refuses_a_deployment_without_delta():
-    from fedrec.server_app import _plan_privacy
+    from fedrec.server.run import _plan_privacy
 
     cfg = typed_config("privacy=dp_sgd")
     with pytest.raises(ConfigError, match=r"privacy\.delta=null"):
@@ -519,7 +513,7 @@ def test_a_secagg_client_never_trains_on_a_plain_request():
 
 
 def test_a_resumed_dp_fedavg_run_keeps_its_accountant_or_is_refused():
-    from fedrec.privacy import PrivacyReport
+    from fedrec.server.privacy import PrivacyReport
 
     cfg = typed_config("privacy=central_dp", "privacy.noise_multiplier=2.0",
                        "privacy.max_epsilon=50").privacy

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, assert_wire_contract
 
 from fedrec.config import ConfigError, compose_config, to_typed
-from fedrec.secagg import plan_secagg
+from fedrec.server.secagg import plan_secagg
 
 
 def _shared_state(run: Path) -> dict[str, torch.Tensor]:
@@ -23,6 +23,7 @@ def _rounds(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_secagg_aggregate_equals_the_plain_mean(flower, tmp_path):
     """Same initial model, same data, one round: SecAgg+ reveals the same weighted mean as
     plain FedAvg, up to its quantization, and both paths step the item table alike."""
@@ -58,7 +59,7 @@ FAULTY_CLIENT = '''
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from fedrec import client_app as fedrec_client
+from fedrec.client import app as fedrec_client
 
 
 def drop_out(msg, context, call_next):
@@ -90,7 +91,7 @@ dependencies = []
 publisher = "fedrec"
 
 [tool.flwr.app.components]
-serverapp = "fedrec.server_app:app"
+serverapp = "fedrec.server.app:app"
 clientapp = "faulty_client:app"
 
 [tool.flwr.app.config]
@@ -98,6 +99,7 @@ overrides = ""
 '''
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_round_survives_a_client_dropping_out_after_sharing_keys(flower, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
@@ -113,6 +115,7 @@ def test_round_survives_a_client_dropping_out_after_sharing_keys(flower, tmp_pat
     assert summary["rounds"] == 2
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_secagg_with_dp_sgd_runs_end_to_end(flower, tmp_path):
     overrides = f"{TINY} num_rounds=2 secagg=on privacy=dp_sgd privacy.target_epsilon=8"
     wire = tmp_path / "wire.jsonl"
@@ -125,6 +128,7 @@ def test_secagg_with_dp_sgd_runs_end_to_end(flower, tmp_path):
     assert all(r["train_clients"] == 3 for r in _rounds(tmp_path / "run")[1:])
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_secagg_with_client_side_central_dp_runs_end_to_end(flower, tmp_path):
     summary = flower(f"{TINY} num_rounds=2 secagg=on privacy=central_dp privacy.side=client "
                      "privacy.max_epsilon=20", num_supernodes=3, output_dir=tmp_path / "run")
@@ -136,6 +140,7 @@ def test_secagg_with_client_side_central_dp_runs_end_to_end(flower, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+@pytest.mark.slow  # starts the Flower runtime
 def test_secagg_runs_with_mean_based_strategies(flower, tmp_path, strategy):
     """FedProx (a client-side term sent in the legacy config) and FedAdam (a server optimizer
     over the revealed mean) through SecAgg+'s legacy workflow."""

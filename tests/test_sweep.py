@@ -33,6 +33,7 @@ def _assert_images(folder: Path) -> None:
             assert image.format == "PNG" and image.size[0] > 100
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_two_by_two_sweep_writes_four_runs_a_table_and_plots(tmp_path):
     sweep_dir = tmp_path / "sweep"
     done = _sweep(sweep_dir, "strategy=fedavg,fedprox", "privacy=none,central_dp")
@@ -52,6 +53,7 @@ def test_two_by_two_sweep_writes_four_runs_a_table_and_plots(tmp_path):
     _assert_images(sweep_dir)
 
 
+@pytest.mark.slow  # starts the Flower runtime
 def test_a_failed_job_is_listed_and_the_others_reported(tmp_path):
     sweep_dir = tmp_path / "sweep"
     done = _sweep(sweep_dir, "mode=centralized", "train.epochs=2", "train.lr=0.01,-1")

@@ -1,4 +1,4 @@
-"""Secure aggregation (secagg=on): Flower's SecAgg+ around fedrec's own rounds.
+"""Secure aggregation (secagg=on), the server's side: Flower's SecAgg+ around fedrec's rounds.
 
 SecAgg+ exists only in Flower's legacy workflow API, which speaks its own message layout
 ("fitins.*", "fitres.*") and drives legacy strategies. This module is the whole adaptation, one
@@ -8,9 +8,9 @@ function per side:
   training step and the legacy twin of the configured strategy, which only post-processes the
   mean that SecAgg+ reveals. Evaluation, round logging and privacy reporting are the plain
   path's: the same new-API strategy samples and sums the evaluation replies.
-- ``secure_aggregation`` (client mod): runs Flower's ``secaggplus_mod`` and, for the one stage that
-  trains, translates the legacy request into fedrec's train message and the reply back. The
-  ClientApp's ``train`` is the plain path's, unchanged.
+- ``fedrec.client.secagg.secure_aggregation`` (client mod): runs Flower's ``secaggplus_mod`` and,
+  for the one stage that trains, translates the legacy request into fedrec's train message and
+  the reply back. The ClientApp's ``train`` is the plain path's, unchanged.
 
 What each party learns: the server sees only the weighted sum of the updates and of the weights;
 a client's masks fall away only in that sum, unless ``reconstruction_threshold`` of its
@@ -20,26 +20,14 @@ neighbours collude with the server. A client's loss and count do not leave it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
@@ -47,24 +35,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedrec.config import ConfigError, SecAggConfig, StrategyConfig
-from fedrec.node import load_config
-from fedrec.privacy import NOT_COVERED, CentralDp, wrap_legacy_strategy
-from fedrec.rounds import RoundLog
-from fedrec.strategy import build_legacy_strategy, with_item_step
+from fedrec.server.privacy import CentralDp, wrap_legacy_strategy
+from fedrec.server.rounds import RoundLog
+from fedrec.server.strategy import build_legacy_strategy, with_item_step
+from fedrec.wire import ARRAY_NAMES, MAX_WEIGHT, WEIGHT_KEY
 
 log = logging.getLogger("fedrec.server")
 
-# Keys fedrec adds to the legacy train config, so a client can translate without its model.
-ARRAY_NAMES = "secagg-array-names"
-WEIGHT_KEY = "secagg-weight-key"
-MAX_WEIGHT = "secagg-max-weight"
 # SecAgg+ sums in integers modulo this (Flower's default): it bounds the clients per round.
 _MODULUS_RANGE = 2**32
-# Legacy strategies name their config keys differently from the new API's.
-LEGACY_CONFIG_KEYS = {"proximal_mu": "proximal-mu"}
 
 
-# ------------------------------------------------------------------------------------ server
 @dataclass(frozen=True)
 class SecAggPlan:
     """The SecAgg+ parameters of a run: the config's, with max_weight resolved."""
@@ -184,58 +165,3 @@ def run_secure_rounds(
     DefaultWorkflow(fit_workflow=secure_train_round, evaluate_workflow=evaluate_round)(
         grid, legacy_context)
     return current(legacy_context)[1]
-
-
-# ------------------------------------------------------------------------------------ client
-def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """SecAgg+ train messages go through Flower's secaggplus_mod; plain ones pass untouched."""
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        if load_config(str(context.run_config["overrides"])).secagg.enabled:
-            # A run with SecAgg+ never trains in the clear, whatever the server asks.
-            return Message(Error(NOT_COVERED, "this run has secagg=on: this client trains only "
-                                 "inside SecAgg+'s stages, never for a plain train request"),
-                           reply_to=msg)
-        return call_next(msg, context)
-    reply = secaggplus_mod(msg, context, _translated(call_next))
-    if not reply.has_error() and "fitres.num_examples" in reply.content:
-        # secaggplus_mod masks the weight into the vector but leaves the legacy records in the
-        # clear: the count and metrics go, and the server's legacy strategy gets a constant
-        # weight (every reply carries the same revealed sum, so the weights cancel).
-        reply.content["fitres.num_examples"] = MetricRecord({"num_examples": 1})
-        reply.content["fitres.metrics"] = ConfigRecord()
-    return reply
-
-
-def _translated(call_next: ClientAppCallable) -> Callable[[Message, Context], Message]:
-    def train(msg: Message, context: Context) -> Message:
-        legacy_config = msg.content.config_records["fitins.config"]
-        config = ConfigRecord({LEGACY_CONFIG_KEYS.get(k, k): v for k, v in legacy_config.items()
-                               if k not in (ARRAY_NAMES, WEIGHT_KEY, MAX_WEIGHT)})
-        names = cast(list[str], legacy_config[ARRAY_NAMES])
-        arrays = msg.content.array_records["fitins.parameters"].to_numpy_ndarrays()
-        msg.content = RecordDict({
-            "arrays": ArrayRecord(torch_state_dict={
-                n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, arrays, strict=True)}),
-            "config": config,
-        })
-        reply = call_next(msg, context)
-        if reply.has_error():
-            # secaggplus_mod then raises: the client drops out of the round after sharing its
-            # keys, which SecAgg+ survives while enough neighbours remain.
-            raise RuntimeError(f"training failed: {reply.error.reason}")
-        metrics = reply.content["metrics"]
-        weight = float(metrics[legacy_config[WEIGHT_KEY]])
-        if weight > float(legacy_config[MAX_WEIGHT]):
-            raise ValueError(f"this client's weight {weight:g} ({legacy_config[WEIGHT_KEY]}) "
-                             f"exceeds secagg.max_weight={legacy_config[MAX_WEIGHT]:g}: its "
-                             "masked update would overflow; raise secagg.max_weight")
-        state = reply.content["arrays"].to_torch_state_dict()
-        reply.content = RecordDict({
-            "fitres.parameters": ArrayRecord([state[n].numpy() for n in names]),
-            "fitres.num_examples": MetricRecord({"num_examples": int(weight)}),
-            "fitres.metrics": ConfigRecord(dict(cast(MetricRecord, metrics))),
-            "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
-        })
-        return reply
-
-    return train

@@ -15,17 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
-from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.proto.node_pb2 import NodeInfo  # type: ignore[attr-defined]
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedrec.metrics import VALID_PREFIX, RankingSums
 from fedrec.outputs import RunOutputs
-from fedrec.privacy import BUDGET_EXHAUSTED, PrivacyReport
-from fedrec.strategy import sum_metric_records
-from fedrec.wire import message_layout
+from fedrec.server.privacy import PrivacyReport
+from fedrec.server.strategy import sum_metric_records
+from fedrec.wire import BUDGET_EXHAUSTED, message_layout, starts_round
 
 log = logging.getLogger("fedrec.server")
 # How often the server asks the SuperLink for replies.
@@ -44,12 +42,6 @@ def _count_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
         return ConfigRecord({k: v for k, v in record.items() if v != []}).count_bytes() + sum(
             len(k) for k, v in record.items() if v == [])
     return record.count_bytes()
-
-
-def starts_round(msg: Message) -> bool:
-    """Whether a train message opens a round: a plain one, or SecAgg+'s setup stage."""
-    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-    return configs is None or configs.get(SecAggKey.STAGE) == Stage.SETUP
 
 
 class MeteredGrid(Grid):

@@ -1,59 +1,28 @@
-"""What one federated node holds and does: its shoppers' data, a round of training, evaluation.
+"""The node's task: its shoppers' data, a round of training, evaluation.
 
-``client_app.py`` only moves Flower records in and out of these functions. A node's data is
-read once per process and kept (a simulation process serves many virtual nodes, so the dataset is
-loaded once and each node's slice cut once). Raw interactions, user ids and personal vectors stay
-here: what leaves is listed, per mechanism, in ``fedrec.wire`` and docs/privacy.md.
+``fedrec.client.app`` only moves Flower records in and out of these functions. Raw
+interactions, user ids and personal vectors stay here: what leaves is listed, per mechanism, in
+``fedrec.wire`` and docs/privacy.md.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from fedrec.config import (
-    Config,
-    ConfigError,
-    DpSgdConfig,
-    FileDatasetConfig,
-    TwoTowerConfig,
-    compose_config,
-    to_typed,
-)
+from fedrec.client.dp_sgd import DpSgdLedger, train_dp_sgd
+from fedrec.config import Config, ConfigError, DpSgdConfig, compose_config, federated_config
 from fedrec.data.dataset import Dataset
-from fedrec.data.loaders import load_dataset
-from fedrec.data.partition import assign_clients, client_users, num_clients
+from fedrec.data.federation import Federation, build_federation
+from fedrec.data.partition import client_users
 from fedrec.data.sequences import EvalCases, TrainExamples, heldout_cases, training_examples
-from fedrec.data.split import Split, split_dataset
+from fedrec.data.split import Split
 from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import TwoTower
-from fedrec.privacy import DpSgdLedger, train_dp_sgd
 from fedrec.train import Objective, TrainResult, make_loader, make_optimizer, train
-
-
-@dataclass(frozen=True)
-class Federation:
-    """The dataset as a simulation process sees it: loaded, split and assigned to clients."""
-
-    cfg: Config
-    dataset: Dataset
-    split: Split
-    assignment: np.ndarray
-
-    @property
-    def num_clients(self) -> int:
-        return num_clients(self.assignment)
-
-    def client_examples(self) -> np.ndarray:
-        """Training examples per client: one per interaction after each user's first."""
-        per_user = (self.split.train.groupby("user").size() - 1).clip(lower=0)
-        return np.bincount(self.assignment[per_user.index.to_numpy()],
-                           weights=per_user.to_numpy(), minlength=self.num_clients)
 
 
 @dataclass(frozen=True)
@@ -68,68 +37,65 @@ class NodeData:
     test_cases: EvalCases
 
 
-@functools.lru_cache(maxsize=2)
-def compose_once(overrides: str) -> DictConfig:
-    """One composition per process, so ${now:...} in output_dir resolves once."""
-    return compose_config(overrides)
+class NodeHolder:
+    """What a ClientApp process keeps between messages, for one run at a time: the run's
+    config, composed once, and each node's data, read once. A simulation process serves many
+    virtual nodes of a run, so the dataset is loaded once and each node's slice cut once; a
+    message of another run starts afresh, so files are read again and nothing of the last run's
+    config carries over."""
+
+    def __init__(self) -> None:
+        self._run: tuple[int, str] | None = None  # (run id, overrides) of the run held
+        self._cfg: Config | None = None
+        self._federations: dict[str | None, Federation] = {}
+        self._nodes: dict[tuple[int | None, int | None, str | None], NodeData] = {}
+
+    def config(self, run_id: int, overrides: str) -> Config:
+        if (run_id, overrides) != self._run or self._cfg is None:
+            cfg = federated_config(compose_config(overrides))
+            self._run, self._cfg = (run_id, overrides), cfg
+            self._federations, self._nodes = {}, {}
+        return self._cfg
+
+    def node(self, run_id: int, overrides: str, partition_id: int | None,
+             num_partitions: int | None, data_path: str | None) -> NodeData:
+        cfg = self.config(run_id, overrides)
+        key = (partition_id, num_partitions, data_path)
+        if key not in self._nodes:
+            check_node_config(cfg, partition_id, num_partitions, data_path)
+            if data_path not in self._federations:
+                self._federations[data_path] = build_federation(cfg, data_path)
+            self._nodes[key] = load_node(self._federations[data_path], partition_id,
+                                         num_partitions, data_path)
+        return self._nodes[key]
 
 
-@functools.lru_cache(maxsize=2)
-def load_config(overrides: str) -> Config:
-    cfg = to_typed(compose_once(overrides))
-    if not isinstance(cfg.model, TwoTowerConfig):
-        raise ConfigError(f"model={cfg.model.kind} has no parameters to federate: "
-                          "use model=two_tower (run the baseline with fedrec.centralized)")
-    return cfg
-
-
-@functools.lru_cache(maxsize=2)
-def load_federation(overrides: str, data_path: str | None = None) -> Federation:
-    return build_federation(load_config(overrides), data_path)
-
-
-def build_federation(cfg: Config, data_path: str | None = None) -> Federation:
-    """The dataset loaded, split and assigned to clients as ``cfg`` says (``data_path``: a
-    deployed node's own data, which is one client)."""
-    dataset_cfg = cfg.dataset
-    if data_path is not None:
-        if not isinstance(dataset_cfg, FileDatasetConfig):
-            raise ConfigError(f"node config data-path={data_path!r} needs a file dataset, but "
-                              f"dataset={dataset_cfg.format} reads no files")
-        dataset_cfg = type(dataset_cfg)(**{**vars(dataset_cfg), "path": data_path})
-    dataset = load_dataset(dataset_cfg)
-    split = split_dataset(dataset)
-    if data_path is not None:  # a deployed node is one client holding everything it reads
-        return Federation(cfg, dataset, split, np.zeros(dataset.num_users, dtype=np.int64))
-    return Federation(cfg, dataset, split, assign_clients(cfg.partition, dataset, split))
-
-
-@functools.lru_cache(maxsize=4096)
-def load_node(overrides: str, partition_id: int | None, num_partitions: int | None,
-              data_path: str | None = None) -> NodeData:
-    """A simulated node's partition (partition_id of num_partitions), or, in a deployment,
-    everything in the node's own ``data_path``."""
-    cfg = load_config(overrides)
+def check_node_config(cfg: Config, partition_id: int | None, num_partitions: int | None,
+                      data_path: str | None) -> None:
+    """A node's own config (its Flower node config) against the run's federation."""
     if data_path is not None:
         if cfg.federation != "deployment":
             raise ConfigError(f"this node reads its own data-path={data_path!r}, but the run has"
                               " federation=simulation: add federation=deployment (and "
                               "dataset.catalogue) to the overrides")
-        partition_id = 0  # the node's own data is one client's
-    else:
-        if cfg.federation == "deployment":
-            raise ConfigError("federation=deployment, but this node has no data-path in its "
-                              "node config: start it with --node-config \"data-path='...'\"")
-        if partition_id is None or num_partitions is None:
-            raise ConfigError("this node has neither partition-id/num-partitions (simulation) "
-                              "nor data-path (deployment) in its node config")
-    fed = load_federation(overrides, data_path)
+    elif cfg.federation == "deployment":
+        raise ConfigError("federation=deployment, but this node has no data-path in its "
+                          "node config: start it with --node-config \"data-path='...'\"")
+    elif partition_id is None or num_partitions is None:
+        raise ConfigError("this node has neither partition-id/num-partitions (simulation) "
+                          "nor data-path (deployment) in its node config")
+
+
+def load_node(fed: Federation, partition_id: int | None, num_partitions: int | None,
+              data_path: str | None = None) -> NodeData:
+    """A simulated node's partition (partition_id of num_partitions) of ``fed``, or, in a
+    deployment, everything in the node's own ``data_path`` (which ``fed`` was built from)."""
     if data_path is None and num_partitions != fed.num_clients:
         raise ConfigError(
             f"the federation has {num_partitions} nodes but partition={fed.cfg.partition.kind}"
             f" gives {fed.num_clients} clients on {fed.dataset.name}: run with "
             f"--federation-config \"num-supernodes={fed.num_clients}\"")
-    return _node_data(fed, client_users(fed.assignment, partition_id))
+    return _node_data(fed, client_users(fed.assignment, 0 if data_path else partition_id))
 
 
 def _node_data(fed: Federation, users: np.ndarray) -> NodeData:

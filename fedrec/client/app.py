@@ -1,4 +1,5 @@
-"""Flower ClientApp: moves records between Flower and fedrec.node; no model or data logic here.
+"""Flower ClientApp: moves records between Flower and the node's task (fedrec.client.task); no
+model or data logic here.
 
 In a simulation the node's data is its partition (node_config partition-id/num-partitions); in a
 deployment it is whatever the node's own ``data-path`` holds. The personal embedding, when
@@ -22,41 +23,41 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedrec.config import CentralDpConfig, Config, ConfigError, DpSgdConfig
-from fedrec.metrics import VALID_PREFIX
-from fedrec.model import PERSONAL_PREFIX, TwoTower
-from fedrec.node import (
+from fedrec.accounting import check_delta, plan_dp_sgd
+from fedrec.client.dp_sgd import DpSgdLedger
+from fedrec.client.secagg import secure_aggregation_mod
+from fedrec.client.task import (
     NodeData,
+    NodeHolder,
     evaluate_node,
-    load_config,
-    load_node,
     node_model,
     protected_units,
     train_round,
 )
-from fedrec.privacy import (
-    BUDGET_EXHAUSTED,
-    NOT_COVERED,
-    OUTSIDE_PLAN,
-    DpSgdLedger,
-    check_delta,
-    plan_dp_sgd,
-)
-from fedrec.rounds import starts_round
-from fedrec.secagg import secure_aggregation
+from fedrec.config import CentralDpConfig, Config, ConfigError, DpSgdConfig
+from fedrec.metrics import VALID_PREFIX
+from fedrec.model import PERSONAL_PREFIX, TwoTower
+from fedrec.wire import BUDGET_EXHAUSTED, NOT_COVERED, OUTSIDE_PLAN, starts_round
 
 app = ClientApp()
+# This process's run config and node data, kept between messages.
+NODES = NodeHolder()
 
 PERSONAL_STATE = "fedrec.personal"
 DP_SGD_STATE = "fedrec.dp_sgd"
 SECRET_STATE = "fedrec.secret"
 
 
+def _config(context: Context) -> Config:
+    return NODES.config(context.run_id, str(context.run_config["overrides"]))
+
+
 def _node(context: Context) -> NodeData:
     config = context.node_config
     partition, partitions = config.get("partition-id"), config.get("num-partitions")
     data_path = config.get("data-path")
-    return load_node(
+    return NODES.node(
+        context.run_id,
         str(context.run_config["overrides"]),
         None if partition is None else int(partition),
         None if partitions is None else int(partitions),
@@ -76,7 +77,7 @@ def _model(node: NodeData, msg: Message, context: Context) -> TwoTower:
 def client_side_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """privacy=central_dp with side=client: clip the update here, with Flower's mod for the
     configured clipping, before it leaves the node."""
-    privacy = load_config(str(context.run_config["overrides"])).privacy
+    privacy = _config(context).privacy
     if not isinstance(privacy, CentralDpConfig) or privacy.side != "client":
         return call_next(msg, context)
     mod = fixedclipping_mod if privacy.clipping == "fixed" else adaptiveclipping_mod
@@ -101,7 +102,7 @@ def dp_sgd_budget(msg: Message, context: Context, call_next: ClientAppCallable) 
 
 # Outermost first. secure_aggregation hands the plain train message on, so the clipping mod
 # and train() are the same with and without secagg.
-TRAIN_MODS = [dp_sgd_budget, secure_aggregation, client_side_clipping]
+TRAIN_MODS = [dp_sgd_budget, secure_aggregation_mod(_config), client_side_clipping]
 
 
 @app.train(mods=TRAIN_MODS)

@@ -1,5 +1,7 @@
-"""Flower ServerApp: composes the config, builds the initial model and strategy, runs it, and
-writes the run's outputs. The federation logic is Flower's; the model and data logic is fedrec's.
+"""The run builder: everything the server plans before the first message goes out (the data it
+may hold, a resumed run's state, the round's sample, privacy, SecAgg+, the strategy), then the
+rounds themselves and the run's summary. ``fedrec.server.app`` only reads the config and
+starts what ``plan_run`` returns.
 """
 
 from __future__ import annotations
@@ -8,56 +10,69 @@ import dataclasses
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from omegaconf import DictConfig
 
-from fedrec.config import CentralDpConfig, Config, ConfigError, DpSgdConfig
+from fedrec.accounting import DpSgdPlan, check_delta, default_delta, plan_dp_sgd
+from fedrec.config import CentralDpConfig, Config, ConfigError, DpSgdConfig, federated_config
 from fedrec.data.dataset import Dataset
+from fedrec.data.federation import Federation, build_federation
 from fedrec.data.loaders import load_catalogue
 from fedrec.data.sequences import heldout_cases
 from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import TwoTower
-from fedrec.node import Federation, compose_once, load_config, load_federation
 from fedrec.outputs import RunOutputs
-from fedrec.privacy import (
-    CentralDp,
-    DpSgdPlan,
-    PrivacyReport,
-    check_delta,
-    default_delta,
-    plan_central_dp,
-    plan_dp_sgd,
-    wrap_strategy,
-)
 from fedrec.recommend import Recommender, RecommendError, format_recommendations
-from fedrec.rounds import BudgetSpent, MeteredGrid, RoundLog
-from fedrec.secagg import plan_secagg, run_secure_rounds
-from fedrec.strategy import build_strategy, scale_item_step
+from fedrec.server.privacy import CentralDp, PrivacyReport, plan_central_dp, wrap_strategy
+from fedrec.server.rounds import BudgetSpent, MeteredGrid, RoundLog
+from fedrec.server.secagg import SecAggPlan, plan_secagg, run_secure_rounds
+from fedrec.server.strategy import RunStrategy, build_strategy
 
-app = ServerApp()
 log = logging.getLogger("fedrec.server")
 
 
-def _log_through_flower() -> None:
-    """Send fedrec's progress lines to the handlers Flower streams to `flwr run --stream`."""
-    ours = logging.getLogger("fedrec")
-    ours.setLevel(logging.INFO)
-    ours.handlers = list(logging.getLogger("flwr").handlers)
-    ours.propagate = False
+@dataclass
+class FederatedRun:
+    """A planned run: what ``start`` needs to train, evaluate and report it."""
+
+    cfg: Config
+    composed: DictConfig  # the config as composed, saved with the model
+    fed: Federation | None  # a simulation's data; a deployed server holds none
+    dataset: Dataset  # the federation's, or the catalogue the nodes share
+    model: TwoTower
+    outputs: RunOutputs
+    resumed: dict[str, Any] | None
+    grid: MeteredGrid
+    train_config: ConfigRecord
+    population: int
+    num_rounds: int
+    central: CentralDp | None
+    secagg: SecAggPlan | None
+    privacy: PrivacyReport
+    rounds: RoundLog
+    strategy: Strategy
+    weighted_by_key: str
+    started: float
+
+    @property
+    def done(self) -> int:
+        return 0 if self.resumed is None else int(self.resumed["round"])
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
+    """Check the config against the federation and plan the run; nothing is sent yet, so a
+    config, data or partition error ends the run here with one line."""
     started = time.perf_counter()
-    _log_through_flower()
-    overrides = str(context.run_config["overrides"])
-    cfg = load_config(overrides)
+    cfg = federated_config(composed)
     if not Path(cfg.output_dir).expanduser().is_absolute():
         raise ConfigError(f"output_dir={cfg.output_dir!r} must be absolute in a federated run: "
                           f"the ServerApp runs in {Path.cwd()}, not in your project")
@@ -66,19 +81,19 @@ def main(grid: Grid, context: Context) -> None:
                           ": run the centralized reference with python -m fedrec.centralized")
     torch.manual_seed(cfg.seed)
     # A deployed server holds no shopper data: only the catalogue the nodes share.
-    fed = None if cfg.federation == "deployment" else load_federation(overrides)
+    fed = None if cfg.federation == "deployment" else build_federation(cfg)
     dataset = load_catalogue(cfg.dataset) if fed is None else fed.dataset
     model = TwoTower.for_dataset(cfg.model, dataset)
     resumed = None
     if cfg.resume is None:
-        outputs = RunOutputs(cfg.output_dir, compose_once(overrides))
+        outputs = RunOutputs(cfg.output_dir, composed)
     else:
-        outputs, resumed = RunOutputs.resume(cfg.resume, compose_once(overrides))
+        outputs, resumed = RunOutputs.resume(cfg.resume, composed)
         model.load_shared_state(resumed["arrays"])
     done = 0 if resumed is None else int(resumed["round"])
 
     metered = MeteredGrid(grid, cfg.wire_log)
-    # No seed goes down: each client samples from its own secret (client_app.round_seed).
+    # No seed goes down: each client samples from its own secret (client.app.round_seed).
     train_config = ConfigRecord({"lr": cfg.train.lr, "lr-decay": cfg.train.round_lr_decay,
                                  "local-epochs": cfg.train.local_epochs,
                                  "batch-size": cfg.train.batch_size, "round-offset": done})
@@ -118,18 +133,25 @@ def main(grid: Grid, context: Context) -> None:
                       _server_evaluation(fed, model) if server_side else None,
                       privacy, cfg.eval.select_by, resumed,
                       federated_evaluation=federated_evaluation)
-    remaining = max(num_rounds - done, 0)
-    strategy = build_strategy(cfg.strategy, eval_every=cfg.eval.every, round_offset=done,
-                              num_rounds=num_rounds, train_metrics=rounds.aggregate_train,
+    strategy = build_strategy(cfg.strategy, train_metrics=rounds.aggregate_train,
                               evaluate_metrics=rounds.aggregate_evaluate,
-                              weighted_by_key=weighted_by_key,
-                              federated_evaluation=federated_evaluation)
+                              weighted_by_key=weighted_by_key)
     if central is not None and secagg is None:
         strategy = privacy.strategy = wrap_strategy(strategy, central)
-    if secagg is None:
-        strategy = scale_item_step(strategy, cfg.strategy.item_server_lr)
-    initial = ArrayRecord(torch_state_dict=model.shared_state())
-    if resumed is None and federated_evaluation:
+    strategy = RunStrategy(strategy, eval_every=cfg.eval.every if federated_evaluation else None,
+                           num_rounds=num_rounds, round_offset=done,
+                           # with SecAgg+, the legacy strategy steps the item table
+                           item_server_lr=1.0 if secagg else cfg.strategy.item_server_lr)
+    return FederatedRun(cfg, composed, fed, dataset, model, outputs, resumed, metered,
+                        train_config, population, num_rounds, central, secagg, privacy, rounds,
+                        strategy, weighted_by_key, started)
+
+
+def start(run: FederatedRun, context: Context) -> dict[str, Any]:
+    """Train the planned rounds, then write the summary and the model; the summary."""
+    cfg, rounds, strategy, metered = run.cfg, run.rounds, run.strategy, run.grid
+    initial = ArrayRecord(torch_state_dict=run.model.shared_state())
+    if run.resumed is None and rounds.federated_evaluation:
         # Round 0: the untrained model, evaluated federated, so every run shows where it
         # started.
         replies = list(metered.send_and_receive(
@@ -140,24 +162,31 @@ def main(grid: Grid, context: Context) -> None:
             raise RuntimeError(f"every client failed to evaluate the initial model, so no "
                                f"round can run; the first said: {replies[0].error.reason}")
         rounds.aggregate_evaluate(answered, "num-examples")
+    remaining = max(run.num_rounds - run.done, 0)
+    num_rounds = run.num_rounds
     try:
-        if secagg is None:
+        if run.secagg is None:
             final_arrays = strategy.start(grid=metered, initial_arrays=initial,
                                           num_rounds=remaining, timeout=cfg.round_timeout,
-                                          train_config=train_config,
+                                          train_config=run.train_config,
                                           evaluate_fn=rounds.end_of_round).arrays
         else:
             rounds.end_of_round(0, initial)
             final_arrays = run_secure_rounds(
-                metered, context, secagg=secagg, strategy_cfg=cfg.strategy, strategy=strategy,
-                rounds=rounds, initial=initial, train_config=train_config,
-                num_rounds=remaining, weighted_by_key=weighted_by_key, central=central,
+                metered, context, secagg=run.secagg, strategy_cfg=cfg.strategy,
+                strategy=strategy, rounds=rounds, initial=initial,
+                train_config=run.train_config, num_rounds=remaining,
+                weighted_by_key=run.weighted_by_key, central=run.central,
                 round_timeout=cfg.round_timeout)
     except BudgetSpent as spent:
         final_arrays, num_rounds = spent.arrays, spent.server_round
+    return _report(run, num_rounds, final_arrays)
 
-    final = _reported_round(rounds, cfg, num_rounds, final_arrays)
-    model.load_shared_state(final["arrays"])
+
+def _report(run: FederatedRun, num_rounds: int, final_arrays: ArrayRecord) -> dict[str, Any]:
+    cfg, fed, dataset, outputs = run.cfg, run.fed, run.dataset, run.outputs
+    final = _reported_round(run.rounds, cfg, num_rounds, final_arrays)
+    run.model.load_shared_state(final["arrays"])
     source = ("clients" if "sampled" in final["record"] else
               "server" if "server" in final["record"] else None)
     reported = final["record"] if source == "clients" else final["record"].get("server", {})
@@ -167,10 +196,10 @@ def main(grid: Grid, context: Context) -> None:
         "dataset": cfg.dataset.name,
         "num_users": None if fed is None else dataset.num_users,  # the nodes' to know
         "num_items": dataset.num_items,
-        "num_clients": population if fed is None else fed.num_clients,
+        "num_clients": run.population if fed is None else fed.num_clients,
         "rounds": num_rounds,
         "rounds_requested": cfg.num_rounds,
-        "resumed_after_round": None if resumed is None else done,
+        "resumed_after_round": None if run.resumed is None else run.done,
         "selected_round": final["round"],
         "select_by": cfg.eval.select_by,
         "strategy": cfg.strategy.name,
@@ -179,14 +208,14 @@ def main(grid: Grid, context: Context) -> None:
         # model on every shopper's test item (simulation only), in a private or SecAgg+ run.
         "metrics_source": source,
         "valid_metrics": final["record"].get("valid"),
-        "privacy": privacy.as_dict(),
-        "communication": {"bytes_up": metered.bytes_up, "bytes_down": metered.bytes_down},
-        "wall_seconds": time.perf_counter() - started,
+        "privacy": run.privacy.as_dict(),
+        "communication": {"bytes_up": run.grid.bytes_up, "bytes_down": run.grid.bytes_down},
+        "wall_seconds": time.perf_counter() - run.started,
     }
     if "server" in final["record"]:
         summary["server_metrics"] = final["record"]["server"]
     outputs.write_summary(summary)
-    outputs.save_model(model, dataset, compose_once(overrides))
+    outputs.save_model(run.model, dataset, run.composed)
     sampled = summary["metrics"]["sampled"]
     log.info("federated HR@10 %.4f NDCG@10 %.4f at round %s", sampled.get("hr@10", math.nan),
              sampled.get("ndcg@10", math.nan), final["round"])
@@ -198,6 +227,7 @@ def main(grid: Grid, context: Context) -> None:
           f"{final['round']} of {num_rounds}{private}; results in {outputs.path}", flush=True)
     if cfg.guide_example and fed is not None:
         _print_guide_example(outputs.path / "model.pt", fed.dataset, cfg)
+    return summary
 
 
 def _reported_round(rounds: RoundLog, cfg: Config, num_rounds: int,

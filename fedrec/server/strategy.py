@@ -1,9 +1,9 @@
 """Config -> Flower strategy, and the aggregation of ranking metrics as exact sums.
 
 Every strategy is Flower's own class from ``flwr.serverapp.strategy``; fedrec only chooses it,
-passes the hyper-parameters from conf/strategy/, and gives it two hooks: evaluation replies are
-added up (sums and counts, not a weighted mean of means), and federated evaluation is skipped
-between ``eval.every`` rounds.
+passes the hyper-parameters from conf/strategy/, adds up evaluation replies (sums and counts,
+not a weighted mean of means), and wraps it in ``RunStrategy`` for the run's evaluation schedule
+and item-table step.
 """
 
 from __future__ import annotations
@@ -69,23 +69,16 @@ def sum_metric_records(records: list[RecordDict], weighting_key: str) -> MetricR
 MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
-def build_strategy(cfg: StrategyConfig, *, eval_every: int, num_rounds: int,
-                   round_offset: int = 0,
-                   train_metrics: MetricsAggregation, evaluate_metrics: MetricsAggregation,
-                   weighted_by_key: str = "num-examples",
-                   federated_evaluation: bool = True) -> flwr_strategy.Strategy:
+def build_strategy(cfg: StrategyConfig, *, train_metrics: MetricsAggregation,
+                   evaluate_metrics: MetricsAggregation,
+                   weighted_by_key: str = "num-examples") -> flwr_strategy.Strategy:
     """The configured Flower strategy; unknown or reserved params fail here, before training.
-    ``weighted_by_key`` is the reply metric that weights each client in the mean;
-    ``round_offset``: rounds a resumed run did before (Flower counts from 1 again);
-    ``federated_evaluation``: False sends no evaluation request at all (a private run)."""
+    ``weighted_by_key`` is the reply metric that weights each client in the mean."""
     cls = STRATEGY_CLASSES[cfg.name]
     _check_params(cfg, cls)
     kwargs = {key: getattr(cfg, key) for key in COMMON_KEYS}
-    strategy = cls(**kwargs, **dict(cfg.params), train_metrics_aggr_fn=train_metrics,
-                   evaluate_metrics_aggr_fn=evaluate_metrics, weighted_by_key=weighted_by_key)
-    _evaluate_every(strategy, eval_every if federated_evaluation else None, num_rounds,
-                    round_offset)
-    return strategy
+    return cls(**kwargs, **dict(cfg.params), train_metrics_aggr_fn=train_metrics,
+               evaluate_metrics_aggr_fn=evaluate_metrics, weighted_by_key=weighted_by_key)
 
 
 def build_legacy_strategy(cfg: StrategyConfig, *, initial: list[np.ndarray],
@@ -121,35 +114,6 @@ def with_item_step(before: dict[str, torch.Tensor], after: dict[str, torch.Tenso
     return {**after, ITEM_TABLE: before[ITEM_TABLE] + item_server_lr * step}
 
 
-def scale_item_step(strategy: flwr_strategy.Strategy,
-                    item_server_lr: float) -> flwr_strategy.Strategy:
-    """Make ``strategy`` (outermost, so after any DP noise: post-processing) take
-    ``item_server_lr`` times its own step on the item table."""
-    if item_server_lr == 1:
-        return strategy
-    configure, aggregate = strategy.configure_train, strategy.aggregate_train
-    sent = ArrayRecord()  # the global model of the round being trained
-
-    def configure_train(server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        nonlocal sent
-        sent = arrays
-        return configure(server_round, arrays, config, grid)
-
-    def aggregate_train(server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = aggregate(server_round, replies)
-        if arrays is None:
-            return arrays, metrics
-        stepped = with_item_step(sent.to_torch_state_dict(), arrays.to_torch_state_dict(),
-                                 item_server_lr)
-        return ArrayRecord(torch_state_dict=stepped), metrics
-
-    strategy.configure_train = configure_train  # type: ignore[method-assign]
-    strategy.aggregate_train = aggregate_train  # type: ignore[method-assign]
-    return strategy
-
-
 def _check_params(cfg: StrategyConfig, cls: type) -> None:
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     allowed = sorted(accepted - set(COMMON_KEYS) - set(RESERVED_KEYS))
@@ -159,17 +123,47 @@ def _check_params(cfg: StrategyConfig, cls: type) -> None:
                               f"expected one of {', '.join(allowed) or '(none)'}")
 
 
-def _evaluate_every(strategy: flwr_strategy.Strategy, every: int | None, num_rounds: int,
-                    round_offset: int) -> None:
-    """Skip federated evaluation except every ``every`` rounds and after the last round (None:
-    always)."""
-    configure = strategy.configure_evaluate
+class RunStrategy(flwr_strategy.Strategy):
+    """The strategy as a run drives it, outermost (so after any DP noise: post-processing).
+    Federated evaluation only every ``eval_every`` rounds and after the last (``None``: never,
+    as in a private run); the item table stepped ``item_server_lr`` times the wrapped
+    strategy's own step. ``round_offset``: rounds a resumed run did before (Flower counts from
+    1 again). Everything else is the wrapped strategy's."""
 
-    def configure_evaluate(server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+    def __init__(self, strategy: flwr_strategy.Strategy, *, eval_every: int | None,
+                 num_rounds: int, round_offset: int, item_server_lr: float) -> None:
+        self.strategy = strategy
+        self.eval_every = eval_every
+        self.num_rounds = num_rounds
+        self.round_offset = round_offset
+        self.item_server_lr = item_server_lr
+        self._sent = ArrayRecord()  # the global model of the round being trained
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._sent = arrays
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None or self.item_server_lr == 1:
+            return arrays, metrics
+        stepped = with_item_step(self._sent.to_torch_state_dict(), arrays.to_torch_state_dict(),
+                                 self.item_server_lr)
+        return ArrayRecord(torch_state_dict=stepped), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        run_round = server_round + round_offset if server_round else 0
-        if every is None or (run_round % every and run_round != num_rounds):
+        run_round = server_round + self.round_offset if server_round else 0
+        if self.eval_every is None or (run_round % self.eval_every
+                                       and run_round != self.num_rounds):
             return []
-        return configure(server_round, arrays, config, grid)
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
-    strategy.configure_evaluate = configure_evaluate  # type: ignore[method-assign]
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()

@@ -1,0 +1,240 @@
+"""DP-SGD on a client (``privacy=dp_sgd``), with Opacus: one round of noisy, clipped steps on
+the node's examples, shopper- or example-level, and the ledger that composes the rounds.
+
+Flower's Opacus example builds a new PrivacyEngine every round, so the epsilon it reports
+covers one round. Here the client plans its noise once for the whole run
+(``fedrec.accounting``) and keeps the accountant's history in its Context.state
+(``DpSgdLedger``), so a client whose next round would pass its budget refuses to train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample.utils import register_norm_sampler
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from torch import nn
+
+from fedrec.accounting import DpSgdPlan, Step, epsilon_of
+from fedrec.config import DpSgdConfig, DpSgdStepConfig
+from fedrec.data.sequences import TrainExamples
+from fedrec.train import Objective, TrainResult, batch_collate, examples_dataset, train
+
+
+@dataclass
+class DpSgdLedger:
+    """A client's DP-SGD budget: its plan and the accountant history of the rounds it trained."""
+
+    accountant: str
+    target_epsilon: float
+    plan: DpSgdPlan
+    history: list[Step]
+
+    def epsilon(self, *, with_next_round: bool = False) -> float:
+        history = list(self.history)
+        if with_next_round:
+            plan = self.plan
+            history = _merge([*history, (plan.noise_multiplier, plan.sample_rate,
+                                         plan.steps_per_round)])
+        return epsilon_of(self.accountant, history, self.plan.delta) if history else 0.0
+
+    def can_train(self) -> bool:
+        # The plan spends the budget exactly; allow the accountant's rounding, not a round more.
+        return self.epsilon(with_next_round=True) <= self.target_epsilon * (1 + 1e-6)
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({
+            "accountant": self.accountant, "target-epsilon": self.target_epsilon,
+            **{f"plan.{k}": v for k, v in dataclasses.asdict(self.plan).items()},
+            "history.noise": [float(s[0]) for s in self.history],
+            "history.rate": [float(s[1]) for s in self.history],
+            "history.steps": [int(s[2]) for s in self.history],
+        })
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> DpSgdLedger:
+        plan = DpSgdPlan(**{f.name: record[f"plan.{f.name}"]
+                            for f in dataclasses.fields(DpSgdPlan)})  # type: ignore[arg-type]
+        history = list(zip(record["history.noise"], record["history.rate"],  # type: ignore[arg-type]
+                           record["history.steps"], strict=True))
+        return cls(str(record["accountant"]), float(record["target-epsilon"]),  # type: ignore[arg-type]
+                   plan, history)
+
+
+def _secret_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") >> 1  # torch seeds are signed 64-bit
+
+
+def _merge(history: list[Step]) -> list[Step]:
+    """Join consecutive entries with the same noise and rate, as Opacus' step hook does."""
+    merged: list[Step] = []
+    for noise, rate, steps in history:
+        if merged and merged[-1][:2] == (noise, rate):
+            merged[-1] = (noise, rate, merged[-1][2] + steps)
+        else:
+            merged.append((noise, rate, steps))
+    return merged
+
+
+@register_norm_sampler(nn.Embedding)
+def embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor],
+                          backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradient norms of an embedding table for ghost clipping: Opacus' algorithm
+    (sum each example's gradient rows per id, then take norms), with the (example, id) pairs
+    made unique as one integer key instead of by ``torch.unique(dim=0)``, which took half of a
+    DP-SGD step on this model."""
+    ids = activations[0].reshape(activations[0].shape[0], -1)
+    grads = backprops.reshape(-1, backprops.shape[-1])
+    rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
+    keys, position = torch.unique(rows * layer.num_embeddings + ids.reshape(-1),
+                                  return_inverse=True)
+    summed = torch.zeros(len(keys), grads.shape[-1], dtype=grads.dtype, device=grads.device)
+    summed.index_add_(0, position, grads)
+    norms = torch.zeros(ids.shape[0], dtype=grads.dtype, device=grads.device)
+    norms.scatter_add_(0, keys // layer.num_embeddings, (summed ** 2).sum(1))
+    return {layer.weight: norms.sqrt()}
+
+
+def train_dp_sgd(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
+                 examples: TrainExamples, objective: Objective, ledger: DpSgdLedger,
+                 cfg: DpSgdConfig, step: DpSgdStepConfig, *, seed: int,
+                 after_step: Callable[[], None] | None = None) -> TrainResult:
+    """One round of DP-SGD (``ledger.plan.steps_per_round`` steps) on the parameters
+    ``shared_optimizer`` holds; every other parameter must be frozen. Appends the round's steps
+    to ``ledger.history``.
+
+    ``seed`` (the client's own secret) drives the negatives and the examples a shopper's step
+    reads. The Poisson sampling of units and the noise draw from fresh OS randomness, which
+    the guarantee (amplification by sampling included) assumes nobody can predict."""
+    if not objective.per_example:
+        raise ValueError("DP-SGD needs a per-example objective (no in-batch negatives)")
+    if cfg.unit == "shopper":
+        result = _train_by_shopper(model, shared_optimizer, examples, objective, ledger.plan,
+                                   cfg.max_grad_norm, step.examples_per_shopper, seed=seed,
+                                   after_step=after_step)
+    else:
+        result = _train_by_example(model, shared_optimizer, examples, objective, ledger.plan,
+                                   cfg, seed=seed, after_step=after_step)
+    plan = ledger.plan
+    ledger.history = _merge([*ledger.history,
+                             (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
+    return result
+
+
+def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
+                      examples: TrainExamples, objective: Objective, plan: DpSgdPlan,
+                      max_grad_norm: float, examples_per_shopper: int, *, seed: int,
+                      after_step: Callable[[], None] | None) -> TrainResult:
+    """User-level DP-SGD: each step Poisson-samples shoppers at the plan's rate, computes each
+    sampled shopper's gradient (mean loss over up to ``examples_per_shopper`` of their
+    examples), and hands these as per-sample gradients to Opacus' DPOptimizer, which clips each
+    to ``max_grad_norm`` and adds the noise once to their sum. Adding or removing a shopper
+    changes one clipped term: that is the unit the accountant's add/remove bound protects.
+    The step follows the noisy sum, not the sum over the client's own count of shoppers: a
+    divisor that depends on the data is a release the accountant does not cover (Adam, the
+    default optimizer, is blind to the scale)."""
+    order = torch.argsort(examples.user, stable=True)
+    shoppers, counts = torch.unique_consecutive(examples.user[order], return_counts=True)
+    rows_of = torch.split(order, counts.tolist())
+    params = [p for group in shared_optimizer.param_groups for p in group["params"]]
+    optimizer = DPOptimizer(
+        shared_optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=1, generator=torch.Generator().manual_seed(_secret_seed()))
+    sampler = torch.Generator().manual_seed(_secret_seed())
+    model.train()
+    losses, seen = [], 0
+    for step in range(plan.steps_per_round):
+        draw = torch.rand(len(shoppers), generator=sampler)
+        picked = (draw < plan.sample_rate).nonzero().flatten()
+        per_shopper: list[list[torch.Tensor]] = [[] for _ in params]
+        for index in picked.tolist():
+            # Each shopper's own stream (negatives, examples read): one shopper's data never
+            # changes what another shopper's term draws.
+            generator = torch.Generator().manual_seed(
+                (seed * 1_000_003 + step * 7_919 + int(shoppers[index])) % 2**62)
+            rows = rows_of[index]
+            if len(rows) > examples_per_shopper:
+                rows = rows[torch.randperm(len(rows), generator=generator)[:examples_per_shopper]]
+            batch = (examples.history[rows], examples.target[rows], examples.user[rows])
+            loss = objective(model, batch, generator)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for store, grad, p in zip(per_shopper, grads, params, strict=True):
+                store.append(torch.zeros_like(p) if grad is None else grad)
+            losses.append(float(loss.detach()))
+            seen += len(rows)
+        for p, store in zip(params, per_shopper, strict=True):
+            p.grad_sample = (torch.stack(store) if store
+                             else p.new_zeros((0, *p.shape)))  # an empty step is noise alone
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+    loss = sum(losses) / len(losses) if losses else math.nan
+    if losses and not math.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss}: lower train.dp_sgd.lr")
+    return TrainResult(loss=loss, num_examples=seen)
+
+
+def _noise_only_step(optimizer: DPOptimizer) -> None:
+    """The step of an empty Poisson draw: no gradient, the noise alone. Skipping it would make
+    "nothing moved" an outcome whose probability depends on how many units the client holds."""
+    for p in optimizer.params:
+        if isinstance(optimizer, DPOptimizerFastGradientClipping):
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _train_by_example(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
+                      examples: TrainExamples, objective: Objective, plan: DpSgdPlan,
+                      cfg: DpSgdConfig, *, seed: int,
+                      after_step: Callable[[], None] | None) -> TrainResult:
+    """Example-level DP-SGD through Opacus' PrivacyEngine, on a Poisson loader at the plan's
+    public rate (Opacus takes the rate from the loader's length: 1 / steps_per_epoch)."""
+    with warnings.catch_warnings():
+        # Opacus warns on every engine that secure_mode is off; docs/privacy.md says so once.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
+    loader = DPDataLoader(examples_dataset(examples), sample_rate=plan.sample_rate,
+                          collate_fn=batch_collate,
+                          generator=torch.Generator().manual_seed(_secret_seed()))
+    private = engine.make_private(
+        module=model, optimizer=shared_optimizer, data_loader=loader,
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+        poisson_sampling=False, grad_sample_mode=cfg.grad_sample_mode,
+        criterion=nn.CrossEntropyLoss(),
+        noise_generator=torch.Generator().manual_seed(_secret_seed()))
+    if cfg.grad_sample_mode == "ghost":
+        module, optimizer, criterion, private_loader = private
+        objective = dataclasses.replace(objective, criterion=criterion)
+    else:
+        module, optimizer, private_loader = private
+    # Step along the noisy sum: Opacus would divide it by the client's own expected batch
+    # (its count of examples x the rate), a data-dependent scale the accountant does not cover.
+    optimizer.expected_batch_size = 1
+    if abs(1.0 / len(private_loader) - plan.sample_rate) > 1e-12:
+        raise RuntimeError(f"Opacus would account sampling rate {1.0 / len(private_loader)}, "
+                           f"not the planned {plan.sample_rate}")
+    epochs = plan.steps_per_round // len(private_loader)
+    try:
+        with warnings.catch_warnings():
+            # Opacus' hooks on the first layer fire although item ids need no gradient.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            result = train(module, optimizer, private_loader, objective, epochs=epochs,
+                           seed=seed, after_step=after_step,
+                           empty_step=lambda: _noise_only_step(optimizer))
+    finally:
+        module.remove_hooks()
+    return result
+

@@ -1,0 +1,48 @@
+"""The dataset as a simulation sees it: loaded, split and assigned to clients. The server of a
+simulation evaluates on it and counts its units; each simulated node cuts its own slice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedrec.config import Config, ConfigError, FileDatasetConfig
+from fedrec.data.dataset import Dataset
+from fedrec.data.loaders import load_dataset
+from fedrec.data.partition import assign_clients, num_clients
+from fedrec.data.split import Split, split_dataset
+
+
+@dataclass(frozen=True)
+class Federation:
+    cfg: Config
+    dataset: Dataset
+    split: Split
+    assignment: np.ndarray
+
+    @property
+    def num_clients(self) -> int:
+        return num_clients(self.assignment)
+
+    def client_examples(self) -> np.ndarray:
+        """Training examples per client: one per interaction after each user's first."""
+        per_user = (self.split.train.groupby("user").size() - 1).clip(lower=0)
+        return np.bincount(self.assignment[per_user.index.to_numpy()],
+                           weights=per_user.to_numpy(), minlength=self.num_clients)
+
+
+def build_federation(cfg: Config, data_path: str | None = None) -> Federation:
+    """The dataset loaded, split and assigned to clients as ``cfg`` says (``data_path``: a
+    deployed node's own data, which is one client)."""
+    dataset_cfg = cfg.dataset
+    if data_path is not None:
+        if not isinstance(dataset_cfg, FileDatasetConfig):
+            raise ConfigError(f"node config data-path={data_path!r} needs a file dataset, but "
+                              f"dataset={dataset_cfg.format} reads no files")
+        dataset_cfg = type(dataset_cfg)(**{**vars(dataset_cfg), "path": data_path})
+    dataset = load_dataset(dataset_cfg)
+    split = split_dataset(dataset)
+    if data_path is not None:  # a deployed node is one client holding everything it reads
+        return Federation(cfg, dataset, split, np.zeros(dataset.num_users, dtype=np.int64))
+    return Federation(cfg, dataset, split, assign_clients(cfg.partition, dataset, split))
