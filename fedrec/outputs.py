@@ -6,9 +6,12 @@ line is flushed as it is written, so a crash keeps what was measured up to it.
 
 from __future__ import annotations
 
+import datetime as dt
+import importlib.metadata
 import json
 import logging
 import math
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ CHECKPOINT = "checkpoint.pt"
 
 class RunOutputs:
     def __init__(self, output_dir: str | Path, cfg: DictConfig) -> None:
+        self.started_at = _now()
         self.path = Path(output_dir).expanduser().resolve()
         taken = [name for name in RESULT_FILES if (self.path / name).exists()]
         if taken:
@@ -43,7 +47,11 @@ class RunOutputs:
         checkpoint (a round that ended as the run was stopped) are dropped: the resumed run
         writes them again, so every round appears once."""
         outputs = cls.__new__(cls)
+        outputs.started_at = _now()
         outputs.path = Path(run_dir).expanduser().resolve()
+        if not outputs.path.is_dir():
+            raise FileNotFoundError(f"resume={run_dir}: no such folder (resume takes the "
+                                    "output_dir of a stopped federated run)")
         checkpoint_path = outputs.path / CHECKPOINT
         if not checkpoint_path.exists():
             raise FileNotFoundError(f"resume={run_dir}: {checkpoint_path} does not exist (only "
@@ -75,13 +83,20 @@ class RunOutputs:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """``summary`` with what made the run: fedrec's version, the git commit of its source
+        (when that is a checkout) and when this run (or this resumed part of it) started."""
+        summary = {**summary, "fedrec_version": importlib.metadata.version("fedrec"),
+                   "git_commit": source_commit(), "started_at": self.started_at}
         (self.path / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
 
     def save_model(self, model: TwoTower | None, dataset: Dataset, cfg: DictConfig,
                    extra: dict[str, Any] | None = None) -> None:
         """The shared parameters plus what serving needs: item vectors and the id maps."""
         payload: dict[str, Any] = {
-            "config": OmegaConf.to_container(cfg),
+            "config": OmegaConf.to_container(cfg),  # for the record; serving reads the specs
+            # What serving reads: the model's and the data's keys, plain and resolved.
+            "model_spec": OmegaConf.to_container(cfg.model, resolve=True),
+            "data_spec": OmegaConf.to_container(cfg.dataset, resolve=True),
             "item_ids": list(dataset.item_ids),
             "attribute_names": list(dataset.attribute_names),
             "item_attributes": torch.as_tensor(dataset.item_attributes),
@@ -94,6 +109,39 @@ class RunOutputs:
                 payload["shared_state"] = model.shared_state()
                 payload["item_vectors"] = model.item_vectors()
         torch.save(payload, self.path / "model.pt")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def source_commit() -> str | None:
+    """The git commit of the checkout fedrec was installed from, with ``-dirty`` when it has
+    uncommitted changes; None when it was not installed from one. A federated run's ServerApp
+    runs from a copy of the project without .git, so the installed distribution names the
+    checkout (an editable install records its folder)."""
+    candidates = [Path(__file__).resolve().parent.parent]
+    try:
+        url = importlib.metadata.distribution("fedrec").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        url = None
+    if url and json.loads(url).get("url", "").startswith("file://"):
+        candidates.append(Path(json.loads(url)["url"][len("file://"):]))
+    for folder in candidates:
+        try:
+            commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "--show-toplevel",
+                                     "HEAD"], capture_output=True, text=True, timeout=10)
+            top, _, head = commit.stdout.strip().partition("\n")
+            # Only the project's own checkout: not a repository the copy happens to sit in.
+            if commit.returncode != 0 or Path(top).resolve() != folder.resolve():
+                continue
+            dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain",
+                                    "--untracked-files=no"], capture_output=True, text=True,
+                                   timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        return head + ("-dirty" if dirty else "")
+    return None
 
 
 def _jsonable(value: Any) -> Any:

@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from fedrec.config import TwoTowerConfig
+from fedrec.config import ConfigError, TwoTowerConfig, config_from_spec, dataset_from_spec
 from fedrec.model import TwoTower
 
 # What serving reads from model.pt (fedrec.outputs.RunOutputs.save_model writes it).
-REQUIRED = ("config", "item_ids", "attribute_names", "item_attributes", "item_titles",
-            "shared_state", "item_vectors")
+REQUIRED = ("model_spec", "data_spec", "item_ids", "attribute_names", "item_attributes",
+            "item_titles", "shared_state", "item_vectors")
 
 
 class RecommendError(ValueError):
@@ -58,9 +58,9 @@ class Recommender:
 
     def __init__(self, model: TwoTower, item_ids: Sequence[str], attribute_names: Sequence[str],
                  titles: Sequence[str | None] | None, item_vectors: torch.Tensor,
-                 config: dict[str, Any] | None = None) -> None:
+                 data_spec: dict[str, Any] | None = None) -> None:
         self.model = model.eval()
-        self.config = config or {}  # the run's resolved config, when loaded from model.pt
+        self.data_spec = data_spec  # the dataset it was trained on, when loaded from model.pt
         self.item_ids = [str(i) for i in item_ids]
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         self.attribute_names = [str(a) for a in attribute_names]
@@ -75,15 +75,20 @@ class Recommender:
     def load(cls, path: str | Path) -> Recommender:
         path = Path(path)
         payload = _read_model_file(path)
-        model_cfg = payload["config"].get("model", {})
-        if model_cfg.get("kind") != "two_tower":
-            raise RecommendError(f"{path} holds a model={model_cfg.get('kind')!r}, which has "
-                                 "no towers to serve from: train model=two_tower")
-        if model_cfg.get("use_user_features"):
+        spec = payload["model_spec"]
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind != "two_tower":
+            raise RecommendError(f"{path} holds a model={kind!r}, which has no towers to serve "
+                                 "from: train model=two_tower")
+        if spec.get("use_user_features"):
             raise RecommendError(f"{path} was trained with model.use_user_features=true; the "
                                  "guide serves from a history alone: train without them")
-        # Personal vectors never leave their client, so serving uses the shared tower.
-        cfg = TwoTowerConfig(**{**model_cfg, "personal_embedding": False})
+        try:
+            # Personal vectors never leave their client, so serving uses the shared tower.
+            cfg = config_from_spec(TwoTowerConfig, {**spec, "personal_embedding": False},
+                                   f"{path}: model_spec")
+        except ConfigError as err:
+            raise RecommendError(str(err)) from err
         attributes = torch.as_tensor(payload["item_attributes"]).numpy()
         model = TwoTower(cfg, attributes, len(payload["attribute_names"]))
         try:
@@ -99,7 +104,7 @@ class Recommender:
             raise RecommendError(f"{path}: item_vectors holds NaN or infinite values: the run "
                                  "that wrote it diverged")
         return cls(model, payload["item_ids"], payload["attribute_names"],
-                   payload["item_titles"], vectors, payload["config"])
+                   payload["item_titles"], vectors, payload["data_spec"])
 
     # ------------------------------------------------------------------------ cold start
     def add_items(self, items: Sequence[tuple[str, Sequence[str], str | None]]) -> None:
@@ -274,15 +279,12 @@ def read_new_items(path: Path) -> list[tuple[str, list[str], str | None]]:
 
 def dataset_history(guide: Recommender, user: str) -> list[str]:
     """The whole history (original item ids, oldest first) of ``user`` in the dataset the
-    model was trained on, read again as the model's saved config says."""
-    from fedrec.config import ConfigError, compose_config, to_typed
+    model was trained on, read again as the model's data spec says (plain keys, checked as a
+    config is; nothing in it is composed or resolved)."""
     from fedrec.data.loaders import load_dataset
 
-    saved = guide.config.get("dataset", {})
-    overrides = [f"dataset={saved.get('format')}"] + [
-        f"dataset.{key}={_override_value(value)}" for key, value in saved.items()]
     try:
-        dataset = load_dataset(to_typed(compose_config(overrides)).dataset)
+        dataset = load_dataset(dataset_from_spec(guide.data_spec, "the model's data_spec"))
     except (ConfigError, OSError, ValueError) as err:
         raise RecommendError(f"user={user!r} needs the dataset the model was trained on, which "
                              f"cannot be read again ({err}); pass --history instead") from err
@@ -292,17 +294,6 @@ def dataset_history(guide: Recommender, user: str) -> list[str]:
                              f"({dataset.num_users} shoppers, ids such as "
                              f"{', '.join(map(repr, list(users)[:3]))})")
     return dataset.history(users[user])
-
-
-def _override_value(value: Any) -> str:
-    """A saved config value written back as a Hydra override value."""
-    if value is None:
-        return "null"
-    if isinstance(value, (bool, int, float)):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ",".join(_override_value(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)
 
 
 # -------------------------------------------------------------------------------- outputs

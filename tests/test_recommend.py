@@ -163,3 +163,24 @@ def test_a_crafted_checkpoint_is_refused_and_never_runs(tmp_path):
     with pytest.raises(ValueError, match="not a fedrec checkpoint"):
         RunOutputs.resume(tmp_path, OmegaConf.create({}))
     assert not marker.exists()
+
+
+def test_serving_reads_a_plain_data_spec_and_never_resolves_it(model_path, tmp_path, capsys,
+                                                              monkeypatch):
+    payload = torch.load(model_path, weights_only=True)
+    assert payload["data_spec"]["format"] == "synthetic"  # what --user reads the data from
+    # A crafted spec that a Hydra composition would resolve: here it stays a plain path.
+    monkeypatch.setenv("FEDREC_SECRET", "/etc")
+    crafted = {**payload, "data_spec": {"name": "x", "format": "csv", "min_rating": None,
+                                        "kcore": 0, "path": "${oc.env:FEDREC_SECRET}",
+                                        "catalogue": None, "items_path": None,
+                                        "attribute_separator": "|"}}
+    torch.save(crafted, tmp_path / "spec.pt")
+    assert main([str(tmp_path / "spec.pt"), "--user", "3"]) == 2
+    error = capsys.readouterr().err
+    assert "${oc.env:FEDREC_SECRET}" in error and "/etc" not in error
+    # A spec with keys no dataset has is refused, naming them.
+    extra = {**payload, "data_spec": {**payload["data_spec"], "hydra": {"run": "x"}}}
+    torch.save(extra, tmp_path / "extra.pt")
+    assert main([str(tmp_path / "extra.pt"), "--user", "3"]) == 2
+    assert "unknown keys ['hydra']" in capsys.readouterr().err
