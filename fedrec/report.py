@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import yaml
+
+matplotlib.use("Agg")  # files only: a sweep runs on machines without a display
+import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 # The columns a row is told apart by. Any other override whose value differs between runs adds
 # its own column; the seed never does, and these overrides are what the key columns show.
@@ -150,12 +155,12 @@ class Row:
     def done(self) -> list[Run]:
         return [r for r in self.runs if r.summary is not None]
 
-    def stats(self, name: str) -> tuple[float, float] | None:
-        """Mean and standard deviation over the row's finished runs (0 for one run)."""
+    def stats(self, name: str) -> tuple[float, float | None] | None:
+        """Mean and standard deviation over the row's finished runs (None for one run)."""
         values = [v for v in (r.value(name) for r in self.done) if v is not None]
         if not values:
             return None
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def group_rows(runs: list[Run]) -> tuple[list[str], list[Row]]:
@@ -201,8 +206,6 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [_write_csv(out / "results.csv", columns, rows),
                _write_markdown(out / "results.md", columns, rows, runs)]
-    from fedrec.plots import plot_communication, plot_per_round, plot_privacy_utility
-
     written += [plot_per_round(runs, out / "metrics_per_round.png"),
                 plot_privacy_utility(rows, out / "privacy_utility.png"),
                 plot_communication(runs, out / "communication_per_round.png")]
@@ -218,7 +221,8 @@ def _write_csv(path: Path, columns: list[str], rows: list[Row]) -> Path:
             figures = []
             for name in FIGURES:
                 stats = row.stats(name)
-                figures += ["", ""] if stats is None else [f"{stats[0]:.6g}", f"{stats[1]:.6g}"]
+                figures += ["", ""] if stats is None else [
+                    f"{stats[0]:.6g}", "" if stats[1] is None else f"{stats[1]:.6g}"]
             writer.writerow([*(row.key[c] for c in columns), len(row.done),
                              len(row.runs) - len(row.done), *figures])
     return path
@@ -241,17 +245,143 @@ def _write_markdown(path: Path, columns: list[str], rows: list[Row], runs: list[
                   "| run | overrides | error |", "|---|---|---|"]
         lines += [f"| {r.path} | {' '.join(f'{k}={v}' for k, v in r.overrides.items())} | "
                   f"{r.error.splitlines()[0][:300].replace('|', '/')} |" for r in failures]
-    lines += ["", f"Mean ± standard deviation over seeds; {len(runs)} runs from "
-              f"{len({r.path.parent for r in runs})} folder(s)."]
+    lines += ["", "Mean ± standard deviation over seeds (a row of one run: its value); "
+              f"{len(runs)} runs from {len({r.path.parent for r in runs})} folder(s)."]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _mean_std(name: str, mean: float, std: float) -> str:
+def _mean_std(name: str, mean: float, std: float | None) -> str:
     digits = {"epsilon spent": 3, "wall s": 1, "MB up": 2, "MB down": 2}.get(name, 4)
     if math.isnan(mean):
         return "-"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+# ------------------------------------------------------------------------------ plots
+PER_ROUND = (("sampled", "hr@10", "HR@10 (sampled)"), ("sampled", "ndcg@10", "NDCG@10 (sampled)"),
+             ("full", "recall@20", "Recall@20 (full)"))
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _federated(runs: list[Run]) -> list[Run]:
+    return [r for r in runs if r.summary is not None and r.summary["mode"] == "federated"]
+
+
+def _draw_runs(ax: plt.Axes, runs: list[Run], points_of) -> None:
+    """A line per run, one colour per row of the table (its seeds share it, named once)."""
+    rows = sorted({r.row_label for r in runs})
+    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
+    named: set[str] = set()
+    for run in runs:
+        points = points_of(run)
+        if points:
+            label = None if run.row_label in named else run.row_label
+            named.add(run.row_label)
+            ax.plot(*zip(*points, strict=True), marker=".", alpha=0.8,
+                    color=colours(rows.index(run.row_label) % colours.N), label=label)
+
+
+def plot_per_round(runs: list[Run], path: Path) -> Path:
+    """Each metric at every evaluated round, a line per federated run."""
+    fig, axes = plt.subplots(1, len(PER_ROUND), figsize=(5 * len(PER_ROUND), 4), squeeze=False)
+    for ax, (protocol, metric, title) in zip(axes[0], PER_ROUND, strict=True):
+        _draw_runs(ax, _federated(runs), lambda run, protocol=protocol, metric=metric: [
+            (r["round"], r["test"][protocol][metric]) for r in run.rounds
+            if r.get("test", {}).get(protocol, {}).get(metric) is not None])
+        ax.set(title=title, xlabel="round")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    _legend(fig, axes[0][-1])
+    return _save(fig, path)
+
+
+def plot_privacy_utility(rows: list[Row], path: Path) -> Path:
+    """HR@10 and NDCG@10 against the epsilon spent, a line per mechanism and strategy, with
+    the non-private federated runs (dashed, in their strategy's colour) and the centralized
+    reference (dotted) as horizontal lines; one line of plots per dataset."""
+    rows = [row for row in rows if row.key["dataset"] != "?"]  # unreadable runs: no curve
+    datasets = sorted({row.key["dataset"] for row in rows}) or ["no runs"]
+    strategies = sorted({row.key["strategy"] for row in rows})
+    colour = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
+    markers = {"dp_sgd": "o", "central_dp": "s"}
+    metrics = (("HR@10", "HR@10 (sampled)"), ("NDCG@10", "NDCG@10 (sampled)"))
+    fig, axes = plt.subplots(len(datasets), len(metrics), figsize=(11, 4 * len(datasets)),
+                             squeeze=False)
+    for line_axes, dataset in zip(axes, datasets, strict=True):
+        here = [row for row in rows if row.key["dataset"] == dataset and row.done]
+        for ax, (name, title) in zip(line_axes, metrics, strict=True):
+            curves: dict[tuple[str, str, str], list[tuple[float, float, float]]] = {}
+            for row in here:
+                stats, spent = row.stats(name), row.stats("epsilon spent")
+                if stats is None:
+                    continue
+                strategy, mechanism = row.key["strategy"], row.key["mechanism"]
+                # Other swept keys (lr, ...) make curves of their own.
+                extra = " ".join(f"{c}={v}" for c, v in row.key.items()
+                                 if c not in KEY_COLUMNS and v != "-")
+                if row.key["mode"] == "centralized":
+                    ax.axhline(stats[0], linestyle=":", color="grey",
+                               label=f"centralized {extra}".strip())
+                elif mechanism == "none":
+                    ax.axhline(stats[0], linestyle="--", color=colour[strategy],
+                               label=f"{strategy} non-private {extra}".strip())
+                elif spent is not None:  # the epsilon the run reached
+                    curves.setdefault((strategy, mechanism, extra), []).append((spent[0], *stats))
+            for (strategy, mechanism, extra), points in sorted(curves.items()):
+                xs, means, stds = zip(*sorted(points), strict=True)
+                ax.errorbar(xs, means, yerr=stds, marker=markers.get(mechanism, "^"),
+                            color=colour[strategy], capsize=3,
+                            linestyle="-" if mechanism == "dp_sgd" else "-.",
+                            label=f"{strategy} {mechanism} {extra}".strip())
+            if curves:
+                ax.set_xscale("log")
+                budgets = {row.key["epsilon budget"] for row in here
+                           if row.key["mechanism"] not in ("none", "-")}
+                ax.set_xticks(sorted(float(b) for b in budgets if b not in ("inf", "?")))
+                ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            else:
+                ax.text(0.5, 0.5, "no private runs", transform=ax.transAxes, ha="center")
+            ax.set(title=f"{dataset}: {title}", xlabel="epsilon spent (log scale)")
+            ax.grid(alpha=0.3)
+        _legend(fig, line_axes[-1])
+    return _save(fig, path)
+
+
+def plot_communication(runs: list[Run], path: Path) -> Path:
+    """Megabytes sent to and received from the clients at every round, a line per run."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], (("bytes_down", "MB sent to clients"),
+                                          ("bytes_up", "MB received from clients")),
+                                strict=True):
+        _draw_runs(ax, _federated(runs), lambda run, key=key: [
+            (r["round"], r[key] / 1e6) for r in run.rounds
+            if r.get(key) is not None and r["round"] > 0])
+        ax.set(title=title + " per round", xlabel="round", ylabel="MB")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    _legend(fig, axes[0][-1])
+    return _save(fig, path)
+
+
+def _legend(fig: plt.Figure, ax: plt.Axes) -> None:
+    handles, labels = [], []
+    for axis in fig.axes:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    if handles:
+        columns = max(1, math.ceil(len(labels) / 20))
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1),
+                  ncol=columns)
 
 
 def main(argv: list[str] | None = None) -> int:

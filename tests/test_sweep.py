@@ -85,7 +85,7 @@ def _fake_run(folder: Path, seed: int, hr: float, epsilon: float | None) -> None
         "mode": "federated", "dataset": "shop", "metrics": metrics, "wall_seconds": 10.0 + seed,
         "privacy": {"mechanism": mechanism, "epsilon": epsilon},
         "communication": {"bytes_up": 2e6, "bytes_down": 4e6}}))
-    (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, **metrics,
+    (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "test": metrics,
                                                       "bytes_up": 2e6, "bytes_down": 4e6}) + "\n")
 
 
@@ -127,3 +127,8 @@ def test_report_gives_every_other_swept_key_a_column(tmp_path):
                                                                                   ("32", 1)]
     assert rows[1].stats("Recall@20") is None and rows[1].stats("HR@10")[0] == pytest.approx(0.82)
     write_report([tmp_path], tmp_path / "report")
+    table = (tmp_path / "report" / "results.md").read_text().splitlines()
+    one_run = next(line for line in table if "| 32 |" in line)
+    assert "| 0.8200 |" in one_run and "±" not in one_run  # a row of one run: its value
+    two_runs = next(line for line in table if "| 16 |" in line)
+    assert "0.6600 ± 0.0000" in two_runs
