@@ -33,6 +33,10 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = compose_config(overrides)
     c = to_typed(cfg)
+    if c.resume is not None:
+        raise ConfigError(f"resume={c.resume}: the centralized reference keeps no checkpoint to "
+                          "resume from (resume= takes a stopped federated run's output_dir); "
+                          "run it again without resume")
     torch.manual_seed(c.seed)
     if c.train.num_threads:
         torch.set_num_threads(c.train.num_threads)
@@ -50,16 +54,19 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
 
     model: TwoTower | None = None
     if isinstance(c.model, TwoTowerConfig):
-        model, epochs = _train_two_tower(c, dataset, split, valid_cases, outputs, started)
-        test = evaluate_model(model, test_cases, list(c.eval.ks), c.eval.batch_size)
+        model, selected, metrics = _train_two_tower(c, dataset, split, valid_cases, test_cases,
+                                                    outputs)
     else:
         counts = torch.bincount(torch.tensor(split.train["item"].to_numpy()),
                                 minlength=dataset.num_items)
-        test = evaluate_popularity(counts, test_cases, list(c.eval.ks), c.eval.batch_size)
-        epochs = 0
-    metrics = test.means()
-    outputs.log_metrics({"round": epochs, "split": "test", **metrics,
-                         "seconds": time.perf_counter() - started})
+        line: dict[str, Any] = {"round": 0, "train_loss": None}
+        for part, cases in (("valid", valid_cases), ("test", test_cases)):
+            if len(cases):
+                line[part] = evaluate_popularity(counts, cases, list(c.eval.ks),
+                                                 c.eval.batch_size).means()
+        outputs.log_metrics({**line, "seconds": time.perf_counter() - started,
+                             "bytes_up": 0, "bytes_down": 0})
+        selected, metrics = 0, line.get("test", {})
     summary = {
         "mode": "centralized",
         "model": c.model.kind,
@@ -67,7 +74,12 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
         "num_users": dataset.num_users,
         "num_items": dataset.num_items,
         "num_clients": None,
-        "rounds": epochs,
+        # As a federated summary: the epochs run, and the one whose model is reported (the
+        # best by validation eval.select_by).
+        "rounds": c.train.epochs if isinstance(c.model, TwoTowerConfig) else 0,
+        "rounds_requested": c.train.epochs if isinstance(c.model, TwoTowerConfig) else 0,
+        "selected_round": selected,
+        "select_by": c.eval.select_by,
         "metrics": metrics,
         "privacy": {"mechanism": "none", "epsilon": None, "delta": None, "secagg": False},
         "communication": {"bytes_up": 0, "bytes_down": 0},
@@ -82,7 +94,10 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
 
 
 def _train_two_tower(c: Any, dataset: Any, split: Split, valid_cases: EvalCases,
-                     outputs: RunOutputs, started: float) -> tuple[TwoTower, int]:
+                     test_cases: EvalCases, outputs: RunOutputs,
+                     ) -> tuple[TwoTower, int, dict[str, Any]]:
+    """Train every epoch, each evaluated on validation and test (one metrics line each); the
+    model, epoch and test metrics of the best epoch by validation ``eval.select_by``."""
     personal = torch.arange(dataset.num_users).numpy() if c.model.personal_embedding else None
     model = TwoTower.for_dataset(c.model, dataset, personal_users=personal)
     examples = training_examples(split.train, dataset.num_items, c.model.max_history)
@@ -90,34 +105,38 @@ def _train_two_tower(c: Any, dataset: Any, split: Split, valid_cases: EvalCases,
     loader = make_loader(examples, c.train.batch_size, c.seed)
     optimizer = make_optimizer(model.parameters(), c.train)
     protocol, metric = c.eval.select_by.split(".")
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
+    record: dict[str, Any] = {}
     for epoch in range(1, c.train.epochs + 1):
+        began = time.perf_counter()
         result = train(model, optimizer, loader, objective, epochs=1,
                        seed=c.seed * 10007 + epoch)
-        record: dict[str, Any] = {"round": epoch, "train_loss": result.loss}
+        record = {"round": epoch, "train_loss": result.loss}
         if len(valid_cases):
-            valid = evaluate_model(model, valid_cases, list(c.eval.ks), c.eval.batch_size)
-            means = valid.means()
-            record.update(split="valid", **means)
-            score = means[protocol][metric]
+            record["valid"] = evaluate_model(model, valid_cases, list(c.eval.ks),
+                                             c.eval.batch_size).means()
+        record["test"] = evaluate_model(model, test_cases, list(c.eval.ks),
+                                        c.eval.batch_size).means()
+        if len(valid_cases):
+            score = record["valid"][protocol][metric]
             if best is None or score > best[0]:
-                best = (score, epoch, copy.deepcopy(model.state_dict()))
-        record["seconds"] = time.perf_counter() - started
-        outputs.log_metrics(record)
+                best = (score, epoch, copy.deepcopy(model.state_dict()), record["test"])
+        outputs.log_metrics({**record, "seconds": time.perf_counter() - began,
+                             "bytes_up": 0, "bytes_down": 0})
         log.info("epoch %d/%d  loss %.4f  %s", epoch, c.train.epochs, result.loss,
-                 _brief(record))
+                 _brief(record.get("valid", {})))
     if best is None:
         log.warning("%s has no validation interactions: reporting the last epoch",
                     c.dataset.name)
-        return model, c.train.epochs
+        return model, c.train.epochs, record["test"]
     log.info("best validation %s %.4f at epoch %d", c.eval.select_by, best[0], best[1])
     model.load_state_dict(best[2])
-    return model, best[1]
+    return model, best[1], best[3]
 
 
-def _brief(record: dict[str, Any]) -> str:
-    return "  ".join(f"{p}.{k} {v:.4f}" for p in ("sampled", "full")
-                     for k, v in record.get(p, {}).items())
+def _brief(means: dict[str, Any]) -> str:
+    return "  ".join(f"valid {p}.{k} {v:.4f}" for p in ("sampled", "full")
+                     for k, v in means.get(p, {}).items())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,12 +64,12 @@ def _print_table(partition: str, base: str, results: list[tuple[str, float | Non
             print(f"| {mechanism} | | {budget} | failed: {result} | | | | | | | | |")
             continue
         summary, last = result
-        test, valid = last["server"], last.get("server_valid", {})
+        test, valid = last["server"]["test"], last["server"].get("valid", {})
         privacy = summary["privacy"]
         spent, delta = privacy["epsilon"], privacy["delta"]
         ratios = ["", ""]
         if reference is not None:
-            plain = reference[1]["server"]["sampled"]["hr@10"]
+            plain = reference[1]["server"]["test"]["sampled"]["hr@10"]
             ratios = [f"{test['sampled']['hr@10'] / plain:.3f}",
                       f"{summary['wall_seconds'] / reference[0]['wall_seconds']:.2f}"]
         print(f"| {mechanism} | {privacy['unit'] or '-'} | {budget} | "

@@ -56,20 +56,25 @@ def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2, 3]
     for line in lines[1:]:
-        assert {"sampled", "full", "server", "train_loss", "bytes_up", "bytes_down",
+        assert {"test", "valid", "server", "train_loss", "bytes_up", "bytes_down",
                 "seconds"} <= set(line)
-        assert line["bytes_up"] > 0 and line["bytes_down"] > 0
-    assert lines[-1]["sampled"]["hr@10"] > lines[0]["sampled"]["hr@10"]
+        assert set(line["test"]) == {"sampled", "full"} and set(line["server"]) == {"valid", "test"}
+        assert line["bytes_up"] > 0 and line["bytes_down"] > 0 and line["seconds"] > 0
+        assert line["train_loss"] > 0 and line["train_clients"] == 3
+    assert lines[-1]["test"]["sampled"]["hr@10"] > lines[0]["test"]["sampled"]["hr@10"]
     assert sum(line["bytes_up"] for line in lines) == summary["communication"]["bytes_up"]
+    # Per-round seconds: they add up to less than the whole run.
+    assert sum(line["seconds"] for line in lines) < summary["wall_seconds"]
+    assert summary["fedrec_version"] and summary["started_at"].endswith("+00:00")
 
     # The run reports the round with the best validation HR@10 (the earliest of equals), as the
     # centralized run picks its epoch, and model.pt holds that round's model.
     scores = [line["valid"]["sampled"]["hr@10"] for line in lines]
     best = scores.index(max(scores))
     assert summary["select_by"] == "sampled.hr@10" and summary["selected_round"] == best
-    assert summary["metrics"] == {"sampled": lines[best]["sampled"], "full": lines[best]["full"]}
+    assert summary["metrics"] == lines[best]["test"]
     assert summary["valid_metrics"] == lines[best]["valid"]
-    assert summary["server_metrics"] == lines[best]["server"]
+    assert summary["server_metrics"] == lines[best]["server"]["test"]
     saved = torch.load(out / "model.pt", weights_only=True)
     selected = torch.load(out / "checkpoint.pt", weights_only=True)["selected"]
     assert selected["round"] == best
@@ -223,7 +228,7 @@ def test_federated_evaluation_runs_every_n_rounds(flower, tmp_path):
     out = tmp_path / "every"
     flower(f"{TINY} num_rounds=3 eval.every=2", num_supernodes=3, output_dir=out)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evaluated = [line["round"] for line in lines if "sampled" in line]
+    evaluated = [line["round"] for line in lines if "test" in line]
     assert evaluated == [0, 2, 3]  # round 0, every 2nd round, and always the last
 
 

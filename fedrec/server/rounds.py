@@ -148,7 +148,7 @@ class RoundLog:
         self.server_evaluation = server_evaluation
         self.select_by = select_by
         self.federated_evaluation = federated_evaluation
-        self.started = time.perf_counter()
+        self._round_began = time.perf_counter()
         self._train: dict[str, float] = {}
         self._federated: RankingSums | None = None
         self._valid: RankingSums | None = None
@@ -190,17 +190,18 @@ class RoundLog:
         server_round += self.done
         self.privacy.requested(self.grid.train_requests)
         self.grid.train_requests = []
-        record: dict[str, Any] = {"round": server_round}
+        # One layout with the centralized run's lines (docs/outputs.md): test and valid
+        # sub-objects, this round's seconds and bytes.
+        record: dict[str, Any] = {"round": server_round, "train_loss": None}
         if self._federated is not None:
-            record.update(self._federated.means())
-            record["evaluated_users"] = self._federated.counts["full"]
             if self._valid is not None and self._valid.counts["sampled"]:
                 record["valid"] = self._valid.means()
+            record["test"] = self._federated.means()
+            record["evaluated_users"] = self._federated.counts["full"]
         if self.server_evaluation is not None:
             valid, test = self.server_evaluation(arrays)
-            record["server"] = test.means()
-            if valid.counts["sampled"]:
-                record["server_valid"] = valid.means()
+            record["server"] = {**({"valid": valid.means()} if valid.counts["sampled"] else {}),
+                                "test": test.means()}
         if self._train:
             record["train_loss"] = self._train.get("train_loss")
             record["train_clients"] = self._train["clients"]
@@ -222,8 +223,9 @@ class RoundLog:
         up = self.grid.bytes_up - self._bytes_seen[0]
         down = self.grid.bytes_down - self._bytes_seen[1]
         self._bytes_seen = (self.grid.bytes_up, self.grid.bytes_down)
-        record.update(bytes_up=up, bytes_down=down,
-                      seconds=round(time.perf_counter() - self.started, 3))
+        now = time.perf_counter()
+        record.update(seconds=round(now - self._round_began, 3), bytes_up=up, bytes_down=down)
+        self._round_began = now
         if self._federated is not None or not self.federated_evaluation:
             self._consider(record, arrays)
         self._train, self._federated, self._valid = {}, None, None
@@ -259,8 +261,8 @@ def _brief(record: dict[str, Any]) -> str:
     parts = []
     if "train_loss" in record and record["train_loss"] is not None:
         parts.append(f"loss {record['train_loss']:.4f}")
-    for label, source in (("", record), ("valid ", record.get("valid", {})),
-                          ("server ", record.get("server", {}))):
+    for label, source in (("", record.get("test", {})), ("valid ", record.get("valid", {})),
+                          ("server ", record.get("server", {}).get("test", {}))):
         for protocol, metric in (("sampled", "hr@10"), ("sampled", "ndcg@10"),
                                  ("full", "recall@20")):
             if protocol in source:

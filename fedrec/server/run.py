@@ -187,9 +187,9 @@ def _report(run: FederatedRun, num_rounds: int, final_arrays: ArrayRecord) -> di
     cfg, fed, dataset, outputs = run.cfg, run.fed, run.dataset, run.outputs
     final = _reported_round(run.rounds, cfg, num_rounds, final_arrays)
     run.model.load_shared_state(final["arrays"])
-    source = ("clients" if "sampled" in final["record"] else
-              "server" if "server" in final["record"] else None)
-    reported = final["record"] if source == "clients" else final["record"].get("server", {})
+    record = final["record"]
+    source = "clients" if "test" in record else "server" if "server" in record else None
+    reported = record["test"] if source == "clients" else record.get("server", {}).get("test", {})
     summary = {
         "mode": "federated",
         "model": cfg.model.kind,
@@ -207,13 +207,13 @@ def _report(run: FederatedRun, num_rounds: int, final_arrays: ArrayRecord) -> di
         # clients: federated evaluation; server: the server's own evaluation of the global
         # model on every shopper's test item (simulation only), in a private or SecAgg+ run.
         "metrics_source": source,
-        "valid_metrics": final["record"].get("valid"),
+        "valid_metrics": record.get("valid"),
         "privacy": run.privacy.as_dict(),
         "communication": {"bytes_up": run.grid.bytes_up, "bytes_down": run.grid.bytes_down},
         "wall_seconds": time.perf_counter() - run.started,
     }
-    if "server" in final["record"]:
-        summary["server_metrics"] = final["record"]["server"]
+    if "server" in record:
+        summary["server_metrics"] = record["server"]["test"]
     outputs.write_summary(summary)
     outputs.save_model(run.model, dataset, run.composed)
     sampled = summary["metrics"]["sampled"]
