@@ -18,17 +18,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from fedrec.config import parse_overrides
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-# Flower's managed local SuperLink: one per machine, started by the first `flwr run`.
+# Flower's managed local SuperLink: one per machine, started by the first `flwr run` (or by
+# fedrec, the same way). Its ports are Flower 1.42's, which `flwr run` looks for: one for HTTP
+# (health) and the runtime API, which the simulations it starts connect to (and which outlive
+# it if it is killed), one for the Control API.
 SUPERLINK_MARKER = "local-superlink"
-# Its ServerAppIo port: the simulations it starts connect there, and outlive it if it is killed.
-MANAGED_PORT = "39091"
+MANAGED_PORT = os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
+MANAGED_HTTP_PORT = MANAGED_PORT
+MANAGED_CONTROL_PORT = os.environ.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
 
 
 class SimulationError(RuntimeError):
@@ -56,6 +61,7 @@ def run_federated(
                                     os.environ.get("PATH", "")])}
     log_path = log_path or output_dir.with_name(output_dir.name + ".flwr.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_superlink()
     run_config = write_run_config(args)
     command = [
         _flwr(), "run", str(project_dir), "--stream",
@@ -135,13 +141,14 @@ def stream_command(
                                env=env, cwd=cwd)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span reads
     deadline = time.monotonic() + timeout
+    shown = _ShownOnce()
 
     def copy(chunk: bytes, final: bool = False) -> None:
         text = decoder.decode(chunk, final)
         log.write(text)
         log.flush()
         if echo:
-            sys.stdout.write(text)
+            sys.stdout.write(shown.lines(text, final))
             sys.stdout.flush()
 
     try:
@@ -172,6 +179,33 @@ def stream_command(
             process.stdout.close()
 
 
+class _ShownOnce:
+    """What a user sees of `flwr run --stream`: Flower streams each of the ServerApp's log
+    lines twice, once as its console shows it and once with a timestamp; the second copy is
+    dropped (the log file keeps both)."""
+
+    _CONSOLE = re.compile(r"^(?:\x1b\[[0-9;]*m)?[A-Z]+ ?(?:\x1b\[0m)?\s*:\s*(.*)$")
+    _STAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:(.*)$")
+
+    def __init__(self) -> None:
+        self.partial = ""
+        self.last = None  # the message of the last console line
+
+    def lines(self, text: str, final: bool) -> str:
+        *complete, self.partial = (self.partial + text).split("\n")
+        if final and self.partial:
+            complete, self.partial = [*complete, self.partial], ""
+        kept = []
+        for line in complete:
+            stamped = self._STAMPED.match(line)
+            if stamped and stamped.group(1).strip() == self.last:
+                continue
+            console = self._CONSOLE.match(line)
+            self.last = console.group(1).strip() if console else None
+            kept.append(line + "\n")
+        return "".join(kept)
+
+
 def write_run_config(overrides: list[str]) -> Path:
     """A temporary run-config TOML holding the overrides: a file sidesteps shell and TOML
     quoting of the override string. The caller deletes it."""
@@ -181,8 +215,8 @@ def write_run_config(overrides: list[str]) -> Path:
 
 
 def superlink_pids() -> list[int]:
-    """PIDs of Flower's managed local SuperLink, its SuperExec, and the simulations it started
-    (which outlive a stopped SuperLink, Ray workers and all), if running."""
+    """Flower's managed local SuperLinks on this machine, whoever started them, with their
+    SuperExecs and the simulations they started (which outlive a stopped SuperLink)."""
     processes = _processes()
     superlinks = {pid: args for pid, args in processes.items()
                   if args and args[0].endswith("flower-superlink")
@@ -230,9 +264,89 @@ def descendants(roots: list[int]) -> list[int]:
     return found
 
 
-def stop_local_superlink(timeout: float = 10) -> None:
-    """Stop the managed SuperLink that `flwr run` leaves running, and everything it started."""
-    stop_processes(superlink_pids(), timeout=timeout)
+def _superlink_files() -> tuple[Path, Path]:
+    """Where Flower keeps its managed SuperLink (its log and database), and fedrec's record of
+    the one it started there."""
+    folder = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr") / "local-superlink"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, folder / "started-by-fedrec.json"
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot: with the pid, it names one process
+    (a pid alone may be reused by another)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _superlink_healthy() -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{MANAGED_HTTP_PORT}/health",
+                                    timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def ensure_superlink(timeout: float = 60) -> bool:
+    """Flower's managed local SuperLink, which `flwr run` uses when it answers: the running one,
+    or one fedrec starts (as `flwr run` would, plus no runtime dependency installation) and
+    records by pid and start time, so that only it is ever stopped. True when it started one."""
+    if _superlink_healthy():
+        return False
+    folder, record = _superlink_files()
+    command = [str(Path(sys.executable).with_name("flower-superlink")), "--insecure",
+               "--simulation", "--isolation", "subprocess",
+               "--control-api-address", f"127.0.0.1:{MANAGED_CONTROL_PORT}",
+               "--host", "127.0.0.1", "--port", MANAGED_HTTP_PORT,
+               "--log-file", str(folder / "superlink.log"),
+               "--database", str(folder / "state.db"),
+               "--disable-runtime-dependency-installation"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    record.write_text(json.dumps({"pid": process.pid, "start_time": _start_time(process.pid)}))
+    deadline = time.monotonic() + timeout
+    while not _superlink_healthy():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_processes([process.pid], timeout=5)
+            raise SimulationError(f"the local SuperLink did not start within {timeout:.0f} s "
+                                  f"(exit code {process.poll()}); its log: "
+                                  f"{folder / 'superlink.log'}")
+        time.sleep(0.2)
+    return True
+
+
+def stop_local_superlink(timeout: float = 10) -> str:
+    """Stop the managed SuperLink that fedrec started (and everything it started), if it still
+    runs; any other SuperLink is left alone. Says what it did."""
+    _, record = _superlink_files()
+    ours = json.loads(record.read_text()) if record.exists() else None
+    record.unlink(missing_ok=True)
+    alive = ours is not None and _start_time(ours["pid"]) == ours["start_time"]
+    started = descendants([ours["pid"]]) if alive else []
+    others = [pid for pid in superlink_pids()
+              if pid not in started and not (alive and pid == ours["pid"])]
+    left = (f"; left running: {len(others)} Flower process(es) fedrec did not start "
+            f"(pids {', '.join(map(str, others[:5]))})" if others else "")
+    if not alive:
+        return "no SuperLink started by fedrec is running" + left
+    stop_processes([ours["pid"]], timeout=timeout)
+    return (f"stopped the SuperLink fedrec started (pid {ours['pid']}) and the "
+            f"{len(started)} process(es) it started" + left)
+
+
+@contextlib.contextmanager
+def local_superlink() -> Iterator[None]:
+    """The managed SuperLink for the `flwr run`s inside: the running one, or one started here
+    and stopped on the way out."""
+    started = ensure_superlink()
+    try:
+        yield
+    finally:
+        if started:
+            print(f"fedrec: {stop_local_superlink()}", flush=True)
 
 
 def stop_processes(roots: list[int], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
@@ -267,16 +381,68 @@ def _quote(override: str) -> str:
     return f"'{override}'" if " " in override else override
 
 
+USAGE = """usage:
+  python -m fedrec.simulation run [--supernodes N] [--timeout SECONDS] [OVERRIDE ...]
+  python -m fedrec.simulation stop
+
+run: a federated simulation of the overrides through `flwr run`, on the local SuperLink
+  (started and stopped here when none is running), with as many SuperNodes as the partition
+  makes clients unless --supernodes says otherwise. Exits 0 when the run wrote its
+  summary.json, 1 when it failed (naming the errors), 2 on a bad config.
+stop: stop the local SuperLink fedrec started, and say what it stopped."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fedrec.simulation stop` stops the managed SuperLink."""
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["stop"]:
-        pids = superlink_pids()
-        stop_local_superlink()
-        print(f"stopped {len(pids)} Flower process(es)" if pids else "no local SuperLink running")
+        print(f"fedrec: {stop_local_superlink()}")
         return 0
-    print("usage: python -m fedrec.simulation stop", file=sys.stderr)
-    return 2
+    if argv[:1] == ["run"]:
+        return _run_command(argv[1:])
+    print(USAGE, file=sys.stderr)
+    return 0 if argv in (["-h"], ["--help"]) else 2
+
+
+def _run_command(argv: list[str]) -> int:
+    from fedrec.config import ConfigError, compose_config, federated_config
+    from fedrec.data.federation import build_federation
+
+    options: dict[str, float] = {}
+    overrides = []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--supernodes", "--timeout"):
+            value = next(args, None)
+            try:
+                options[arg] = float(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                print(f"error: {arg} takes a number, got {value!r}\n{USAGE}", file=sys.stderr)
+                return 2
+        else:
+            overrides.append(arg)
+    try:
+        # Composed here first: a bad override or dataset stops before Flower starts, and
+        # output_dir's ${now:...} resolves once, to the folder this command reports.
+        cfg = federated_config(compose_config(overrides))
+        if cfg.federation != "simulation":
+            raise ConfigError(f"federation={cfg.federation}: this command simulates on one "
+                              "machine; a deployment runs `flwr run` against its own SuperLink"
+                              " (docs/deployment.md)")
+        supernodes = int(options.get("--supernodes") or build_federation(cfg).num_clients)
+    except (ConfigError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    print(f"fedrec: {supernodes} SuperNodes; results in {output_dir}", flush=True)
+    with local_superlink():
+        try:
+            run_federated([*overrides, f"output_dir={output_dir}"], num_supernodes=supernodes,
+                          output_dir=output_dir, timeout=options.get("--timeout", 86400),
+                          echo=True)
+        except SimulationError as err:
+            print(f"error: the run failed: {err}", file=sys.stderr)
+            return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fedrec.config import register_schemas, to_typed
-from fedrec.simulation import run_federated, stop_local_superlink, superlink_pids
+from fedrec.simulation import local_superlink, run_federated
 
 log = logging.getLogger("fedrec.sweep")
 
@@ -97,12 +97,9 @@ class ReportAtEnd(Callback):
 
 def main() -> None:
     register_schemas()
-    was_running = bool(superlink_pids())
-    try:
+    # The jobs share the local SuperLink; one this sweep starts, it stops, and only that one.
+    with local_superlink():
         job()
-    finally:
-        if not was_running:
-            stop_local_superlink()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """What the benchmark scripts share: where the licensed data lives, one federated run as a table
-row, and the managed SuperLink stopped afterwards unless it was running before."""
+row, and the local SuperLink (fedrec.simulation.local_superlink, re-exported here)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -13,20 +12,9 @@ from typing import Any
 
 from fedrec.config import compose_config, federated_config
 from fedrec.data.federation import Federation, build_federation
-from fedrec.simulation import run_federated, stop_local_superlink, superlink_pids
+from fedrec.simulation import local_superlink, run_federated
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@contextlib.contextmanager
-def local_superlink() -> Iterator[None]:
-    """Stop Flower's managed SuperLink on the way out, unless it was already running."""
-    was_running = bool(superlink_pids())
-    try:
-        yield
-    finally:
-        if not was_running:
-            stop_local_superlink()
 
 
 def load_federation(overrides: str) -> Federation:

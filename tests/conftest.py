@@ -22,7 +22,7 @@ from opacus import GradSampleModule
 from fedrec.client.task import NodeData, NodeHolder, node_model
 from fedrec.config import compose_config, to_typed
 from fedrec.data.dataset import Dataset, RawData, build_dataset
-from fedrec.simulation import run_federated, stop_local_superlink, superlink_pids
+from fedrec.simulation import local_superlink, run_federated
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -69,11 +69,9 @@ TINY = ("dataset.num_users=60 dataset.num_items=40 dataset.num_categories=4 part
 
 @pytest.fixture(scope="module")
 def flower():
-    """Runs `flwr run` on this project; stops the managed SuperLink unless it ran before."""
-    was_running = bool(superlink_pids())
-    yield run_federated
-    if not was_running:
-        stop_local_superlink()
+    """Runs `flwr run` on this project; stops the local SuperLink if it started one."""
+    with local_superlink():
+        yield run_federated
 
 
 def wait_for_round(run: Path, server_round: int, runner: threading.Thread,

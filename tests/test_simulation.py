@@ -4,13 +4,17 @@ that holds even when a hung command prints nothing."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from fedrec.simulation import _running, stream_command
+from fedrec.simulation import _running, stop_local_superlink, stream_command
+from fedrec.simulation import main as simulation_main
 
 
 def test_output_is_copied_and_the_exit_code_returned():
@@ -45,3 +49,55 @@ def test_a_character_split_across_reads_is_kept():
                            "b'a' * 65535 + 'é'.encode()); sys.stdout.flush()"],
                           log, timeout=60, env=dict(os.environ))
     assert code == 0 and log.getvalue() == "a" * 65535 + "é"
+
+
+def test_echo_shows_each_flower_line_once_and_the_log_keeps_both(capsys):
+    log = io.StringIO()
+    lines = ["\x1b[92mINFO \x1b[0m:      round 1/2 loss 0.5",
+             "11/30/2026 06:20:57:INFO:round 1/2 loss 0.5",
+             "11/30/2026 06:20:57:DEBUG:ServerApp finished running.",
+             "fedrec: HR@10 0.9"]
+    script = "import sys; sys.stdout.write(" + repr("\n".join(lines) + "\n") + ")"
+    stream_command([sys.executable, "-c", script], log, timeout=60, env=dict(os.environ),
+                   echo=True)
+    shown = capsys.readouterr().out.splitlines()
+    assert shown == [lines[0], lines[2], lines[3]]  # the timestamped twin is dropped
+    assert log.getvalue().splitlines() == lines
+
+
+def _fake_superlink(folder: Path) -> subprocess.Popen:
+    """A process that looks like a managed SuperLink somebody else started."""
+    script = folder / "flower-superlink"
+    script.write_text("import time\ntime.sleep(120)\n")
+    return subprocess.Popen([sys.executable, str(script), "--log-file",
+                             str(folder / "local-superlink" / "superlink.log")])
+
+
+def test_stop_leaves_a_superlink_fedrec_did_not_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    other = _fake_superlink(tmp_path)
+    try:
+        time.sleep(0.5)
+        said = stop_local_superlink()
+        assert said.startswith("no SuperLink started by fedrec is running")
+        assert f"fedrec did not start (pids {other.pid}" in said or str(other.pid) in said
+        assert _running(other.pid)
+        # A record whose pid now names another process (pid reuse) stops nothing either.
+        record = tmp_path / "home" / "local-superlink" / "started-by-fedrec.json"
+        record.write_text(json.dumps({"pid": other.pid, "start_time": 1}))
+        assert stop_local_superlink().startswith("no SuperLink started by fedrec")
+        assert _running(other.pid) and not record.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_run_command_refuses_a_bad_override_before_flower_starts(tmp_path, capsys):
+    assert simulation_main(["run", "train.lr=-1", f"output_dir={tmp_path / 'run'}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and "train.lr" in error[0]
+    assert not (tmp_path / "run").exists()
+    assert simulation_main(["run", "--supernodes", "many"]) == 2
+    assert "--supernodes takes a number, got 'many'" in capsys.readouterr().err
+    assert simulation_main(["run", "federation=deployment"]) == 2
+    assert "federation=deployment" in capsys.readouterr().err

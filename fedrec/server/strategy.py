@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
+from logging import INFO
 from typing import Any, cast
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import Scalar, ndarrays_to_parameters
+from flwr.common.logger import log
 from flwr.server import strategy as legacy_strategy
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
@@ -166,4 +168,11 @@ class RunStrategy(flwr_strategy.Strategy):
         return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
+        # Flower's start() names the outermost class; say which strategy runs inside it.
+        inner = self.strategy
+        names = [type(inner).__name__]
+        while hasattr(inner, "strategy"):
+            inner = inner.strategy
+            names.append(type(inner).__name__)
+        log(INFO, "\t├── Strategy: %s", " around ".join(names))
         self.strategy.summary()
