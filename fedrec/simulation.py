@@ -184,8 +184,10 @@ class _ShownOnce:
     lines twice, once as its console shows it and once with a timestamp; the second copy is
     dropped (the log file keeps both)."""
 
-    _CONSOLE = re.compile(r"^(?:\x1b\[[0-9;]*m)?[A-Z]+ ?(?:\x1b\[0m)?\s*:\s*(.*)$")
-    _STAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:(.*)$")
+    # Ray prefixes a ClientApp actor's lines with "(ClientAppActor pid=...) ".
+    _ACTOR = r"(?:(?:\x1b\[[0-9;]*m)?\([^)]*\)(?:\x1b\[0m)? )?"
+    _CONSOLE = re.compile(_ACTOR + r"(?:\x1b\[[0-9;]*m)?[A-Z]+ ?(?:\x1b\[0m)?\s*:\s*(.*)$")
+    _STAMPED = re.compile(_ACTOR + r"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:(.*)$")
 
     def __init__(self) -> None:
         self.partial = ""
@@ -199,8 +201,8 @@ class _ShownOnce:
         for line in complete:
             stamped = self._STAMPED.match(line)
             if stamped and stamped.group(1).strip() == self.last:
-                continue
-            console = self._CONSOLE.match(line)
+                continue  # the twin of the line before (or of a repeated stamped line)
+            console = self._CONSOLE.match(line) or stamped
             self.last = console.group(1).strip() if console else None
             kept.append(line + "\n")
         return "".join(kept)

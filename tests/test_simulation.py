@@ -101,3 +101,25 @@ def test_run_command_refuses_a_bad_override_before_flower_starts(tmp_path, capsy
     assert "--supernodes takes a number, got 'many'" in capsys.readouterr().err
     assert simulation_main(["run", "federation=deployment"]) == 2
     assert "federation=deployment" in capsys.readouterr().err
+
+
+def test_centralized_refuses_resume_with_one_line(tmp_path, capsys):
+    from fedrec.centralized import main as centralized_main
+
+    assert centralized_main([f"resume={tmp_path}", f"output_dir={tmp_path / 'run'}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: resume={tmp_path}")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # starts the Flower runtime
+def test_run_command_fails_with_the_servers_reason_and_stops_its_superlink(tmp_path, capsys):
+    from conftest import TINY
+
+    code = simulation_main(["run", "--supernodes", "2", *TINY.split(), "num_rounds=1",
+                            f"output_dir={tmp_path / 'run'}"])
+    captured = capsys.readouterr()
+    assert code == 1
+    error = captured.err.strip()
+    assert error.startswith("error: the run failed:") and "num-supernodes=3" in error
+    assert len(error.splitlines()) < 10  # the errors, not the log
