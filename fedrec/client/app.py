@@ -23,21 +23,22 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedrec.accounting import check_delta, plan_dp_sgd
 from fedrec.client.dp_sgd import DpSgdLedger
 from fedrec.client.secagg import secure_aggregation_mod
 from fedrec.client.task import (
     NodeData,
     NodeHolder,
+    Refusal,
+    TrainRequest,
+    dp_sgd_ledger,
     evaluate_node,
     node_model,
-    protected_units,
     train_round,
 )
-from fedrec.config import CentralDpConfig, Config, ConfigError, DpSgdConfig
+from fedrec.config import CentralDpConfig, Config, DpSgdConfig
 from fedrec.metrics import VALID_PREFIX
 from fedrec.model import PERSONAL_PREFIX, TwoTower
-from fedrec.wire import BUDGET_EXHAUSTED, NOT_COVERED, OUTSIDE_PLAN, starts_round
+from fedrec.wire import BUDGET_EXHAUSTED, NOT_COVERED, starts_round
 
 app = ClientApp()
 # This process's run config and node data, kept between messages.
@@ -109,25 +110,18 @@ TRAIN_MODS = [dp_sgd_budget, secure_aggregation_mod(_config), client_side_clippi
 def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     model = _model(node, msg, context)
-    config = msg.content["config"]
-    privacy = node.cfg.privacy
+    request = TrainRequest.read(msg.content["config"])
     ledger = None
-    if isinstance(privacy, DpSgdConfig):
-        ledger = _dp_sgd_ledger(node, privacy, context, config)
-        if isinstance(ledger, Error):
-            return Message(ledger, reply_to=msg)
-    # Flower counts a resumed run's rounds from 1 again: the offset keeps seeds distinct and
-    # the lr on its schedule.
-    run_round = int(config["server-round"]) + int(config.get("round-offset", 0))
-    result = train_round(
-        node, model,
-        lr=float(config["lr"]) * float(config["lr-decay"]) ** (run_round - 1),
-        local_epochs=int(config["local-epochs"]),
-        batch_size=int(config.get("batch-size", 0)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=round_seed(context, node.cfg, run_round),
-        ledger=ledger,
-    )
+    if isinstance(node.cfg.privacy, DpSgdConfig):
+        saved = context.state.config_records.get(DP_SGD_STATE)
+        try:
+            ledger = dp_sgd_ledger(node, request,
+                                   None if saved is None else DpSgdLedger.from_record(saved))
+        except Refusal as refusal:
+            return Message(Error(refusal.code, refusal.reason), reply_to=msg)
+    result = train_round(node, model, lr=request.lr, local_epochs=request.local_epochs,
+                         batch_size=request.batch_size, proximal_mu=request.proximal_mu,
+                         seed=round_seed(context, node.cfg, request.run_round), ledger=ledger)
     if model.personal is not None:
         context.state[PERSONAL_STATE] = ArrayRecord(torch_state_dict={
             k: v for k, v in model.state_dict().items() if k.startswith(PERSONAL_PREFIX)})
@@ -136,35 +130,11 @@ def train(msg: Message, context: Context) -> Message:
     # unit-weight: the mean over clients that a private run takes (a client's count would be
     # data the guarantee does not cover); the loss and count go only where nothing is claimed.
     metrics = MetricRecord({"unit-weight": 1})
-    if privacy.mechanism == "none":
+    if node.cfg.privacy.mechanism == "none":
         metrics.update({"num-examples": result.num_examples, "train_loss": result.loss})
     reply = RecordDict({"arrays": ArrayRecord(torch_state_dict=model.shared_state()),
                         "metrics": metrics})
     return Message(content=reply, reply_to=msg)
-
-
-def _dp_sgd_ledger(node: NodeData, cfg: DpSgdConfig, context: Context,
-                   config: ConfigRecord) -> DpSgdLedger | Error:
-    """The node's budget as earlier rounds left it, or its plan on its first round; an error
-    reply when the request leaves that plan. The plan is the client's own: its steps come from
-    its config, never from the request, and a request that asks for other steps is refused."""
-    step = node.cfg.train.dp_sgd
-    asked = (int(config["local-epochs"]), int(config.get("dp-steps-per-epoch", -1)))
-    if asked != (step.local_epochs, step.steps_per_epoch):
-        return Error(OUTSIDE_PLAN, (
-            f"the request asks for local-epochs={asked[0]} dp-steps-per-epoch={asked[1]}, but "
-            f"this client's DP-SGD plan trains local_epochs={step.local_epochs} "
-            f"steps_per_epoch={step.steps_per_epoch} a round"))
-    if DP_SGD_STATE in context.state:
-        return DpSgdLedger.from_record(context.state.config_records[DP_SGD_STATE])
-    units = protected_units(node)  # zero: refused by check_delta
-    delta = cfg.delta if cfg.delta is not None else float(config["dp-delta"])
-    try:
-        check_delta(delta, units, f"{cfg.unit}s on this client")
-    except ConfigError as err:
-        return Error(OUTSIDE_PLAN, str(err))
-    plan = plan_dp_sgd(cfg, step, delta=delta, planned_rounds=int(config["dp-planned-rounds"]))
-    return DpSgdLedger(cfg.accountant, cfg.target_epsilon, plan, [])
 
 
 def round_seed(context: Context, cfg: Config, run_round: int) -> int:

@@ -7,12 +7,14 @@ interactions, user ids and personal vectors stay here: what leaves is listed, pe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from fedrec.accounting import check_delta, plan_dp_sgd
 from fedrec.client.dp_sgd import DpSgdLedger, train_dp_sgd
 from fedrec.config import Config, ConfigError, DpSgdConfig, compose_config, federated_config
 from fedrec.data.dataset import Dataset
@@ -23,6 +25,7 @@ from fedrec.data.split import Split
 from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import TwoTower
 from fedrec.train import Objective, TrainResult, make_loader, make_optimizer, train
+from fedrec.wire import OUTSIDE_PLAN
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,74 @@ class NodeData:
     objective: Objective
     valid_cases: EvalCases
     test_cases: EvalCases
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What a train request asks of the node, read from its config record."""
+
+    run_round: int  # Flower counts a resumed run's rounds from 1 again: plus the offset
+    lr: float  # on its schedule: train.lr x round_lr_decay^(run_round - 1)
+    local_epochs: int
+    batch_size: int
+    proximal_mu: float
+    dp_steps_per_epoch: int | None
+    dp_delta: float | None
+    dp_planned_rounds: int | None
+
+    @classmethod
+    def read(cls, config: Mapping[str, Any]) -> TrainRequest:
+        run_round = int(config["server-round"]) + int(config.get("round-offset", 0))
+        optional = {key: config.get(key) for key in
+                    ("dp-steps-per-epoch", "dp-delta", "dp-planned-rounds")}
+        return cls(run_round=run_round,
+                   lr=float(config["lr"]) * float(config["lr-decay"]) ** (run_round - 1),
+                   local_epochs=int(config["local-epochs"]),
+                   batch_size=int(config.get("batch-size", 0)),
+                   proximal_mu=float(config.get("proximal-mu", 0.0)),
+                   dp_steps_per_epoch=_maybe(int, optional["dp-steps-per-epoch"]),
+                   dp_delta=_maybe(float, optional["dp-delta"]),
+                   dp_planned_rounds=_maybe(int, optional["dp-planned-rounds"]))
+
+
+def _maybe(kind: type, value: Any) -> Any:
+    return None if value is None else kind(value)
+
+
+class Refusal(Exception):
+    """The node declines a request, with Flower error ``code`` (fedrec.wire) and a reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def dp_sgd_ledger(node: NodeData, request: TrainRequest,
+                  saved: DpSgdLedger | None) -> DpSgdLedger:
+    """The node's DP-SGD budget as earlier rounds left it (``saved``), or its plan on its first
+    round. The plan is the client's own: its steps come from its config, never from the
+    request, and a request that asks for other steps, or a delta its data does not allow, is
+    refused (``Refusal``, OUTSIDE_PLAN)."""
+    cfg, step = node.cfg.privacy, node.cfg.train.dp_sgd
+    assert isinstance(cfg, DpSgdConfig)
+    asked = (request.local_epochs, request.dp_steps_per_epoch)
+    if asked != (step.local_epochs, step.steps_per_epoch):
+        raise Refusal(OUTSIDE_PLAN, (
+            f"the request asks for local-epochs={asked[0]} dp-steps-per-epoch={asked[1]}, but "
+            f"this client's DP-SGD plan trains local_epochs={step.local_epochs} "
+            f"steps_per_epoch={step.steps_per_epoch} a round"))
+    if saved is not None:
+        return saved
+    delta = cfg.delta if cfg.delta is not None else request.dp_delta
+    if delta is None or request.dp_planned_rounds is None:
+        raise Refusal(OUTSIDE_PLAN, "the request lacks dp-delta or dp-planned-rounds, the "
+                                    "public inputs of this client's DP-SGD plan")
+    try:
+        check_delta(delta, protected_units(node), f"{cfg.unit}s on this client")
+    except ConfigError as err:  # zero units is refused here too
+        raise Refusal(OUTSIDE_PLAN, str(err)) from err
+    plan = plan_dp_sgd(cfg, step, delta=delta, planned_rounds=request.dp_planned_rounds)
+    return DpSgdLedger(cfg.accountant, cfg.target_epsilon, plan, [])
 
 
 class NodeHolder:
