@@ -22,7 +22,8 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Inside the package: a plain (non-editable) install carries every default.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -651,8 +652,8 @@ def parse_overrides(overrides: str | list[str] | tuple[str, ...]) -> list[str]:
 def compose_config(overrides: str | list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose conf/ with the overrides and validate every value; raise ConfigError if bad."""
     if not CONF_DIR.is_dir():
-        raise ConfigError(f"config directory {CONF_DIR} is missing: fedrec must run from its "
-                          "project checkout (pip install -e .)")
+        raise ConfigError(f"config directory {CONF_DIR} is missing: this fedrec install is "
+                          "incomplete; reinstall it (pip install fedrec, or -e . in a checkout)")
     setup_globals()  # registers Hydra's ${now:...} resolver used by output_dir
     register_schemas()
     GlobalHydra.instance().clear()

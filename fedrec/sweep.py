@@ -6,7 +6,7 @@
 A job runs exactly what `flwr run .` runs, through the real Flower runtime (a managed local
 SuperLink, which the sweep stops at its end unless it was already running), or with
 mode=centralized what `python -m fedrec.centralized` runs, into its own numbered folder of the
-sweep directory (conf/sweep.yaml). Hydra composes every job's config before the first one
+sweep directory (fedrec/conf/sweep.yaml). Hydra composes every job's config before the first one
 starts, so a misspelt key fails at once. A job that fails at run time writes failed.json (its
 overrides and error) and the sweep goes on: a sweep of hours is not lost to one bad job. The
 sweep ends with fedrec.report, and each job returns its HR@10 (NaN when it failed) for a
@@ -37,7 +37,7 @@ log = logging.getLogger("fedrec.sweep")
 FAILED = "failed.json"
 
 
-@hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
+@hydra.main(config_path="conf", config_name="sweep", version_base="1.3")
 def job(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
@@ -79,7 +79,7 @@ def _run(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]
 
 
 class ReportAtEnd(Callback):
-    """Write the sweep's report when its last job has run (conf/sweep.yaml registers it)."""
+    """Write the sweep's report when its last job has run (fedrec/conf/sweep.yaml registers it)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._report(Path(config.hydra.sweep.dir))

@@ -3,7 +3,7 @@
     python scripts/benchmark_recommend.py [--items 10000 100000 1000000] [--requests 300]
 
 For each catalogue size: a two-tower model with that many items (random weights, the model's
-default sizes from conf/model/two_tower.yaml, random attributes), its item vectors computed
+default sizes from fedrec/conf/model/two_tower.yaml, random attributes), its item vectors computed
 once as a trained model.pt stores them. One thread. Prints the p50 and p99 latency of one
 request (a 20-item history, top 10, history excluded) and the throughput of batches of 256
 histories. Target: p99 < 20 ms at 10^5 items.

@@ -3,8 +3,9 @@
     python scripts/benchmark_towers.py [--data ../shared/data] [--only ML-100K] [--rows ...]
         [overrides for every run...]
 
-Every run starts from its dataset's preset (conf/preset/). Rows: model.user_tower=mean|attention
-x {centralized; federated, one client per user (experiment=cross_device, or
+Every run starts from its dataset's preset (fedrec/conf/preset/). Rows:
+model.user_tower=mean|attention x {centralized; federated, one client per user
+(experiment=cross_device, or
 cross_device_attention for the attention tower); federated with dp_sgd
 at epsilon 8 over 10 silos}, on ML-100K and Amazon Beauty. Columns: sampled HR@10 and NDCG@10
 (99 negatives), full Recall@20 and NDCG@20, wall time, and each federated row's HR@10 over its
@@ -25,12 +26,12 @@ from common import DEFAULT_DATA, local_superlink, run_row
 
 from fedrec.centralized import run as run_centralized
 
-# Each dataset's preset (conf/preset/); the tower column overrides the preset's tower.
+# Each dataset's preset (fedrec/conf/preset/); the tower column overrides the preset's tower.
 PRESETS = {
     "ML-100K": ["preset=movielens_100k", "dataset.path={data}/ml-100k"],
     "Beauty": ["preset=beauty", "dataset.path={data}/amazon-beauty/Beauty.txt"],
 }
-# Each tower's cross-device recipe (conf/experiment/): the attention blocks need a lower lr.
+# Each tower's cross-device recipe (fedrec/conf/experiment/): the attention blocks need a lower lr.
 CROSS_DEVICE = {"mean": "experiment=cross_device", "attention": "experiment=cross_device_attention"}
 ROWS = {
     "centralized": None,

@@ -4,8 +4,12 @@ server's (DESIGN.md). Checked in a fresh interpreter, as a ClientApp process sta
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 # What a node must not load: the server side, and the server's and the user's tools.
 NOT_ON_A_NODE = ("fedrec.server", "fedrec.outputs", "fedrec.recommend", "fedrec.simulation",
@@ -31,3 +35,35 @@ def test_the_server_app_imports_nothing_of_the_client():
     loaded = _fedrec_modules_after_import("fedrec.server.app")
     assert "fedrec.server.run" in loaded
     assert [m for m in loaded if m.startswith("fedrec.client")] == []
+
+
+@pytest.mark.slow  # builds the package
+def test_a_built_wheel_carries_its_config_and_runs_outside_the_checkout(tmp_path):
+    """A plain (non-editable) install: the wheel alone, imported from outside the checkout,
+    composes its config, trains the centralized reference and runs a sweep."""
+    project = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(project)], check=True,
+                   capture_output=True)
+    wheel = next((tmp_path / "dist").glob("fedrec-*.whl"))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(site), str(wheel)], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def fedrec(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, text=True,
+                              capture_output=True, timeout=600)
+
+    where = fedrec("-c", "import fedrec.config as c; print(c.CONF_DIR)").stdout.strip()
+    assert where.startswith(str(site)) and (Path(where) / "config.yaml").is_file()
+    tiny = ["dataset.num_users=40", "dataset.num_items=60", "dataset.num_categories=3",
+            "eval.num_negatives=10",
+            "train.epochs=1", "model.embedding_dim=8", "model.hidden_dim=16"]
+    run = fedrec("-m", "fedrec.centralized", *tiny, f"output_dir={tmp_path / 'run'}")
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["mode"] == "centralized"
+    sweep = fedrec("-m", "fedrec.sweep", "-m", "mode=centralized", "seed=0,1", *tiny,
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 2

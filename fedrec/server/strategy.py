@@ -1,7 +1,7 @@
 """Config -> Flower strategy, and the aggregation of ranking metrics as exact sums.
 
 Every strategy is Flower's own class from ``flwr.serverapp.strategy``; fedrec only chooses it,
-passes the hyper-parameters from conf/strategy/, adds up evaluation replies (sums and counts,
+passes the hyper-parameters from fedrec/conf/strategy/, adds up evaluation replies (sums and counts,
 not a weighted mean of means), and wraps it in ``RunStrategy`` for the run's evaluation schedule
 and item-table step.
 """
