@@ -333,7 +333,9 @@ def plot_privacy_utility(rows: list[Row], path: Path) -> Path:
                     ax.axhline(stats[0], linestyle="--", color=colour[strategy],
                                label=f"{strategy} non-private {extra}".strip())
                 elif spent is not None:  # the epsilon the run reached
-                    curves.setdefault((strategy, mechanism, extra), []).append((spent[0], *stats))
+                    # A row of one run has no spread: its error bar is empty.
+                    curves.setdefault((strategy, mechanism, extra), []).append(
+                        (spent[0], stats[0], stats[1] or 0.0))
             for (strategy, mechanism, extra), points in sorted(curves.items()):
                 xs, means, stds = zip(*sorted(points), strict=True)
                 ax.errorbar(xs, means, yerr=stds, marker=markers.get(mechanism, "^"),

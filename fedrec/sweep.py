@@ -87,11 +87,19 @@ class ReportAtEnd(Callback):
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._report(Path(config.hydra.run.dir))
 
+    # Hydra turns a callback's exception into a warning; main() fails the sweep on this.
+    failed: str | None = None
+
     @staticmethod
     def _report(sweep_dir: Path) -> None:
         from fedrec.report import write_report
 
-        written = write_report([sweep_dir], sweep_dir)
+        try:
+            written = write_report([sweep_dir], sweep_dir)
+        except Exception as err:
+            ReportAtEnd.failed = f"{type(err).__name__}: {err}"
+            log.error("the sweep's report failed: %s", ReportAtEnd.failed)
+            raise
         log.info("report: %s", ", ".join(str(p) for p in written))
 
 
@@ -100,6 +108,8 @@ def main() -> None:
     # The jobs share the local SuperLink; one this sweep starts, it stops, and only that one.
     with local_superlink():
         job()
+    if ReportAtEnd.failed is not None:
+        sys.exit(f"error: the sweep's report failed: {ReportAtEnd.failed}")
 
 
 if __name__ == "__main__":

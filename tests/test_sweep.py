@@ -132,3 +132,13 @@ def test_report_gives_every_other_swept_key_a_column(tmp_path):
     assert "| 0.8200 |" in one_run and "±" not in one_run  # a row of one run: its value
     two_runs = next(line for line in table if "| 16 |" in line)
     assert "0.6600 ± 0.0000" in two_runs
+
+
+def test_report_of_single_private_runs_draws_every_plot(tmp_path):
+    """A sweep with one seed: every row is one run, private ones included."""
+    for job, (hr, eps) in enumerate([(0.5, None), (0.3, 7.9)]):
+        _fake_run(tmp_path / str(job), 0, hr, eps)
+    written = write_report([tmp_path], tmp_path / "report")
+    assert {p.name for p in written} == {"results.csv", "results.md", *PLOTS}
+    _assert_images(tmp_path / "report")
+
