@@ -32,7 +32,6 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 # it if it is killed), one for the Control API.
 SUPERLINK_MARKER = "local-superlink"
 MANAGED_PORT = os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
-MANAGED_HTTP_PORT = MANAGED_PORT
 MANAGED_CONTROL_PORT = os.environ.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
 
 
@@ -285,7 +284,7 @@ def _start_time(pid: int) -> int | None:
 
 def _superlink_healthy() -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{MANAGED_HTTP_PORT}/health",
+        with urllib.request.urlopen(f"http://127.0.0.1:{MANAGED_PORT}/health",
                                     timeout=2) as reply:
             return reply.status == 200
     except OSError:
@@ -302,7 +301,7 @@ def ensure_superlink(timeout: float = 60) -> bool:
     command = [str(Path(sys.executable).with_name("flower-superlink")), "--insecure",
                "--simulation", "--isolation", "subprocess",
                "--control-api-address", f"127.0.0.1:{MANAGED_CONTROL_PORT}",
-               "--host", "127.0.0.1", "--port", MANAGED_HTTP_PORT,
+               "--host", "127.0.0.1", "--port", MANAGED_PORT,
                "--log-file", str(folder / "superlink.log"),
                "--database", str(folder / "state.db"),
                "--disable-runtime-dependency-installation"]

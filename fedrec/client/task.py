@@ -161,11 +161,8 @@ def load_node(fed: Federation, partition_id: int | None, num_partitions: int | N
               data_path: str | None = None) -> NodeData:
     """A simulated node's partition (partition_id of num_partitions) of ``fed``, or, in a
     deployment, everything in the node's own ``data_path`` (which ``fed`` was built from)."""
-    if data_path is None and num_partitions != fed.num_clients:
-        raise ConfigError(
-            f"the federation has {num_partitions} nodes but partition={fed.cfg.partition.kind}"
-            f" gives {fed.num_clients} clients on {fed.dataset.name}: run with "
-            f"--federation-config \"num-supernodes={fed.num_clients}\"")
+    if data_path is None:
+        fed.check_nodes(num_partitions)
     return _node_data(fed, client_users(fed.assignment, 0 if data_path else partition_id))
 
 

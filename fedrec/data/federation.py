@@ -25,6 +25,14 @@ class Federation:
     def num_clients(self) -> int:
         return num_clients(self.assignment)
 
+    def check_nodes(self, nodes: int | None) -> None:
+        """A simulation needs one node per client the partition makes."""
+        if nodes != self.num_clients:
+            raise ConfigError(
+                f"the federation has {nodes} nodes but partition={self.cfg.partition.kind} "
+                f"gives {self.num_clients} clients on {self.dataset.name}: run with "
+                f"--federation-config \"num-supernodes={self.num_clients}\"")
+
     def client_examples(self) -> np.ndarray:
         """Training examples per client: one per interaction after each user's first."""
         per_user = (self.split.train.groupby("user").size() - 1).clip(lower=0)

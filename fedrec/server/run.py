@@ -98,11 +98,8 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
                                  "local-epochs": cfg.train.local_epochs,
                                  "batch-size": cfg.train.batch_size, "round-offset": done})
     population, sample_size = _round_sample(cfg, metered)
-    if fed is not None and population != fed.num_clients:
-        raise ConfigError(
-            f"the federation has {population} nodes but partition={cfg.partition.kind} gives "
-            f"{fed.num_clients} clients on {fed.dataset.name}: run with --federation-config "
-            f"\"num-supernodes={fed.num_clients}\"")
+    if fed is not None:
+        fed.check_nodes(population)
     central, dp_sgd = _plan_privacy(cfg, fed, population, sample_size, train_config)
     # Per-client evaluation figures are covered by no mechanism: a private or SecAgg+ run
     # asks for none, and a simulation evaluates on the server instead (labelled so).
