@@ -35,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedrec.config import parse_overrides
 from fedrec.simulation import (
-    PROJECT_DIR,
+    APP_DIR,
     SimulationError,
     failure_lines,
     stop_processes,
@@ -160,11 +160,11 @@ class LocalDeployment:
     # ---------------------------------------------------------------------------- runs
     def run(self, overrides: str | list[str], output_dir: Path, *, timeout: float = 3600,
             echo: bool = False) -> dict[str, Any]:
-        """`flwr run` this project with the overrides; its summary.json."""
+        """`flwr run` fedrec's app with the overrides; its summary.json."""
         output_dir = Path(output_dir).resolve()
         args = [*parse_overrides(overrides), "federation=deployment", f"output_dir={output_dir}"]
         run_config = write_run_config(args)
-        command = [str(BIN / "flwr"), "run", str(PROJECT_DIR), CONNECTION, "--stream",
+        command = [str(BIN / "flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
                    "--run-config", str(run_config)]
         try:
             with open(self.logs / "flwr-run.log", "a") as out:

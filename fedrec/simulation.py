@@ -25,7 +25,9 @@ from typing import IO, Any
 
 from fedrec.config import parse_overrides
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+# The Flower app `flwr run` is handed: a folder inside the package, so that a plain install runs
+# the same app as the checkout's `flwr run .`.
+APP_DIR = Path(__file__).resolve().parent / "flwrapp"
 # Flower's managed local SuperLink: one per machine, started by the first `flwr run` (or by
 # fedrec, the same way). Its ports are Flower 1.42's, which `flwr run` looks for: one for HTTP
 # (health) and the runtime API, which the simulations it starts connect to (and which outlive
@@ -48,16 +50,12 @@ def run_federated(
     timeout: float = 3600,
     cpus_per_client: float = 1,
     echo: bool = False,
-    project_dir: Path = PROJECT_DIR,
+    project_dir: Path = APP_DIR,
 ) -> dict[str, Any]:
-    """Run `flwr run` on ``project_dir`` (default: this project) and return its summary.json."""
+    """Run `flwr run` on ``project_dir`` (default: fedrec's app) and return its summary.json."""
     output_dir = Path(output_dir).resolve()
     args = [*parse_overrides(overrides), f"output_dir={output_dir}"]
-    # flwr starts flower-superlink by name: put this interpreter's scripts first on PATH, so a
-    # venv that is used but not activated still finds its own.
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent),
-                                    os.environ.get("PATH", "")])}
+    env = flower_env()
     log_path = log_path or output_dir.with_name(output_dir.name + ".flwr.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     ensure_superlink()
@@ -81,6 +79,15 @@ def run_federated(
     if not summary_path.exists():
         raise SimulationError(f"flwr run wrote no {summary_path}; {failure_lines(log_path)}")
     return json.loads(summary_path.read_text())
+
+
+def flower_env() -> dict[str, str]:
+    """The environment for Flower's commands. flwr starts flower-superlink, and the SuperLink
+    starts flower-superexec, by name: this interpreter's scripts go first on PATH, so a venv that
+    is used but not activated still runs its own."""
+    return {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                     os.environ.get("PATH", "")])}
 
 
 # The last line of a Python traceback: "KeyError: 'full'", "fedrec.config.ConfigError: ...".
@@ -305,16 +312,18 @@ def ensure_superlink(timeout: float = 60) -> bool:
                "--log-file", str(folder / "superlink.log"),
                "--database", str(folder / "state.db"),
                "--disable-runtime-dependency-installation"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    # Its console goes to a file: a failure before its logging starts is only printed there.
+    console = folder / "superlink.console.log"
+    with open(console, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env=flower_env())
     record.write_text(json.dumps({"pid": process.pid, "start_time": _start_time(process.pid)}))
     deadline = time.monotonic() + timeout
     while not _superlink_healthy():
         if process.poll() is not None or time.monotonic() > deadline:
             stop_processes([process.pid], timeout=5)
             raise SimulationError(f"the local SuperLink did not start within {timeout:.0f} s "
-                                  f"(exit code {process.poll()}); its log: "
-                                  f"{folder / 'superlink.log'}")
+                                  f"(exit code {process.poll()}); {failure_lines(console)}")
         time.sleep(0.2)
     return True
 

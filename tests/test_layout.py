@@ -37,10 +37,29 @@ def test_the_server_app_imports_nothing_of_the_client():
     assert [m for m in loaded if m.startswith("fedrec.client")] == []
 
 
-@pytest.mark.slow  # builds the package
+def test_the_packaged_flower_app_is_the_checkouts_app():
+    """`flwr run .` in a checkout and `python -m fedrec.simulation run` (which runs the app
+    folder inside the package) must start the same components with the same run config."""
+    import tomli  # Flower depends on it; tomllib is Python 3.11+
+
+    from fedrec.simulation import APP_DIR
+
+    project = Path(__file__).resolve().parents[1]
+    checkout = tomli.loads((project / "pyproject.toml").read_text())
+    packaged = tomli.loads((APP_DIR / "pyproject.toml").read_text())
+    assert packaged["tool"]["flwr"] == checkout["tool"]["flwr"]
+    assert packaged["project"]["version"] == checkout["project"]["version"]
+
+
+@pytest.mark.slow  # builds the package, and starts the Flower runtime
 def test_a_built_wheel_carries_its_config_and_runs_outside_the_checkout(tmp_path):
     """A plain (non-editable) install: the wheel alone, imported from outside the checkout,
-    composes its config, trains the centralized reference and runs a sweep."""
+    composes its config, trains the centralized reference, runs a sweep and a federated
+    simulation through `flwr run`."""
+    from conftest import TINY
+
+    from fedrec.simulation import superlink_pids
+
     project = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path / "dist"), str(project)], check=True,
@@ -49,7 +68,8 @@ def test_a_built_wheel_carries_its_config_and_runs_outside_the_checkout(tmp_path
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
                     str(site), str(wheel)], check=True, capture_output=True)
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    # The venv used, not activated: Flower's commands must still be its own.
+    env = {**os.environ, "PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
 
     def fedrec(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, text=True,
@@ -67,3 +87,14 @@ def test_a_built_wheel_carries_its_config_and_runs_outside_the_checkout(tmp_path
                    f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert sweep.returncode == 0, sweep.stderr[-2000:]
     assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 2
+    # The SuperLink the launcher starts, and the ServerApp it runs, must see the wheel: a
+    # SuperLink already up would run the checkout's code instead.
+    assert superlink_pids() == [], "a SuperLink is already running; stop it first"
+    federated = fedrec("-m", "fedrec.simulation", "run", *TINY.split(), "num_rounds=1",
+                       f"output_dir={tmp_path / 'federated'}")
+    assert federated.returncode == 0, federated.stderr[-3000:]
+    summary = json.loads((tmp_path / "federated" / "summary.json").read_text())
+    assert summary["mode"] == "federated" and summary["rounds"] == 1
+    # Run from the wheel, not from a checkout: no git commit to name.
+    assert summary["git_commit"] is None and summary["fedrec_version"] == "0.1.0"
+    assert superlink_pids() == []
