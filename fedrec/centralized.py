@@ -19,7 +19,12 @@ import torch
 
 from fedrec.config import ConfigError, TwoTowerConfig, compose_config, to_typed
 from fedrec.data.loaders import load_dataset
-from fedrec.data.sequences import EvalCases, heldout_cases, training_examples
+from fedrec.data.sequences import (
+    EvalCases,
+    check_negatives,
+    heldout_cases,
+    training_examples,
+)
 from fedrec.data.split import Split, split_dataset
 from fedrec.metrics import evaluate_model, evaluate_popularity
 from fedrec.model import TwoTower
@@ -43,7 +48,7 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
 
     dataset = load_dataset(c.dataset)
     split = split_dataset(dataset)
-    outputs = RunOutputs(c.output_dir, cfg)
+    check_negatives(c.eval.num_negatives, dataset.num_items, split, dataset.name)
     max_history = c.model.max_history if isinstance(c.model, TwoTowerConfig) else 1
     common = dict(num_items=dataset.num_items, max_history=max_history,
                   num_negatives=c.eval.num_negatives, seed=c.eval.seed)
@@ -51,6 +56,7 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
     test_cases = heldout_cases(split, "test", **common)
     log.info("%d training interactions, %d validation and %d test users", len(split.train),
              len(valid_cases), len(test_cases))
+    outputs = RunOutputs(c.output_dir, cfg)  # only once the data is known good: no empty run
 
     model: TwoTower | None = None
     if isinstance(c.model, TwoTowerConfig):

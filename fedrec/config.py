@@ -661,6 +661,7 @@ def compose_config(overrides: str | list[str] | tuple[str, ...] = ()) -> DictCon
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=parse_overrides(overrides))
         OmegaConf.resolve(cfg)
+        _refuse_unknown_keys(cfg)
         to_typed(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"bad configuration: {_explain(err)}") from err
@@ -669,14 +670,56 @@ def compose_config(overrides: str | list[str] | tuple[str, ...] = ()) -> DictCon
     return cfg
 
 
+def _refuse_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    """Hydra's `+key=value` adds a key the schema does not have, and the typed config would
+    drop it without a word: a misspelt `+train.lrr=0.1` must fail like `train.lrr=0.1` does."""
+    schema = OmegaConf.get_type(node)
+    known = ({f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema)
+             else None)
+    for key in node:
+        if known is not None and key not in known:
+            raise ConfigError(f"bad configuration: {prefix}{key} is not a key of "
+                              f"{prefix.rstrip('.') or 'the config'}; allowed: "
+                              f"{', '.join(sorted(known))}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            _refuse_unknown_keys(child, f"{prefix}{key}.")
+
+
+# Lines of Hydra's and OmegaConf's messages that repeat the key, the search path, or advise
+# what fedrec forbids (appending keys).
+_NOISE = ("To append to your config", "reference_type=", "object_type=", "Could not override",
+          "Set the environment variable HYDRA_FULL_ERROR", "provider=")
+
+
 def _explain(err: BaseException) -> str:
-    """Hydra wraps the useful OmegaConf message (which key, which type) in its cause."""
-    lines = [str(err).split("\nConfig search path")[0].strip()]
-    cause = err.__cause__
-    while cause is not None:
-        lines.append(str(cause).strip())
-        cause = cause.__cause__
-    return "\n".join(lines)
+    """One line from Hydra's messages, which wrap the useful OmegaConf one (which key, which
+    type) in their cause and spread it over several lines with the key and the options."""
+    lines = []
+    while err is not None:
+        lines += str(err).split("\nConfig search path")[0].splitlines()
+        err = err.__cause__  # type: ignore[assignment]
+    lines = [line.strip() for line in lines]
+    key = next((line.split(":", 1)[1].strip() for line in lines
+                if line.startswith("full_key:")), None)
+    parts: list[str] = []
+    options: list[str] | None = None
+    for line in lines:
+        if line.startswith("full_key:"):
+            continue
+        if line.startswith("Available options in"):
+            options = []
+            parts.append(line.replace("Available", "available"))
+        elif options is not None and line and " " not in line:
+            options.append(line)
+            parts[-1] = parts[-1].split(":")[0] + ": " + ", ".join(options)
+        elif "missing mandatory value" in line and key:
+            parts.append(f"{key} must be set: it has no default")
+        elif line and not line.startswith(_NOISE) and line not in parts:
+            options = None
+            parts.append(line)
+    text = "; ".join(parts)
+    return f"{key}: {text}" if key and not text.startswith(key) else text
 
 
 def to_typed(cfg: DictConfig) -> Config:

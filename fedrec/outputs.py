@@ -48,16 +48,8 @@ class RunOutputs:
         writes them again, so every round appears once."""
         outputs = cls.__new__(cls)
         outputs.started_at = _now()
-        outputs.path = Path(run_dir).expanduser().resolve()
-        if not outputs.path.is_dir():
-            raise FileNotFoundError(f"resume={run_dir}: no such folder (resume takes the "
-                                    "output_dir of a stopped federated run)")
+        outputs.path = resumable(run_dir)
         checkpoint_path = outputs.path / CHECKPOINT
-        if not checkpoint_path.exists():
-            raise FileNotFoundError(f"resume={run_dir}: {checkpoint_path} does not exist (only "
-                                    "a federated run that finished a round leaves one)")
-        if (outputs.path / "summary.json").exists():
-            raise FileExistsError(f"resume={run_dir}: that run finished (summary.json exists)")
         try:  # tensors and plain data only: a crafted pickle is refused, never run
             checkpoint = torch.load(checkpoint_path, weights_only=True)
         except Exception as err:  # torch raises many kinds for a foreign or crafted file
@@ -113,6 +105,21 @@ class RunOutputs:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def resumable(run_dir: str | Path) -> Path:
+    """The folder of a stopped federated run that ``resume=`` may continue; raises, naming
+    ``resume=``, for a folder that is missing, not a run, or a finished run."""
+    path = Path(run_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume={run_dir}: no such folder (resume takes the "
+                                "output_dir of a stopped federated run)")
+    if not (path / CHECKPOINT).exists():
+        raise FileNotFoundError(f"resume={run_dir}: {path / CHECKPOINT} does not exist (only "
+                                "a federated run that finished a round leaves one)")
+    if (path / "summary.json").exists():
+        raise FileExistsError(f"resume={run_dir}: that run finished (summary.json exists)")
+    return path
 
 
 def source_commit() -> str | None:

@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(argv: list[str]) -> int:
     from fedrec.config import ConfigError, compose_config, federated_config
     from fedrec.data.federation import build_federation
+    from fedrec.outputs import resumable
 
     options: dict[str, float] = {}
     overrides = []
@@ -426,7 +427,8 @@ def _run_command(argv: list[str]) -> int:
             try:
                 options[arg] = float(value)  # type: ignore[arg-type]
             except (TypeError, ValueError):
-                print(f"error: {arg} takes a number, got {value!r}\n{USAGE}", file=sys.stderr)
+                print(f"error: {arg} takes a number, got {value!r} (usage: python -m "
+                      "fedrec.simulation --help)", file=sys.stderr)
                 return 2
         else:
             overrides.append(arg)
@@ -439,10 +441,12 @@ def _run_command(argv: list[str]) -> int:
                               "machine; a deployment runs `flwr run` against its own SuperLink"
                               " (docs/deployment.md)")
         supernodes = int(options.get("--supernodes") or build_federation(cfg).num_clients)
+        # A resumed run writes into the folder it continues.
+        output_dir = (Path(cfg.output_dir).expanduser().resolve() if cfg.resume is None
+                      else resumable(cfg.resume))
     except (ConfigError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    output_dir = Path(cfg.output_dir).expanduser().resolve()
     print(f"fedrec: {supernodes} SuperNodes; results in {output_dir}", flush=True)
     with local_superlink():
         try:

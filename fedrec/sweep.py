@@ -6,11 +6,11 @@
 A job runs exactly what `flwr run .` runs, through the real Flower runtime (a managed local
 SuperLink, which the sweep stops at its end unless it was already running), or with
 mode=centralized what `python -m fedrec.centralized` runs, into its own numbered folder of the
-sweep directory (fedrec/conf/sweep.yaml). Hydra composes every job's config before the first one
-starts, so a misspelt key fails at once. A job that fails at run time writes failed.json (its
-overrides and error) and the sweep goes on: a sweep of hours is not lost to one bad job. The
-sweep ends with fedrec.report, and each job returns its HR@10 (NaN when it failed) for a
-tuning sweeper.
+sweep directory (fedrec/conf/sweep.yaml). Every job's config is composed and checked before the
+first one starts, so a misspelt key or a bad value fails at once, with one line (exit 2). A job
+that fails at run time writes failed.json (its overrides and error) and the sweep goes on: a
+sweep of hours is not lost to one bad job. The sweep ends with fedrec.report and exits 1 when a
+job failed; each job returns its HR@10 (NaN when it failed) for a tuning sweeper.
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ import math
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fedrec.config import register_schemas, to_typed
+from fedrec.config import ConfigError, compose_config, federated_config, register_schemas, to_typed
 from fedrec.simulation import local_superlink, run_federated
 
 log = logging.getLogger("fedrec.sweep")
@@ -90,9 +92,13 @@ class ReportAtEnd(Callback):
     # Hydra turns a callback's exception into a warning; main() fails the sweep on this.
     failed: str | None = None
 
+    failed_jobs: list[Path] = []  # noqa: RUF012  (filled once, read by main())
+
     @staticmethod
     def _report(sweep_dir: Path) -> None:
         from fedrec.report import write_report
+
+        ReportAtEnd.failed_jobs = sorted(sweep_dir.glob(f"*/{FAILED}"))
 
         try:
             written = write_report([sweep_dir], sweep_dir)
@@ -103,13 +109,57 @@ class ReportAtEnd(Callback):
         log.info("report: %s", ", ".join(str(p) for p in written))
 
 
+def check_jobs(argv: list[str]) -> set[str] | None:
+    """Compose and validate every job's config before the first one starts, so that a bad
+    value (a negative lr in one of twenty jobs) stops the sweep at once with one line, instead
+    of failing its job hours in. The modes the jobs run in; None when Hydra's basic sweeper is not
+    the one expanding them (another sweeper, or Hydra's own flags), and each job checks itself."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in argv) or any(
+            arg.startswith("hydra/sweeper=") for arg in argv):
+        return None
+    overrides = [arg for arg in argv if not arg.startswith(("-", "hydra.", "hydra/"))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except HydraException as err:
+        raise ConfigError(f"bad sweep: {err}") from err
+    modes = set()
+    for number, overrides in enumerate(jobs):
+        try:
+            composed = compose_config(overrides)
+            mode = to_typed(composed).mode
+            if mode != "centralized":
+                federated_config(composed)
+            modes.add(mode)
+        except ConfigError as err:
+            raise ConfigError(f"job {number} ({' '.join(overrides)}): {err}") from err
+    return modes
+
+
 def main() -> None:
     register_schemas()
-    # The jobs share the local SuperLink; one this sweep starts, it stops, and only that one.
-    with local_superlink():
+    try:
+        modes = check_jobs(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    # The federated jobs share the local SuperLink; one this sweep starts, it stops, and only
+    # that one.
+    flower = nullcontext() if modes == {"centralized"} else local_superlink()
+    with flower:
         job()
-    if ReportAtEnd.failed is not None:
-        sys.exit(f"error: the sweep's report failed: {ReportAtEnd.failed}")
+    # Hydra builds the callback from "fedrec.sweep.ReportAtEnd": under `python -m fedrec.sweep`
+    # that is another module than __main__, so its findings are read there.
+    from fedrec.sweep import ReportAtEnd as report
+
+    if report.failed is not None:
+        sys.exit(f"error: the sweep's report failed: {report.failed}")
+    if report.failed_jobs:
+        sys.exit(f"error: {len(report.failed_jobs)} job(s) of the sweep failed; why: "
+                 + ", ".join(str(path) for path in report.failed_jobs))
 
 
 if __name__ == "__main__":

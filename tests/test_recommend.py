@@ -184,3 +184,26 @@ def test_serving_reads_a_plain_data_spec_and_never_resolves_it(model_path, tmp_p
     torch.save(extra, tmp_path / "extra.pt")
     assert main([str(tmp_path / "extra.pt"), "--user", "3"]) == 2
     assert "unknown keys ['hydra']" in capsys.readouterr().err
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(model_path, tmp_path, capsys):
+    """Each case: exit 2, and one line on stderr naming the file, the id or the option."""
+    (tmp_path / "bad-header.csv").write_text("user,item\n1,2\n")
+    (tmp_path / "new-items.csv").write_text("item,attributes\nx,colour=red\n")
+    (tmp_path / "corrupt.pt").write_bytes(model_path.read_bytes()[:1000])
+    model = str(model_path)
+    cases = [
+        ([str(tmp_path / "missing.pt"), "--history", "1"], f"{tmp_path / 'missing.pt'}"),
+        ([str(tmp_path / "corrupt.pt"), "--history", "1"], "cannot be read"),
+        ([model, "--history", "nope"], "'nope' is not in the model's catalogue"),
+        ([model, "--history", "1", "--k", "0"], "k=0"),
+        ([model, "--user", "no-such-shopper"], "no-such-shopper"),
+        ([model, "--batch", str(tmp_path / "bad-header.csv"), "--out", str(tmp_path / "r.csv")],
+         "expected the header shopper,item"),
+        ([model, "--history", "1", "--new-items", str(tmp_path / "new-items.csv")],
+         "'colour=red' unknown"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines

@@ -53,20 +53,34 @@ def test_two_by_two_sweep_writes_four_runs_a_table_and_plots(tmp_path):
     _assert_images(sweep_dir)
 
 
-@pytest.mark.slow  # starts the Flower runtime
-def test_a_failed_job_is_listed_and_the_others_reported(tmp_path):
+def test_a_bad_value_in_any_job_stops_the_sweep_before_the_first_job(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    done = _sweep(sweep_dir, "mode=centralized", "train.epochs=2", "train.lr=0.01,-1")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = _sweep(sweep_dir, "mode=centralized", "train.lr=0.01,-1")
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: job 1 (") and "train.lr=-1 " in line
+    assert line.endswith("): train.lr=-1.0 is not allowed: expected a number > 0")
+    assert not sweep_dir.exists()
+
+
+@pytest.mark.slow  # trains
+def test_a_failed_job_is_listed_the_others_reported_and_the_sweep_exits_1(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # More negatives than a shopper has unseen items: a data error, found when the job runs.
+    done = _sweep(sweep_dir, "mode=centralized", "train.epochs=2", "eval.num_negatives=10,100")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: 1 job(s) of the sweep failed; why: {sweep_dir / '1' / 'failed.json'}")
     failed = json.loads((sweep_dir / "1" / "failed.json").read_text())
-    assert "train.lr=-1" in failed["overrides"] and "train.lr" in failed["error"]
+    assert "eval.num_negatives=100" in failed["overrides"]
+    assert "set eval.num_negatives <=" in failed["error"]
     assert (sweep_dir / "0" / "summary.json").exists()
     with open(sweep_dir / "results.csv") as f:
-        rows = {row["train.lr"]: row for row in csv.DictReader(f)}
-    assert rows["0.01"]["runs"] == "1" and float(rows["0.01"]["HR@10 mean"]) > 0
-    assert rows["-1"]["runs"] == "0" and rows["-1"]["failed"] == "1"
+        rows = {row["eval.num_negatives"]: row for row in csv.DictReader(f)}
+    assert rows["10"]["runs"] == "1" and float(rows["10"]["HR@10 mean"]) > 0
+    assert rows["100"]["runs"] == "0" and rows["100"]["failed"] == "1"
     report = (sweep_dir / "results.md").read_text()
-    assert "Failed runs (1)" in report and "train.lr=-1" in report
+    assert "Failed runs (1)" in report and "eval.num_negatives=100" in report
     _assert_images(sweep_dir)
 
 

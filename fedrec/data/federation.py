@@ -11,6 +11,7 @@ from fedrec.config import Config, ConfigError, FileDatasetConfig
 from fedrec.data.dataset import Dataset
 from fedrec.data.loaders import load_dataset
 from fedrec.data.partition import assign_clients, num_clients
+from fedrec.data.sequences import check_negatives
 from fedrec.data.split import Split, split_dataset
 
 
@@ -51,6 +52,8 @@ def build_federation(cfg: Config, data_path: str | None = None) -> Federation:
         dataset_cfg = type(dataset_cfg)(**{**vars(dataset_cfg), "path": data_path})
     dataset = load_dataset(dataset_cfg)
     split = split_dataset(dataset)
+    check_negatives(cfg.eval.num_negatives, dataset.num_items, split, dataset.name)
     if data_path is not None:  # a deployed node is one client holding everything it reads
         return Federation(cfg, dataset, split, np.zeros(dataset.num_users, dtype=np.int64))
     return Federation(cfg, dataset, split, assign_clients(cfg.partition, dataset, split))
+

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedrec.config import ConfigError
 from fedrec.data.split import Split
 
 
@@ -105,6 +106,18 @@ def heldout_cases(split: Split, which: str, *, num_items: int, max_history: int,
         raise ValueError(f"which={which!r}: expected 'valid' or 'test'")
     return eval_cases(known, heldout, interacted, num_items=num_items, max_history=max_history,
                       num_negatives=num_negatives, seed=seed)
+
+
+def check_negatives(num_negatives: int, num_items: int, split: Split, name: str) -> None:
+    """Sampled evaluation draws its negatives from the items a shopper never touched. Too many
+    would fail the first evaluation (of every client, in a federation), so a run is refused
+    before it starts."""
+    interacted = pd.concat([split.train, split.valid, split.test], ignore_index=True)
+    most = int(interacted.groupby("user")["item"].nunique().max()) if len(interacted) else 0
+    if num_items - most < num_negatives:
+        raise ConfigError(f"eval.num_negatives={num_negatives} is more than the "
+                          f"{num_items - most} items some shopper of {name} never interacted "
+                          f"with: set eval.num_negatives <= {num_items - most}")
 
 
 def sample_negatives(
