@@ -9,12 +9,22 @@ composes across rounds; docs/privacy.md states the guarantee.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedrec.config import ConfigError, DpSgdConfig, DpSgdStepConfig
+
+# Importing Opacus calls logging.basicConfig (opacus/utils/module_utils.py): the root logger
+# gains a stderr handler, and every line of Flower's `flwr` logger, which propagates, is printed
+# twice in both apps, once coloured and once as "11/30/2026 09:50:03:INFO:...". Both apps import
+# this module, after or with Opacus' first import, so the handler is dropped here, and only it.
+_OPACUS_ROOT_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
+for _handler in list(logging.getLogger().handlers):
+    if getattr(_handler.formatter, "_fmt", None) == _OPACUS_ROOT_FORMAT:
+        logging.getLogger().removeHandler(_handler)
 
 
 # -------------------------------------------------------------------------------- delta

@@ -98,8 +98,8 @@ _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 def failure_lines(log_path: Path, limit: int = 12) -> str:
     """What a failed run's log says went wrong, for an error message: its ERROR lines and the
-    exception line ending each traceback, once each, in order (Flower logs every line twice,
-    and a ClientApp failure repeats per message). A full log can run to hundreds of lines."""
+    exception line ending each traceback, once each, in order (a ClientApp failure repeats per
+    message). A full log can run to hundreds of lines."""
     text = _COLOUR.sub("", log_path.read_text(errors="replace")) if log_path.exists() else ""
     seen: dict[str, None] = {}
     for line in text.splitlines():
@@ -147,14 +147,13 @@ def stream_command(
                                env=env, cwd=cwd)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span reads
     deadline = time.monotonic() + timeout
-    shown = _ShownOnce()
 
     def copy(chunk: bytes, final: bool = False) -> None:
         text = decoder.decode(chunk, final)
         log.write(text)
         log.flush()
         if echo:
-            sys.stdout.write(shown.lines(text, final))
+            sys.stdout.write(text)
             sys.stdout.flush()
 
     try:
@@ -183,35 +182,6 @@ def stream_command(
         process.wait()
         if process.stdout is not None:
             process.stdout.close()
-
-
-class _ShownOnce:
-    """What a user sees of `flwr run --stream`: Flower streams each of the ServerApp's log
-    lines twice, once as its console shows it and once with a timestamp; the second copy is
-    dropped (the log file keeps both)."""
-
-    # Ray prefixes a ClientApp actor's lines with "(ClientAppActor pid=...) ".
-    _ACTOR = r"(?:(?:\x1b\[[0-9;]*m)?\([^)]*\)(?:\x1b\[0m)? )?"
-    _CONSOLE = re.compile(_ACTOR + r"(?:\x1b\[[0-9;]*m)?[A-Z]+ ?(?:\x1b\[0m)?\s*:\s*(.*)$")
-    _STAMPED = re.compile(_ACTOR + r"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:(.*)$")
-
-    def __init__(self) -> None:
-        self.partial = ""
-        self.last = None  # the message of the last console line
-
-    def lines(self, text: str, final: bool) -> str:
-        *complete, self.partial = (self.partial + text).split("\n")
-        if final and self.partial:
-            complete, self.partial = [*complete, self.partial], ""
-        kept = []
-        for line in complete:
-            stamped = self._STAMPED.match(line)
-            if stamped and stamped.group(1).strip() == self.last:
-                continue  # the twin of the line before (or of a repeated stamped line)
-            console = self._CONSOLE.match(line) or stamped
-            self.last = console.group(1).strip() if console else None
-            kept.append(line + "\n")
-        return "".join(kept)
 
 
 def write_run_config(overrides: list[str]) -> Path:

@@ -37,6 +37,18 @@ def test_the_server_app_imports_nothing_of_the_client():
     assert [m for m in loaded if m.startswith("fedrec.client")] == []
 
 
+@pytest.mark.parametrize("module", ["fedrec.client.app", "fedrec.server.app"])
+def test_a_flower_log_line_prints_once_in_each_app(module):
+    """Opacus gives the root logger a handler on import, and Flower's logger propagates to it:
+    without care, each of Flower's lines shows twice in `flwr run --stream`."""
+    code = (f"import logging, {module}; from flwr.common.logger import log; "
+            "log(logging.INFO, 'round 7 of 9')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    shown = [line for line in (done.stdout + done.stderr).splitlines() if "round 7 of 9" in line]
+    assert len(shown) == 1, shown
+
+
 def test_the_packaged_flower_app_is_the_checkouts_app():
     """`flwr run .` in a checkout and `python -m fedrec.simulation run` (which runs the app
     folder inside the package) must start the same components with the same run config."""

@@ -51,20 +51,6 @@ def test_a_character_split_across_reads_is_kept():
     assert code == 0 and log.getvalue() == "a" * 65535 + "é"
 
 
-def test_echo_shows_each_flower_line_once_and_the_log_keeps_both(capsys):
-    log = io.StringIO()
-    lines = ["\x1b[92mINFO \x1b[0m:      round 1/2 loss 0.5",
-             "11/30/2026 06:20:57:INFO:round 1/2 loss 0.5",
-             "11/30/2026 06:20:57:DEBUG:ServerApp finished running.",
-             "fedrec: HR@10 0.9"]
-    script = "import sys; sys.stdout.write(" + repr("\n".join(lines) + "\n") + ")"
-    stream_command([sys.executable, "-c", script], log, timeout=60, env=dict(os.environ),
-                   echo=True)
-    shown = capsys.readouterr().out.splitlines()
-    assert shown == [lines[0], lines[2], lines[3]]  # the timestamped twin is dropped
-    assert log.getvalue().splitlines() == lines
-
-
 def _fake_superlink(folder: Path) -> subprocess.Popen:
     """A process that looks like a managed SuperLink somebody else started."""
     script = folder / "flower-superlink"
