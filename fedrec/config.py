@@ -137,6 +137,20 @@ class SiloPartitionConfig(PartitionConfig):
         _check(self.alpha > 0, "partition.alpha", self.alpha, "a number > 0")
 
 
+@dataclass
+class UserPartitionConfig(PartitionConfig):
+    # Cross-device in a simulation: the shoppers are virtual clients spread over this many
+    # SuperNodes (--federation-config "num-supernodes=N"), node k owning shoppers k, k + N,
+    # ...; each round a node trains the sampled shoppers it owns. null: one SuperNode per
+    # shopper. A deployment has one SuperNode per device and ignores it.
+    pool_nodes: int | None = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.pool_nodes is None or self.pool_nodes >= 1, "partition.pool_nodes",
+               self.pool_nodes, "an integer >= 1, or null for one SuperNode per shopper")
+
+
 # ------------------------------------------------------------------------------------ model
 MODEL_KINDS = ("two_tower", "popularity")
 
@@ -574,10 +588,43 @@ class Config:
             _check(not personal, "model.personal_embedding", personal,
                    "false with privacy=dp_sgd: the personal vector trains without noise and "
                    "then shapes the shared updates, which DP-SGD's accounting does not cover")
+        if self.pool_nodes is not None:
+            self._check_pool()
         if self.resume is not None:
             _check(self.privacy.mechanism != "dp_sgd", "resume", self.resume,
                    "null with privacy=dp_sgd: each client's spent budget lives in that run's "
                    "node state, which a new run cannot see")
+
+    @property
+    def pooled(self) -> bool:
+        """Cross-device in a simulation: the shoppers are virtual clients on SuperNodes."""
+        return self.federation == "simulation" and isinstance(self.partition,
+                                                               UserPartitionConfig)
+
+    @property
+    def pool_nodes(self) -> int | None:
+        """The pool's size when several shoppers share a SuperNode (None: one per shopper)."""
+        return self.partition.pool_nodes if self.pooled else None  # type: ignore[attr-defined]
+
+    def _check_pool(self) -> None:
+        """What needs each shopper's reply on its own, which a pool node's mean is not."""
+        alone = "each shopper's update on its own, but a pool node replies with its shoppers'"
+        fix = "mean: set partition.pool_nodes=null (one SuperNode per shopper)"
+        _check(self.privacy.mechanism != "central_dp", "privacy", self.privacy.mechanism,
+               f"not central_dp on a pool of nodes: DP-FedAvg clips {alone} {fix}")
+        _check(not self.secagg.enabled, "secagg", "on",
+               f"off on a pool of nodes: SecAgg+ would mask {alone} {fix}")
+        _check(self.strategy.name in MEAN_STRATEGIES, "strategy", self.strategy.name,
+               f"on a pool of nodes, a strategy that averages the updates (one of "
+               f"{', '.join(MEAN_STRATEGIES)}): {self.strategy.name} needs {alone} {fix}")
+        _check(self.strategy.fraction_evaluate == 1, "strategy.fraction_evaluate",
+               self.strategy.fraction_evaluate,
+               "1.0 on a pool of nodes, where each node evaluates every shopper it owns; or "
+               "set partition.pool_nodes=null (one SuperNode per shopper)")
+        personal = getattr(self.model, "personal_embedding", False)
+        _check(not personal, "model.personal_embedding", personal,
+               "false on a pool of nodes; or set partition.pool_nodes=null (one SuperNode "
+               "per shopper)")
 
     def _check_deployment(self) -> None:
         """What a server that holds no shopper data cannot do."""
@@ -624,7 +671,7 @@ _SCHEMAS = {
         "sequence": SequenceDatasetConfig,
         "csv": CsvDatasetConfig,
     },
-    "schema/partition": {"user": PartitionConfig, "silo": SiloPartitionConfig},
+    "schema/partition": {"user": UserPartitionConfig, "silo": SiloPartitionConfig},
     "schema/model": {"two_tower": TwoTowerConfig, "popularity": ModelConfig},
     "schema/train": {"train": TrainConfig},
     "schema/eval": {"eval": EvalConfig},

@@ -410,7 +410,7 @@ def _run_command(argv: list[str]) -> int:
             raise ConfigError(f"federation={cfg.federation}: this command simulates on one "
                               "machine; a deployment runs `flwr run` against its own SuperLink"
                               " (docs/deployment.md)")
-        supernodes = int(options.get("--supernodes") or build_federation(cfg).num_clients)
+        supernodes = int(options.get("--supernodes") or build_federation(cfg).num_nodes)
         # A resumed run writes into the folder it continues.
         output_dir = (Path(cfg.output_dir).expanduser().resolve() if cfg.resume is None
                       else resumable(cfg.resume))

@@ -71,11 +71,11 @@ def _run(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]
         return run_centralized(overrides)
     from fedrec.data.federation import build_federation
 
-    clients = build_federation(typed).num_clients
-    log.info("federated: %d clients, %d rounds (Flower log: %s)", clients, typed.num_rounds,
-             run_dir / "flwr.log")
+    fed = build_federation(typed)
+    log.info("federated: %d clients on %d SuperNodes, %d rounds (Flower log: %s)",
+             fed.num_clients, fed.num_nodes, typed.num_rounds, run_dir / "flwr.log")
     # A job may take as long as its rounds may: round_timeout bounds each of them.
-    return run_federated(overrides, num_supernodes=clients, output_dir=run_dir,
+    return run_federated(overrides, num_supernodes=fed.num_nodes, output_dir=run_dir,
                          log_path=run_dir / "flwr.log",
                          timeout=typed.num_rounds * typed.round_timeout + 600)
 

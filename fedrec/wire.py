@@ -17,10 +17,11 @@ from fedrec.config import CentralDpConfig, Config, DpSgdConfig
 
 # Error codes of a client's refusals (Flower's own codes are small integers): its budget cannot
 # pay for another round; the request leaves the client's own plan; the request asks for what
-# the run's guarantee does not cover.
+# the run's guarantee does not cover; it holds no training example.
 BUDGET_EXHAUSTED = 4001
 OUTSIDE_PLAN = 4002
 NOT_COVERED = 4003
+NOTHING_TO_TRAIN = 4004
 
 # The shared parameters: an "arrays" record may hold exactly the model's shared state.
 SHARED = "<shared parameters>"
@@ -37,6 +38,11 @@ CLIENT_CLIPPING_CONFIG = {"clipping_norm"}
 # et al.'s accounting covers it only as a noised count; Flower sends each bit (docs/privacy.md).
 ADAPTIVE_CLIPPING_METRICS = {"norm_bit"}
 EVALUATE_CONFIG = {"server-round"}
+# On a pool of virtual shoppers (a simulation): the sampled shoppers a node owns, which a
+# shopper's own device would know of itself.
+POOL_CONFIG = {"cohort"}
+# The one query of a pooled run: which pool slice a node simulates (simulation metadata).
+POOL_QUERY_UP = {"pool": {"partition-id", "num-partitions"}}
 
 # A train reply: the weight every client sends (a constant), and under privacy=none without
 # SecAgg+, the count and loss that FedAvg's weighting and the round log use.
@@ -93,6 +99,8 @@ def allowed(cfg: Config, message_type: str, direction: str) -> dict[str, set[str
         # The legacy fit instructions carry the plain path's train config and the names the
         # client needs to translate them (fedrec.client.secagg).
         return {**SECAGG_DOWN, "fitins.config": _train_config(cfg) | SECAGG_TRAIN_CONFIG}
+    if message_type == "query":
+        return {} if direction == "down" else dict(POOL_QUERY_UP)
     if message_type == "evaluate":
         if direction == "down":
             return {"arrays": {SHARED}, "config": set(EVALUATE_CONFIG)}
@@ -110,7 +118,7 @@ def allowed(cfg: Config, message_type: str, direction: str) -> dict[str, set[str
 
 def _train_config(cfg: Config) -> set[str]:
     """The keys of a train request's config under ``cfg``'s mechanism."""
-    config = set(TRAIN_CONFIG) | FEDPROX_CONFIG
+    config = set(TRAIN_CONFIG) | FEDPROX_CONFIG | (POOL_CONFIG if cfg.pooled else set())
     if isinstance(cfg.privacy, DpSgdConfig):
         config |= DP_SGD_CONFIG
     if isinstance(cfg.privacy, CentralDpConfig) and cfg.privacy.side == "client":

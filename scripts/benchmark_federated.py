@@ -49,10 +49,11 @@ def main() -> None:
     print(f"centralized on {data[0]} ...", flush=True)
     central = run_centralized([*common, f"output_dir={out}/centralized"])
     print(f"federated: {strategy}, partition={fed_cfg.cfg.partition.kind}, {num_clients} "
-          f"clients, {fed_cfg.cfg.num_rounds} rounds (log: {out}/federated.flwr.log) ...",
-          flush=True)
+          f"clients on {fed_cfg.num_nodes} SuperNodes, {fed_cfg.cfg.num_rounds} rounds (log: "
+          f"{out}/federated.flwr.log) ...", flush=True)
     with local_superlink():
-        fed = run_federated(federated, num_supernodes=num_clients, output_dir=out / "federated")
+        fed = run_federated(federated, num_supernodes=fed_cfg.num_nodes,
+                            output_dir=out / "federated")
 
     print()
     # Both report the epoch or round with the best validation eval.select_by.

@@ -23,12 +23,13 @@ def load_federation(overrides: str) -> Federation:
 
 
 def run_row(overrides: str, output_dir: Path) -> dict[str, Any] | str:
-    """One federated run, every partition a SuperNode: its summary.json, or its error (a failed
-    run is a row of the table, not the end of it)."""
-    clients = load_federation(overrides).num_clients
-    print(f"{output_dir.name}: {clients} clients (log: {output_dir}.flwr.log) ...", flush=True)
+    """One federated run on the SuperNodes its partition asks for: its summary.json, or its
+    error (a failed run is a row of the table, not the end of it)."""
+    fed = load_federation(overrides)
+    print(f"{output_dir.name}: {fed.num_clients} clients on {fed.num_nodes} SuperNodes (log: "
+          f"{output_dir}.flwr.log) ...", flush=True)
     try:
-        return run_federated(overrides, num_supernodes=clients, output_dir=output_dir)
+        return run_federated(overrides, num_supernodes=fed.num_nodes, output_dir=output_dir)
     except Exception as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
 

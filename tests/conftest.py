@@ -131,12 +131,12 @@ def assert_opacus_per_example_gradients(model, batch, rows, *, only: str = "",
 def assert_wire_contract(wire_log: Path, overrides: str) -> list[dict]:
     """Every message the server sent or received in a run (its ``wire_log``) keeps the wire
     contract of that run's config (fedrec.wire); returns the layouts."""
+    from fedrec.data.federation import build_federation
     from fedrec.model import TwoTower
     from fedrec.wire import violations
 
     cfg = typed_config(*overrides.split())
-    node = load_node(overrides, 0, cfg.partition.num_silos)
-    shared = set(TwoTower.for_dataset(cfg.model, node.dataset).shared_state())
+    shared = set(TwoTower.for_dataset(cfg.model, build_federation(cfg).dataset).shared_state())
     layouts = [json.loads(line) for line in wire_log.read_text().splitlines()]
     assert layouts, f"{wire_log} logged no message"
     problems = [p for layout in layouts

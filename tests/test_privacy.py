@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
@@ -213,9 +214,9 @@ def test_replaying_the_server_seed_does_not_reproduce_a_client_update():
     and shuffles come from a secret of the node, so the same request to the same data gives
     another update on another node (or a new run), unless a reproducible client_seed is asked
     for."""
-    def update(overrides: str) -> torch.Tensor:
+    def update(overrides: str, **request: Any) -> torch.Tensor:
         torch.manual_seed(0)  # the same starting model and dropout draws in every call
-        message, context = train_message(overrides)
+        message, context = train_message(overrides, **request)
         reply = client_app(message, context)
         assert "seed" not in message.content["config"]
         return torch.cat([torch.from_numpy(a).flatten()
@@ -223,6 +224,10 @@ def test_replaying_the_server_seed_does_not_reproduce_a_client_update():
 
     assert not torch.equal(update(TINY), update(TINY))
     assert torch.equal(update(f"{TINY} client_seed=5"), update(f"{TINY} client_seed=5"))
+    # DP-SGD's sampling and noise: fresh OS randomness, unless client_seed fixes them too.
+    assert not torch.equal(update(DP, **DP_REQUEST), update(DP, **DP_REQUEST))
+    assert torch.equal(update(f"{DP} client_seed=5", **DP_REQUEST),
+                       update(f"{DP} client_seed=5", **DP_REQUEST))
 
 
 def test_a_private_client_sends_no_evaluation_figures():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -29,16 +30,25 @@ from fedrec.client.task import (
     NodeData,
     NodeHolder,
     Refusal,
+    TrainingData,
     TrainRequest,
     dp_sgd_ledger,
     evaluate_node,
     node_model,
     train_round,
+    trainees,
 )
 from fedrec.config import CentralDpConfig, Config, DpSgdConfig
 from fedrec.metrics import VALID_PREFIX
 from fedrec.model import PERSONAL_PREFIX, TwoTower
-from fedrec.wire import BUDGET_EXHAUSTED, NOT_COVERED, starts_round
+from fedrec.train import TrainResult
+from fedrec.wire import (
+    BUDGET_EXHAUSTED,
+    NOT_COVERED,
+    NOTHING_TO_TRAIN,
+    OUTSIDE_PLAN,
+    starts_round,
+)
 
 app = ClientApp()
 # This process's run config and node data, kept between messages.
@@ -66,11 +76,12 @@ def _node(context: Context) -> NodeData:
     )
 
 
-def _model(node: NodeData, msg: Message, context: Context) -> TwoTower:
+def _model(node: TrainingData, msg: Message, context: Context,
+           personal_key: str = PERSONAL_STATE) -> TwoTower:
     model = node_model(node)
     model.load_shared_state(msg.content["arrays"].to_torch_state_dict())
-    if model.personal is not None and PERSONAL_STATE in context.state:
-        personal = context.state[PERSONAL_STATE].to_torch_state_dict()
+    if model.personal is not None and personal_key in context.state:
+        personal = context.state[personal_key].to_torch_state_dict()
         model.load_state_dict(personal, strict=False)
     return model
 
@@ -108,49 +119,107 @@ TRAIN_MODS = [dp_sgd_budget, secure_aggregation_mod(_config), client_side_clippi
 
 @app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
+    """Train each client this node holds in the round (itself, or on a pool the sampled
+    shoppers it owns, each alone from the global model) and reply with their weighted mean and
+    total weight: Flower's strategy then averages the replies exactly as if each shopper had
+    replied alone."""
     node = _node(context)
-    model = _model(node, msg, context)
     request = TrainRequest.read(msg.content["config"])
-    ledger = None
-    if isinstance(node.cfg.privacy, DpSgdConfig):
-        saved = context.state.config_records.get(DP_SGD_STATE)
+    weight_key = "num-examples" if node.cfg.privacy.mechanism == "none" else "unit-weight"
+    try:
+        clients = trainees(node, request)
+    except Refusal as refusal:
+        return Message(Error(refusal.code, refusal.reason), reply_to=msg)
+    total: dict[str, torch.Tensor] = {}
+    weights, losses, refusals = [], [], []
+    for client, data in clients:
         try:
-            ledger = dp_sgd_ledger(node, request,
-                                   None if saved is None else DpSgdLedger.from_record(saved))
+            state, result = _train_client(data, client, msg, request, context)
         except Refusal as refusal:
-            return Message(Error(refusal.code, refusal.reason), reply_to=msg)
-    result = train_round(node, model, lr=request.lr, local_epochs=request.local_epochs,
-                         batch_size=request.batch_size, proximal_mu=request.proximal_mu,
-                         seed=round_seed(context, node.cfg, request.run_round), ledger=ledger)
-    if model.personal is not None:
-        context.state[PERSONAL_STATE] = ArrayRecord(torch_state_dict={
-            k: v for k, v in model.state_dict().items() if k.startswith(PERSONAL_PREFIX)})
-    if ledger is not None:
-        context.state[DP_SGD_STATE] = ledger.to_record()
-    # unit-weight: the mean over clients that a private run takes (a client's count would be
-    # data the guarantee does not cover); the loss and count go only where nothing is claimed.
-    metrics = MetricRecord({"unit-weight": 1})
-    if node.cfg.privacy.mechanism == "none":
-        metrics.update({"num-examples": result.num_examples, "train_loss": result.loss})
-    reply = RecordDict({"arrays": ArrayRecord(torch_state_dict=model.shared_state()),
-                        "metrics": metrics})
+            # A virtual shopper declines alone (its budget is spent, it has nothing to train
+            # on), as its own device would; the node's other shoppers train.
+            refusals.append(refusal)
+            continue
+        # A private run averages uniformly: a client's count is data no guarantee covers.
+        weight = result.num_examples if weight_key == "num-examples" else 1
+        if len(clients) == 1:
+            total = state
+        else:
+            for name, value in state.items():
+                total[name] = total.get(name, 0) + weight * value.double()
+        weights.append(weight)
+        losses.append(result.loss * result.num_examples)
+    if not weights:
+        return Message(Error(refusals[0].code, refusals[0].reason), reply_to=msg)
+    if len(clients) > 1:
+        total = {name: (value / max(sum(weights), 1e-12)).float() for name, value in
+                 total.items()}
+    metrics = MetricRecord({"unit-weight": len(weights)})
+    if weight_key == "num-examples":
+        metrics.update({"num-examples": sum(weights),
+                        "train_loss": sum(losses) / max(sum(weights), 1)})
+    reply = RecordDict({"arrays": ArrayRecord(torch_state_dict=total), "metrics": metrics})
     return Message(content=reply, reply_to=msg)
 
 
-def round_seed(context: Context, cfg: Config, run_round: int) -> int:
-    """The seed of the client's own sampling in a round (shuffles, negatives), from a secret
+def _train_client(data: TrainingData, client: int | None, msg: Message,
+                  request: TrainRequest, context: Context,
+                  ) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """One client's round: from the global model and its own state (personal vectors, DP-SGD
+    ledger), kept in the node's Context.state under the client's key."""
+    suffix = "" if client is None else f".{client}"
+    if client is not None and len(data.examples) == 0:
+        raise Refusal(NOTHING_TO_TRAIN, f"shopper {client} has no training example")
+    model = _model(data, msg, context, PERSONAL_STATE + suffix)
+    ledger = None
+    if isinstance(data.cfg.privacy, DpSgdConfig):
+        saved = context.state.config_records.get(DP_SGD_STATE + suffix)
+        ledger = dp_sgd_ledger(data, request,
+                               None if saved is None else DpSgdLedger.from_record(saved))
+        if client is not None and not ledger.can_train():  # a node checks in dp_sgd_budget
+            raise Refusal(BUDGET_EXHAUSTED, f"shopper {client}'s privacy budget is exhausted")
+    result = train_round(data, model, lr=request.lr, local_epochs=request.local_epochs,
+                         batch_size=request.batch_size, proximal_mu=request.proximal_mu,
+                         seed=round_seed(context, data.cfg, request.run_round, client),
+                         ledger=ledger)
+    if model.personal is not None:
+        context.state[PERSONAL_STATE + suffix] = ArrayRecord(torch_state_dict={
+            k: v for k, v in model.state_dict().items() if k.startswith(PERSONAL_PREFIX)})
+    if ledger is not None:
+        context.state[DP_SGD_STATE + suffix] = ledger.to_record()
+    return model.shared_state(), result
+
+
+def round_seed(context: Context, cfg: Config, run_round: int, client: int | None = None) -> int:
+    """The seed of a client's own sampling in a round (shuffles, negatives), from a secret
     drawn once on the node and kept in its Context.state: it never enters a reply, so the server
     can neither know nor replay it. ``client_seed`` replaces it when a simulation must be
-    reproducible."""
+    reproducible. ``client``: a virtual shopper of a pool node, who gets a seed of its own."""
     if cfg.client_seed is not None:
-        partition = context.node_config.get("partition-id", context.node_id)
+        partition = (context.node_config.get("partition-id", context.node_id) if client is None
+                     else client)
         secret = (cfg.client_seed * 1_000_003 + int(partition)) % 2**62
     else:
         if SECRET_STATE not in context.state:
             context.state[SECRET_STATE] = ConfigRecord(
                 {"seed": int.from_bytes(os.urandom(7), "little")})
         secret = int(context.state.config_records[SECRET_STATE]["seed"])  # type: ignore[arg-type]
+        if client is not None:
+            secret = (secret * 1_000_003 + client) % 2**62
     return (secret * 100_003 + run_round) % 2**62
+
+
+@app.query()
+def pool_slice(msg: Message, context: Context) -> Message:
+    """Which slice of a pool of virtual shoppers this node simulates: its partition, which the
+    simulation set in its node config (no shopper's data)."""
+    config = context.node_config
+    if "partition-id" not in config or not _config(context).pooled:
+        return Message(Error(OUTSIDE_PLAN, "this node is not part of a pool of virtual "
+                                           "shoppers"), reply_to=msg)
+    return Message(RecordDict({"pool": ConfigRecord({
+        "partition-id": int(config["partition-id"]),  # type: ignore[arg-type]
+        "num-partitions": int(config["num-partitions"])})}), reply_to=msg)  # type: ignore[arg-type]
 
 
 @app.evaluate()

@@ -70,8 +70,14 @@ class DpSgdLedger:
                    plan, history)
 
 
-def _secret_seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") >> 1  # torch seeds are signed 64-bit
+def _draw_seed(noise_seed: int | None, stream: int) -> int:
+    """A seed of the round's Poisson sampling or noise: fresh OS randomness, which the guarantee
+    assumes nobody can predict; or, in a simulation that fixed ``client_seed`` to be
+    reproducible, one derived from it, which whoever knows ``client_seed`` can replay (the
+    guarantee does not hold against them: docs/privacy.md)."""
+    if noise_seed is None:
+        return int.from_bytes(os.urandom(8), "little") >> 1  # torch seeds are signed 64-bit
+    return (noise_seed * 1_000_033 + stream) % 2**62
 
 
 def _merge(history: list[Step]) -> list[Step]:
@@ -107,6 +113,7 @@ def embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor],
 def train_dp_sgd(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
                  examples: TrainExamples, objective: Objective, ledger: DpSgdLedger,
                  cfg: DpSgdConfig, step: DpSgdStepConfig, *, seed: int,
+                 noise_seed: int | None = None,
                  after_step: Callable[[], None] | None = None) -> TrainResult:
     """One round of DP-SGD (``ledger.plan.steps_per_round`` steps) on the parameters
     ``shared_optimizer`` holds; every other parameter must be frozen. Appends the round's steps
@@ -114,16 +121,18 @@ def train_dp_sgd(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
 
     ``seed`` (the client's own secret) drives the negatives and the examples a shopper's step
     reads. The Poisson sampling of units and the noise draw from fresh OS randomness, which
-    the guarantee (amplification by sampling included) assumes nobody can predict."""
+    the guarantee (amplification by sampling included) assumes nobody can predict, unless a
+    reproducible simulation passes ``noise_seed`` (``_draw_seed``)."""
     if not objective.per_example:
         raise ValueError("DP-SGD needs a per-example objective (no in-batch negatives)")
     if cfg.unit == "shopper":
         result = _train_by_shopper(model, shared_optimizer, examples, objective, ledger.plan,
                                    cfg.max_grad_norm, step.examples_per_shopper, seed=seed,
-                                   after_step=after_step)
+                                   noise_seed=noise_seed, after_step=after_step)
     else:
         result = _train_by_example(model, shared_optimizer, examples, objective, ledger.plan,
-                                   cfg, seed=seed, after_step=after_step)
+                                   cfg, seed=seed, noise_seed=noise_seed,
+                                   after_step=after_step)
     plan = ledger.plan
     ledger.history = _merge([*ledger.history,
                              (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)])
@@ -133,6 +142,7 @@ def train_dp_sgd(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
 def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
                       examples: TrainExamples, objective: Objective, plan: DpSgdPlan,
                       max_grad_norm: float, examples_per_shopper: int, *, seed: int,
+                      noise_seed: int | None,
                       after_step: Callable[[], None] | None) -> TrainResult:
     """User-level DP-SGD: each step Poisson-samples shoppers at the plan's rate, computes each
     sampled shopper's gradient (mean loss over up to ``examples_per_shopper`` of their
@@ -148,8 +158,8 @@ def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
     params = [p for group in shared_optimizer.param_groups for p in group["params"]]
     optimizer = DPOptimizer(
         shared_optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=1, generator=torch.Generator().manual_seed(_secret_seed()))
-    sampler = torch.Generator().manual_seed(_secret_seed())
+        expected_batch_size=1, generator=torch.Generator().manual_seed(_draw_seed(noise_seed, 1)))
+    sampler = torch.Generator().manual_seed(_draw_seed(noise_seed, 2))
     model.train()
     losses, seen = [], 0
     for step in range(plan.steps_per_round):
@@ -198,7 +208,7 @@ def _noise_only_step(optimizer: DPOptimizer) -> None:
 
 def _train_by_example(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
                       examples: TrainExamples, objective: Objective, plan: DpSgdPlan,
-                      cfg: DpSgdConfig, *, seed: int,
+                      cfg: DpSgdConfig, *, seed: int, noise_seed: int | None,
                       after_step: Callable[[], None] | None) -> TrainResult:
     """Example-level DP-SGD through Opacus' PrivacyEngine, on a Poisson loader at the plan's
     public rate (Opacus takes the rate from the loader's length: 1 / steps_per_epoch)."""
@@ -208,13 +218,13 @@ def _train_by_example(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
         engine = PrivacyEngine(accountant="rdp")
     loader = DPDataLoader(examples_dataset(examples), sample_rate=plan.sample_rate,
                           collate_fn=batch_collate,
-                          generator=torch.Generator().manual_seed(_secret_seed()))
+                          generator=torch.Generator().manual_seed(_draw_seed(noise_seed, 2)))
     private = engine.make_private(
         module=model, optimizer=shared_optimizer, data_loader=loader,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
         poisson_sampling=False, grad_sample_mode=cfg.grad_sample_mode,
         criterion=nn.CrossEntropyLoss(),
-        noise_generator=torch.Generator().manual_seed(_secret_seed()))
+        noise_generator=torch.Generator().manual_seed(_draw_seed(noise_seed, 1)))
     if cfg.grad_sample_mode == "ghost":
         module, optimizer, criterion, private_loader = private
         objective = dataclasses.replace(objective, criterion=criterion)

@@ -16,11 +16,22 @@ import torch
 
 from fedrec.accounting import check_delta, plan_dp_sgd
 from fedrec.client.dp_sgd import DpSgdLedger, train_dp_sgd
-from fedrec.config import Config, ConfigError, DpSgdConfig, compose_config, federated_config
+from fedrec.config import (
+    Config,
+    ConfigError,
+    DpSgdConfig,
+    compose_config,
+    federated_config,
+)
 from fedrec.data.dataset import Dataset
 from fedrec.data.federation import Federation, build_federation
 from fedrec.data.partition import client_users
-from fedrec.data.sequences import EvalCases, TrainExamples, heldout_cases, training_examples
+from fedrec.data.sequences import (
+    EvalCases,
+    TrainExamples,
+    heldout_cases,
+    training_examples,
+)
 from fedrec.data.split import Split
 from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import TwoTower
@@ -52,6 +63,9 @@ class TrainRequest:
     dp_steps_per_epoch: int | None
     dp_delta: float | None
     dp_planned_rounds: int | None
+    # On a pool of virtual shoppers: the sampled shoppers this node owns (None: every client
+    # the node holds, as a shop or a device is one).
+    cohort: tuple[int, ...] | None
 
     @classmethod
     def read(cls, config: Mapping[str, Any]) -> TrainRequest:
@@ -65,7 +79,9 @@ class TrainRequest:
                    proximal_mu=float(config.get("proximal-mu", 0.0)),
                    dp_steps_per_epoch=_maybe(int, optional["dp-steps-per-epoch"]),
                    dp_delta=_maybe(float, optional["dp-delta"]),
-                   dp_planned_rounds=_maybe(int, optional["dp-planned-rounds"]))
+                   dp_planned_rounds=_maybe(int, optional["dp-planned-rounds"]),
+                   cohort=(None if config.get("cohort") is None else
+                           tuple(int(c) for c in config["cohort"])))  # type: ignore[union-attr]
 
 
 def _maybe(kind: type, value: Any) -> Any:
@@ -80,7 +96,47 @@ class Refusal(Exception):
         self.code, self.reason = code, reason
 
 
-def dp_sgd_ledger(node: NodeData, request: TrainRequest,
+@dataclass(frozen=True)
+class ShopperData:
+    """One virtual shopper of a pool node, as the shopper's own device would hold it: the
+    shopper's training examples, and the objective built from them alone."""
+
+    cfg: Config
+    dataset: Dataset
+    users: np.ndarray  # the one shopper
+    examples: TrainExamples
+    objective: Objective
+
+
+# What a round of training reads: a node's data, or one of its virtual shoppers'.
+TrainingData = NodeData | ShopperData
+
+
+def trainees(node: NodeData, request: TrainRequest) -> list[tuple[int | None, TrainingData]]:
+    """Who trains in this round on this node, each as its own client: the node itself (client
+    None: a shop, a device, a pool node of one shopper), or the sampled shoppers a pool node
+    owns, each alone. A shopper the node does not own is refused (``Refusal``, OUTSIDE_PLAN):
+    its state lives on another node."""
+    owned = set(node.users.tolist())
+    if not node.cfg.pooled or (len(owned) == 1 and set(request.cohort or owned) == owned):
+        return [(None, node)]  # a node of one shopper is that shopper's device
+    asked = sorted(owned) if request.cohort is None else list(request.cohort)
+    strangers = [shopper for shopper in asked if shopper not in owned]
+    if strangers:
+        raise Refusal(OUTSIDE_PLAN, f"the request names shoppers {strangers[:5]} that this "
+                                    "node does not hold")
+    return [(shopper, shopper_data(node, shopper)) for shopper in asked]
+
+
+def shopper_data(node: NodeData, shopper: int) -> ShopperData:
+    rows = node.examples.user == shopper
+    examples = TrainExamples(node.examples.history[rows], node.examples.target[rows],
+                             node.examples.user[rows])
+    return ShopperData(node.cfg, node.dataset, np.array([shopper]), examples,
+                       _objective(node.cfg, examples, node.dataset.num_items))
+
+
+def dp_sgd_ledger(node: TrainingData, request: TrainRequest,
                   saved: DpSgdLedger | None) -> DpSgdLedger:
     """The node's DP-SGD budget as earlier rounds left it (``saved``), or its plan on its first
     round. The plan is the client's own: its steps come from its config, never from the
@@ -163,7 +219,8 @@ def load_node(fed: Federation, partition_id: int | None, num_partitions: int | N
     deployment, everything in the node's own ``data_path`` (which ``fed`` was built from)."""
     if data_path is None:
         fed.check_nodes(num_partitions)
-    return _node_data(fed, client_users(fed.assignment, 0 if data_path else partition_id))
+        return _node_data(fed, fed.node_users(partition_id))
+    return _node_data(fed, client_users(fed.assignment, 0))
 
 
 def _node_data(fed: Federation, users: np.ndarray) -> NodeData:
@@ -174,19 +231,23 @@ def _node_data(fed: Federation, users: np.ndarray) -> NodeData:
         heldout_cases(split, part, num_items=dataset.num_items, max_history=cfg.model.max_history,
                       num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed)
         for part in ("valid", "test"))
-    dp_negatives = (cfg.privacy.negatives_per_example
-                    if isinstance(cfg.privacy, DpSgdConfig) else None)
-    objective = Objective.from_config(cfg.train, examples, dataset.num_items,
-                                      per_example_negatives=dp_negatives)
+    objective = _objective(cfg, examples, dataset.num_items)
     return NodeData(cfg, dataset, users, split, examples, objective, valid_cases, test_cases)
 
 
-def node_model(node: NodeData) -> TwoTower:
+def _objective(cfg: Config, examples: TrainExamples, num_items: int) -> Objective:
+    dp_negatives = (cfg.privacy.negatives_per_example
+                    if isinstance(cfg.privacy, DpSgdConfig) else None)
+    return Objective.from_config(cfg.train, examples, num_items,
+                                 per_example_negatives=dp_negatives)
+
+
+def node_model(node: TrainingData) -> TwoTower:
     personal = node.users if node.cfg.model.personal_embedding else None
     return TwoTower.for_dataset(node.cfg.model, node.dataset, personal_users=personal)
 
 
-def protected_units(node: NodeData) -> int:
+def protected_units(node: TrainingData) -> int:
     """How many units DP-SGD protects on this node: its shoppers with training examples, or
     its examples."""
     privacy = node.cfg.privacy
@@ -196,7 +257,7 @@ def protected_units(node: NodeData) -> int:
 
 
 def train_round(
-    node: NodeData,
+    node: TrainingData,
     model: TwoTower,
     *,
     lr: float,
@@ -222,6 +283,7 @@ def train_round(
     assert isinstance(privacy, DpSgdConfig)
     return train_dp_sgd(model, make_optimizer(model.parameters(), train_cfg), node.examples,
                         node.objective, ledger, privacy, node.cfg.train.dp_sgd, seed=seed,
+                        noise_seed=None if node.cfg.client_seed is None else seed,
                         after_step=after_step)
 
 

@@ -26,13 +26,32 @@ class Federation:
     def num_clients(self) -> int:
         return num_clients(self.assignment)
 
+    @property
+    def num_nodes(self) -> int:
+        """The SuperNodes a simulation needs: one per client, or a pool of virtual shoppers'."""
+        pool = self.cfg.pool_nodes
+        return self.num_clients if pool is None else min(pool, self.num_clients)
+
+    def node_clients(self, node: int) -> np.ndarray:
+        """The clients SuperNode ``node`` holds: itself, or on a pool every num_nodes-th
+        shopper from ``node`` on. Public: the server finds a shopper's node the same way."""
+        return np.arange(node, self.num_clients, self.num_nodes)
+
     def check_nodes(self, nodes: int | None) -> None:
-        """A simulation needs one node per client the partition makes."""
-        if nodes != self.num_clients:
-            raise ConfigError(
-                f"the federation has {nodes} nodes but partition={self.cfg.partition.kind} "
-                f"gives {self.num_clients} clients on {self.dataset.name}: run with "
-                f"--federation-config \"num-supernodes={self.num_clients}\"")
+        """A simulation needs one node per client the partition makes, or the pool's size."""
+        if nodes == self.num_nodes:
+            return
+        what = (f"partition={self.cfg.partition.kind} gives {self.num_clients} clients on "
+                f"{self.dataset.name}" if self.cfg.pool_nodes is None else
+                f"partition.pool_nodes={self.cfg.pool_nodes} puts the {self.num_clients} "
+                f"shoppers of {self.dataset.name} on {self.num_nodes} nodes")
+        raise ConfigError(f"the federation has {nodes} nodes but {what}: run with "
+                          f"--federation-config \"num-supernodes={self.num_nodes}\"")
+
+    def node_users(self, node: int) -> np.ndarray:
+        """The shoppers whose data SuperNode ``node`` holds."""
+        clients = self.node_clients(node)
+        return np.flatnonzero(np.isin(self.assignment, clients))
 
     def client_examples(self) -> np.ndarray:
         """Training examples per client: one per interaction after each user's first."""

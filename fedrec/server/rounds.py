@@ -153,6 +153,7 @@ class RoundLog:
         self._federated: RankingSums | None = None
         self._valid: RankingSums | None = None
         self._bytes_seen = (0, 0)
+        self._timed_from = (self.done, time.perf_counter())  # (round, time) the ETA counts from
         # The evaluated round the run reports: {"round", "record", "arrays"}.
         self.selected: dict[str, Any] | None = None if resumed is None else resumed.get("selected")
 
@@ -161,7 +162,9 @@ class RoundLog:
         SecAgg+: fedrec.wire); the privacy accounting of the round's release."""
         metrics = [m for r in records for m in r.metric_records.values()]
         self.privacy.trained(len(records))
-        self._train = {"train_loss": None, "clients": len(records)}
+        # A pool node's reply stands for the shoppers it trained (its unit-weight).
+        cohort = sum(int(m.get("unit-weight", 1)) for m in metrics)  # type: ignore[arg-type]
+        self._train = {"train_loss": None, "clients": len(records), "cohort": cohort}
         if metrics and all("train_loss" in m and weighting_key in m for m in metrics):
             weights = [float(m[weighting_key]) for m in metrics]  # type: ignore[arg-type]
             losses = [float(m["train_loss"]) for m in metrics]  # type: ignore[arg-type]
@@ -205,6 +208,7 @@ class RoundLog:
         if self._train:
             record["train_loss"] = self._train.get("train_loss")
             record["train_clients"] = self._train["clients"]
+            record["cohort"] = self._train["cohort"]
         elif server_round > 0:
             record["aggregated"] = False
             log.warning("round %d aggregated no update (the model is unchanged): every client "
@@ -233,13 +237,26 @@ class RoundLog:
         self.outputs.save_checkpoint({"round": server_round, "arrays": arrays.to_torch_state_dict(),
                                       "selected": self.selected,
                                       "privacy_accountant": self.privacy.state()})
-        log.info("round %d/%d %s", server_round, self.num_rounds, _brief(record))
+        log.info("round %d/%d %s%s", server_round, self.num_rounds, _brief(record),
+                 self._eta(server_round))
         if server_round < self.num_rounds and self.privacy.stop_before_next_round():
             log.warning("privacy: round %d cost more than planned (clients failed), and another "
                         "round would take epsilon past privacy.max_epsilon=%s: the run stops "
                         "here", server_round, self.privacy.cfg.max_epsilon)  # type: ignore[attr-defined]
             raise BudgetSpent(server_round, arrays)
         return None
+
+    def _eta(self, server_round: int) -> str:
+        """The run's remaining time at the mean pace of the rounds this process ran."""
+        if server_round == self.done:
+            self._timed_from = (server_round, time.perf_counter())
+            return ""
+        first, began = self._timed_from
+        left = self.num_rounds - server_round
+        if left <= 0:
+            return ""
+        pace = (time.perf_counter() - began) / (server_round - first)
+        return f"  ETA {_duration(pace * left)}"
 
     def validation_score(self, record: dict[str, Any]) -> float | None:
         """The round's validation ``select_by``; None for a round without validation items."""
@@ -269,5 +286,13 @@ def _brief(record: dict[str, Any]) -> str:
                 parts.append(f"{label}{protocol}.{metric} {source[protocol][metric]:.4f}")
     if record.get("epsilon") is not None:
         parts.append(f"epsilon {record['epsilon']:.3f}")
-    parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB down {record['bytes_down'] / 1e6:.2f} MB")
+    if "cohort" in record:
+        parts.append(f"cohort {record['cohort']}")
+    parts.append(f"{record['seconds']:.1f} s  up {record['bytes_up'] / 1e6:.2f} MB down "
+                 f"{record['bytes_down'] / 1e6:.2f} MB")
     return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    return (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+            if seconds < 7200 else f"{seconds / 3600:.1f} h")

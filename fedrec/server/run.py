@@ -32,6 +32,7 @@ from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import TwoTower
 from fedrec.outputs import RunOutputs
 from fedrec.recommend import Recommender, RecommendError, format_recommendations
+from fedrec.server.cohort import Cohorts, cohort_size
 from fedrec.server.privacy import CentralDp, PrivacyReport, plan_central_dp, wrap_strategy
 from fedrec.server.rounds import BudgetSpent, MeteredGrid, RoundLog
 from fedrec.server.secagg import SecAggPlan, plan_secagg, run_secure_rounds
@@ -62,6 +63,7 @@ class FederatedRun:
     strategy: Strategy
     weighted_by_key: str
     started: float
+    cohorts: Cohorts | None  # a pool of virtual shoppers' sampler
 
     @property
     def done(self) -> int:
@@ -97,9 +99,25 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
     train_config = ConfigRecord({"lr": cfg.train.lr, "lr-decay": cfg.train.round_lr_decay,
                                  "local-epochs": cfg.train.local_epochs,
                                  "batch-size": cfg.train.batch_size, "round-offset": done})
-    population, sample_size = _round_sample(cfg, metered)
+    population, sample_size = _round_sample(
+        cfg, metered, cfg.strategy.min_available_nodes if fed is None else
+        min(cfg.strategy.min_available_nodes, fed.num_nodes))
     if fed is not None:
         fed.check_nodes(population)
+    cohorts = strategy_cfg = None
+    if fed is not None and cfg.pooled:
+        # Virtual shoppers: the cohort is sampled over every shopper, and each round reaches
+        # only the nodes that own one (SecAgg+'s legacy workflow samples its own nodes).
+        population = fed.num_clients
+        sample_size = cohort_size(population, cfg.strategy.fraction_train,
+                                  cfg.strategy.min_train_nodes)
+        if not cfg.secagg.enabled:
+            cohorts = Cohorts(population, sample_size, fed.num_nodes, cfg.seed)
+            nodes = fed.num_nodes
+            strategy_cfg = dataclasses.replace(
+                cfg.strategy, fraction_train=1.0, min_train_nodes=1,
+                min_evaluate_nodes=min(cfg.strategy.min_evaluate_nodes, nodes),
+                min_available_nodes=min(cfg.strategy.min_available_nodes, nodes))
     central, dp_sgd = _plan_privacy(cfg, fed, population, sample_size, train_config)
     # Per-client evaluation figures are covered by no mechanism: a private or SecAgg+ run
     # asks for none, and a simulation evaluates on the server instead (labelled so).
@@ -130,7 +148,7 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
                       _server_evaluation(fed, model) if server_side else None,
                       privacy, cfg.eval.select_by, resumed,
                       federated_evaluation=federated_evaluation)
-    strategy = build_strategy(cfg.strategy, train_metrics=rounds.aggregate_train,
+    strategy = build_strategy(strategy_cfg or cfg.strategy, train_metrics=rounds.aggregate_train,
                               evaluate_metrics=rounds.aggregate_evaluate,
                               weighted_by_key=weighted_by_key)
     if central is not None and secagg is None:
@@ -138,16 +156,19 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
     strategy = RunStrategy(strategy, eval_every=cfg.eval.every if federated_evaluation else None,
                            num_rounds=num_rounds, round_offset=done,
                            # with SecAgg+, the legacy strategy steps the item table
-                           item_server_lr=1.0 if secagg else cfg.strategy.item_server_lr)
+                           item_server_lr=1.0 if secagg else cfg.strategy.item_server_lr,
+                           cohorts=cohorts)
     return FederatedRun(cfg, composed, fed, dataset, model, outputs, resumed, metered,
                         train_config, population, num_rounds, central, secagg, privacy, rounds,
-                        strategy, weighted_by_key, started)
+                        strategy, weighted_by_key, started, cohorts)
 
 
 def start(run: FederatedRun, context: Context) -> dict[str, Any]:
     """Train the planned rounds, then write the summary and the model; the summary."""
     cfg, rounds, strategy, metered = run.cfg, run.rounds, run.strategy, run.grid
     initial = ArrayRecord(torch_state_dict=run.model.shared_state())
+    if run.cohorts is not None:
+        run.cohorts.map_nodes(metered, cfg.round_timeout)
     if run.resumed is None and rounds.federated_evaluation:
         # Round 0: the untrained model, evaluated federated, so every run shows where it
         # started.
@@ -278,12 +299,12 @@ def _print_guide_example(model_path: Path, dataset: Dataset, cfg: Config) -> Non
           "--user <id>):\n" + format_recommendations(guide, history, top), flush=True)
 
 
-def _round_sample(cfg: Config, grid: Grid) -> tuple[int, int]:
-    """The federation's size and a training round's sample, as Flower's strategies size it."""
-    _, nodes = sample_nodes(grid, cfg.strategy.min_available_nodes, 0)
-    population = len(nodes)
-    return population, min(population, max(int(population * cfg.strategy.fraction_train),
-                                           cfg.strategy.min_train_nodes))
+def _round_sample(cfg: Config, grid: Grid, wait_for: int) -> tuple[int, int]:
+    """The federation's size (once ``wait_for`` nodes are up) and a training round's sample,
+    as Flower's strategies size it."""
+    _, nodes = sample_nodes(grid, wait_for, 0)
+    return len(nodes), cohort_size(len(nodes), cfg.strategy.fraction_train,
+                                   cfg.strategy.min_train_nodes)
 
 
 def _plan_privacy(cfg: Config, fed: Federation | None, population: int, sample_size: int,
@@ -294,6 +315,11 @@ def _plan_privacy(cfg: Config, fed: Federation | None, population: int, sample_s
     privacy = cfg.privacy
     if privacy.mechanism == "none":
         return None, None
+    if cfg.client_seed is not None:
+        log.warning("client_seed=%s: every client's randomness, DP-SGD's sampling and noise "
+                    "included, follows a seed the config names, so whoever knows the config "
+                    "can replay it: the privacy guarantee does not hold against them (a "
+                    "reproducible simulation, for tests)", cfg.client_seed)
     if isinstance(privacy, DpSgdConfig):
         planned = privacy.planned_rounds or math.ceil(cfg.num_rounds * sample_size / population)
         delta = privacy.delta

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
 from fedrec.config import ConfigError, StrategyConfig
+from fedrec.server.cohort import Cohorts, with_cohort
 
 STRATEGY_CLASSES: dict[str, type[flwr_strategy.Strategy]] = {
     "fedavg": flwr_strategy.FedAvg,
@@ -133,18 +134,24 @@ class RunStrategy(flwr_strategy.Strategy):
     1 again). Everything else is the wrapped strategy's."""
 
     def __init__(self, strategy: flwr_strategy.Strategy, *, eval_every: int | None,
-                 num_rounds: int, round_offset: int, item_server_lr: float) -> None:
+                 num_rounds: int, round_offset: int, item_server_lr: float,
+                 cohorts: Cohorts | None = None) -> None:
         self.strategy = strategy
         self.eval_every = eval_every
         self.num_rounds = num_rounds
         self.round_offset = round_offset
         self.item_server_lr = item_server_lr
+        self.cohorts = cohorts  # a pool of virtual shoppers: the round's cohort, by node
         self._sent = ArrayRecord()  # the global model of the round being trained
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._sent = arrays
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        messages = self.strategy.configure_train(server_round, arrays, config, grid)
+        if self.cohorts is None:
+            return messages
+        cohort = self.cohorts.sample(server_round + self.round_offset)
+        return with_cohort(messages, self.cohorts.by_node(cohort))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -1,0 +1,184 @@
+"""Virtual shoppers on a pool of SuperNodes (partition=user in a simulation): each pool node
+trains the round's sampled shoppers it owns, each alone from the global model, and replies with
+their weighted mean and total weight. Flower's own strategy then averages the pool's replies,
+which must give what one SuperNode per shopper gives."""
+
+from __future__ import annotations
+
+import json
+from uuid import uuid4
+
+import pytest
+import torch
+from conftest import assert_wire_contract, load_node, typed_config
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedrec.client.app import app as client_app
+from fedrec.client.task import node_model
+from fedrec.config import ConfigError, compose_config
+from fedrec.data.federation import build_federation
+from fedrec.server.cohort import Cohorts
+from fedrec.server.run import plan_run, start
+
+SHOPPERS = 8
+POOL = (f"dataset.num_users={SHOPPERS} dataset.num_items=80 dataset.num_categories=3 "
+        "partition=user eval.num_negatives=5 train.local_epochs=1 train.lr=0.05 "
+        "train.batch_size=8 model.embedding_dim=8 model.hidden_dim=16 client_seed=3 "
+        "strategy.fraction_train=0.5")
+DP = ("privacy=dp_sgd privacy.target_epsilon=50 train.dp_sgd.steps_per_epoch=1 "
+      "train.dp_sgd.examples_per_shopper=8")
+
+
+SERVER = 1  # the SuperLink's node id, which a ServerApp's messages come from
+
+
+class ClientAppGrid(Grid):
+    """Flower's Grid interface over the real ClientApp in this process: each message goes to
+    ``client_app`` with its node's Context, kept across messages as a SuperNode keeps it, so the
+    real ServerApp run (fedrec.server.run) and Flower's strategies drive real nodes, in seconds.
+    A message id is assigned as a SuperLink assigns it."""
+
+    def __init__(self, overrides: str, num_nodes: int) -> None:
+        self.contexts = {1000 + k: Context(
+            run_id=1, node_id=1000 + k, state=RecordDict(), run_config={"overrides": overrides},
+            node_config={"partition-id": k, "num-partitions": num_nodes})
+            for k in range(num_nodes)}
+        self.replies: dict[str, Message] = {}
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            TaskIdentity.node_id = message.metadata.dst_node_id  # the node's process
+            reply = client_app(message, self.contexts[message.metadata.dst_node_id])
+            TaskIdentity.node_id = SERVER
+            self.replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+def _federated_run(overrides: str, pool_nodes: int | None, tmp_path) -> tuple[dict, dict]:
+    """A whole federated run, the ServerApp's own (plan_run, start), over nodes in this
+    process; its summary and its final global model."""
+    out = tmp_path / f"pool-{pool_nodes}"
+    overrides = (f"{overrides} partition.pool_nodes={'null' if pool_nodes is None else pool_nodes}"
+                 f" output_dir={out} guide_example=false")
+    fed = build_federation(typed_config(*overrides.split()))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER, 1
+    grid = ClientAppGrid(overrides, fed.num_nodes)
+    summary = start(plan_run(compose_config(overrides), grid), Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    final = torch.load(out / "checkpoint.pt", weights_only=True)["arrays"]  # the last round
+    return summary, final
+
+
+@pytest.mark.slow  # twelve whole federations, in this process
+@pytest.mark.parametrize("privacy", ["", DP], ids=["no privacy", "dp_sgd"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, privacy,
+                                                                     tmp_path):
+    overrides = f"{POOL} strategy={strategy} num_rounds=3 eval.every=3 {privacy}"
+    one_each, per_shopper = _federated_run(overrides, None, tmp_path)
+    pooled_summary, pooled = _federated_run(overrides, 2, tmp_path)
+    assert pooled_summary["rounds"] == one_each["rounds"] == 3
+    torch.manual_seed(typed_config(*overrides.split()).seed)  # the initial model, as run's
+    initial = node_model(load_node(f"{overrides} partition.pool_nodes=2", 0, 2)).shared_state()
+    # Float tolerance: the two sum the same updates in another order, and three rounds of
+    # training carry the rounding on; far below how far training moved the model. (FedAdam's
+    # aggregate comes back in float64: Flower computes it in numpy.)
+    for name, value in per_shopper.items():
+        gap = (pooled[name].double() - value.double()).abs().max().item()
+        moved = (pooled[name].double() - initial[name].double()).abs().max().item()
+        assert gap < 1e-4 and gap < moved / 100, (name, gap, moved)
+    if privacy:  # each shopper spent its own budget, the same way on either layout
+        assert pooled_summary["privacy"]["epsilon"] == one_each["privacy"]["epsilon"] > 0
+
+
+def test_a_cohort_is_sampled_over_every_shopper_and_reaches_only_its_owners():
+    cohorts = Cohorts(population=1000, size=50, num_nodes=4, seed=0,
+                      node_ids={0: 10, 1: 11, 2: 12, 3: 13})
+    first, again, second = cohorts.sample(1), cohorts.sample(1), cohorts.sample(2)
+    assert len(set(first.tolist())) == 50 and first.max() < 1000
+    assert (first == again).all() and not (first == second).all()
+    owned = cohorts.by_node(first)
+    assert sorted(s for shoppers in owned.values() for s in shoppers) == sorted(first.tolist())
+    assert all(s % 4 == node - 10 for node, shoppers in owned.items() for s in shoppers)
+    # Over many rounds every shopper is drawn at about the cohort's rate.
+    counts = torch.bincount(torch.tensor([s for r in range(1, 201)
+                                          for s in cohorts.sample(r).tolist()]), minlength=1000)
+    assert counts.float().mean() == pytest.approx(200 * 50 / 1000)
+    assert counts.max() < 30 and counts.min() > 0
+
+
+def test_a_pool_node_refuses_a_shopper_it_does_not_own():
+    overrides = f"{POOL} partition.pool_nodes=2"
+    node = load_node(overrides, 0, 2)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 5, 1
+    message = Message(RecordDict({
+        "arrays": ArrayRecord(torch_state_dict=node_model(node).shared_state()),
+        "config": ConfigRecord({"lr": 0.05, "lr-decay": 1.0, "local-epochs": 1,
+                                "batch-size": 8, "server-round": 1, "cohort": [0, 1]})}),
+        dst_node_id=5, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config={"overrides": overrides})
+    reply = client_app(message, context)
+    assert reply.has_error() and "shoppers [1]" in reply.error.reason
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("privacy=central_dp", "privacy"),
+    ("secagg=on", "secagg"),
+    ("strategy=krum", "strategy"),
+    ("strategy.fraction_evaluate=0.5", "strategy.fraction_evaluate"),
+    ("model.personal_embedding=true", "model.personal_embedding"),
+])
+def test_what_needs_each_shoppers_reply_is_refused_on_a_pool(override, named):
+    with pytest.raises(ConfigError, match=rf"^{named}=.*partition.pool_nodes=null"):
+        typed_config(*f"{POOL} partition.pool_nodes=2 {override}".split())
+    # One SuperNode per shopper: each reply is one shopper's.
+    typed_config(*f"{POOL} partition.pool_nodes=null {override}".split())
+
+
+def test_the_pool_size_is_the_number_of_supernodes():
+    fed = build_federation(typed_config(*f"{POOL} partition.pool_nodes=3".split()))
+    assert (fed.num_clients, fed.num_nodes) == (SHOPPERS, 3)
+    assert [fed.node_users(k).tolist() for k in range(3)] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    with pytest.raises(ConfigError, match='num-supernodes=3"'):
+        fed.check_nodes(SHOPPERS)
+    one_each = build_federation(typed_config(*f"{POOL} partition.pool_nodes=null".split()))
+    assert one_each.num_nodes == SHOPPERS
+
+
+@pytest.mark.slow  # starts the Flower runtime
+def test_a_pooled_run_through_flower_keeps_the_wire_contract(flower, tmp_path):
+    out, wire = tmp_path / "run", tmp_path / "wire.jsonl"
+    overrides = f"{POOL} partition.pool_nodes=2 num_rounds=3"
+    summary = flower(f"{overrides} wire_log={wire}", num_supernodes=2, output_dir=out)
+    layouts = assert_wire_contract(wire, overrides)
+    assert {"query", "train", "evaluate"} <= {x["type"] for x in layouts}
+    assert summary["num_clients"] == SHOPPERS and summary["rounds"] == 3
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Round 1's cohort: 4 of the 8 shoppers, on however many of the 2 nodes own them.
+    assert 1 <= lines[1]["train_clients"] <= 2
+    assert lines[-1]["test"]["sampled"]["hr@10"] > 0
