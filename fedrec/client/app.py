@@ -134,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     weights, losses, refusals = [], [], []
     for client, data in clients:
         try:
-            state, result = _train_client(data, client, msg, request, context)
+            state, result = _train_client(node, data, client, msg, request, context)
         except Refusal as refusal:
             # A virtual shopper declines alone (its budget is spent, it has nothing to train
             # on), as its own device would; the node's other shoppers train.
@@ -162,7 +162,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=reply, reply_to=msg)
 
 
-def _train_client(data: TrainingData, client: int | None, msg: Message,
+def _train_client(node: NodeData, data: TrainingData, client: int | None, msg: Message,
                   request: TrainRequest, context: Context,
                   ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """One client's round: from the global model and its own state (personal vectors, DP-SGD
@@ -170,7 +170,11 @@ def _train_client(data: TrainingData, client: int | None, msg: Message,
     suffix = "" if client is None else f".{client}"
     if client is not None and len(data.examples) == 0:
         raise Refusal(NOTHING_TO_TRAIN, f"shopper {client} has no training example")
-    model = _model(data, msg, context, PERSONAL_STATE + suffix)
+    if client is None:
+        model = _model(data, msg, context, PERSONAL_STATE + suffix)
+    else:  # a pool's shoppers share one model object, reset to the global model each time
+        model = NODES.shopper_model(node)  # (a pool has no personal vectors)
+        model.load_shared_state(msg.content["arrays"].to_torch_state_dict())
     ledger = None
     if isinstance(data.cfg.privacy, DpSgdConfig):
         saved = context.state.config_records.get(DP_SGD_STATE + suffix)

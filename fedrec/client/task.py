@@ -176,12 +176,13 @@ class NodeHolder:
         self._cfg: Config | None = None
         self._federations: dict[str | None, Federation] = {}
         self._nodes: dict[tuple[int | None, int | None, str | None], NodeData] = {}
+        self._shopper_models: dict[int, TwoTower] = {}  # by id of a pool node's NodeData
 
     def config(self, run_id: int, overrides: str) -> Config:
         if (run_id, overrides) != self._run or self._cfg is None:
             cfg = federated_config(compose_config(overrides))
             self._run, self._cfg = (run_id, overrides), cfg
-            self._federations, self._nodes = {}, {}
+            self._federations, self._nodes, self._shopper_models = {}, {}, {}
         return self._cfg
 
     def node(self, run_id: int, overrides: str, partition_id: int | None,
@@ -195,6 +196,14 @@ class NodeHolder:
             self._nodes[key] = load_node(self._federations[data_path], partition_id,
                                          num_partitions, data_path)
         return self._nodes[key]
+
+
+    def shopper_model(self, node: NodeData) -> TwoTower:
+        """One model for the virtual shoppers of a pool node, loaded with the global model
+        before each shopper trains: building one per shopper cost as much as training it."""
+        if id(node) not in self._shopper_models:
+            self._shopper_models[id(node)] = node_model(node)
+        return self._shopper_models[id(node)]
 
 
 def check_node_config(cfg: Config, partition_id: int | None, num_partitions: int | None,
