@@ -6,6 +6,7 @@ which must give what one SuperNode per shopper gives."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from uuid import uuid4
 
 import pytest
@@ -15,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedrec.accounting import dp_sgd_epsilon, plan_dp_sgd
 from fedrec.client.app import app as client_app
 from fedrec.client.task import node_model
 from fedrec.config import ConfigError, compose_config
@@ -27,7 +29,8 @@ POOL = (f"dataset.num_users={SHOPPERS} dataset.num_items=80 dataset.num_categori
         "partition=user eval.num_negatives=5 train.local_epochs=1 train.lr=0.05 "
         "train.batch_size=8 model.embedding_dim=8 model.hidden_dim=16 client_seed=3 "
         "strategy.fraction_train=0.5")
-DP = ("privacy=dp_sgd privacy.target_epsilon=50 train.dp_sgd.steps_per_epoch=1 "
+DP = ("privacy=dp_sgd privacy.target_epsilon=50 privacy.planned_rounds=3 "
+      "train.dp_sgd.steps_per_epoch=1 "
       "train.dp_sgd.examples_per_shopper=8")
 
 
@@ -98,7 +101,8 @@ def _federated_run(overrides: str, pool_nodes: int | None, tmp_path) -> tuple[di
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, privacy,
                                                                      tmp_path):
-    overrides = f"{POOL} strategy={strategy} num_rounds=3 eval.every=3 {privacy}"
+    # seed=3: no shopper is in all three cohorts, while both pool nodes are asked every round
+    overrides = f"{POOL} strategy={strategy} num_rounds=3 eval.every=3 seed=3 {privacy}"
     one_each, per_shopper = _federated_run(overrides, None, tmp_path)
     pooled_summary, pooled = _federated_run(overrides, 2, tmp_path)
     assert pooled_summary["rounds"] == one_each["rounds"] == 3
@@ -111,8 +115,17 @@ def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, pr
         gap = (pooled[name].double() - value.double()).abs().max().item()
         moved = (pooled[name].double() - initial[name].double()).abs().max().item()
         assert gap < 1e-4 and gap < moved / 100, (name, gap, moved)
-    if privacy:  # each shopper spent its own budget, the same way on either layout
-        assert pooled_summary["privacy"]["epsilon"] == one_each["privacy"]["epsilon"] > 0
+    if privacy:  # the server states the epsilon of the shopper sampled most often
+        cfg = typed_config(*f"{overrides} partition.pool_nodes=2".split())
+        report = pooled_summary["privacy"]
+        plan = plan_dp_sgd(cfg.privacy, cfg.train.dp_sgd, delta=report["delta"],
+                           planned_rounds=report["planned_rounds"])
+        cohorts = Cohorts(SHOPPERS, 4, 2, cfg.seed)
+        most = max(Counter(s for r in (1, 2, 3) for s in cohorts.sample(r).tolist()).values())
+        expected = dp_sgd_epsilon(plan, min(most, report["rounds_per_client_at_most"]),
+                                  cfg.privacy.accountant)
+        assert report["epsilon"] == pytest.approx(expected)
+        assert one_each["privacy"]["epsilon"] == pytest.approx(expected)
 
 
 def test_a_cohort_is_sampled_over_every_shopper_and_reaches_only_its_owners():

@@ -287,7 +287,8 @@ class PrivacyReport:
         self.dp_sgd = dp_sgd
         self.strategy = strategy
         self.secagg = secagg
-        self.requests: dict[int, int] = {}  # train rounds each node was asked to join
+        # Train rounds each client was asked to join: a node, or a pool's shopper.
+        self.requests: dict[int | tuple[str, int], int] = {}
         self.exhausted: set[int] = set()
         self._dp_sgd_rounds = (None if dp_sgd is None else rounds_within(
             dp_sgd, cfg.target_epsilon, cfg.accountant))  # type: ignore[attr-defined]
@@ -310,10 +311,10 @@ class PrivacyReport:
         """What a checkpoint keeps to resume the accounting."""
         return None if self.central is None else self.central.accountant.state_dict()
 
-    def requested(self, node_ids: list[int]) -> None:
-        """The server asked these nodes to train a round."""
-        for node in node_ids:
-            self.requests[node] = self.requests.get(node, 0) + 1
+    def requested(self, clients: list[int | tuple[str, int]]) -> None:
+        """The server asked these clients to train a round."""
+        for client in clients:
+            self.requests[client] = self.requests.get(client, 0) + 1
 
     def trained(self, replies: int) -> None:
         """A training round aggregated ``replies`` updates into a release."""

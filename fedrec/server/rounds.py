@@ -56,7 +56,9 @@ class MeteredGrid(Grid):
         self.bytes_up = 0
         self.errors: list[Message] = []  # error replies not yet reported by the round log
         self.unanswered = 0  # messages that timed out, not yet reported by the round log
-        self.train_requests: list[int] = []  # nodes asked to train, not yet reported
+        # The clients asked to train, not yet reported: a node, or on a pool each shopper a
+        # node was asked to train (as ("shopper", id)), since each spends its own budget.
+        self.train_requests: list[int | tuple[str, int]] = []
         self.wire_log = None if wire_log is None else Path(wire_log)
 
     def send_and_receive(self, messages: Iterable[Message], *,
@@ -65,9 +67,11 @@ class MeteredGrid(Grid):
         SecAgg+ makes four exchanges a round, and each would otherwise wait out the interval."""
         messages = list(messages)
         self.bytes_down += sum(record_bytes(m.content) for m in messages)
-        self.train_requests += [m.metadata.dst_node_id for m in messages
-                                if m.metadata.message_type == MessageType.TRAIN
-                                and starts_round(m)]
+        for m in messages:
+            if m.metadata.message_type == MessageType.TRAIN and starts_round(m):
+                cohort = m.content.config_records.get("config", {}).get("cohort")
+                self.train_requests += ([m.metadata.dst_node_id] if cohort is None else
+                                        [("shopper", int(s)) for s in cohort])  # type: ignore[union-attr]
         self._log_layouts("down", messages)
         pending = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
