@@ -16,36 +16,44 @@ NOT_ON_A_NODE = ("fedrec.server", "fedrec.outputs", "fedrec.recommend", "fedrec.
                  "fedrec.deployment", "fedrec.sweep", "fedrec.report", "fedrec.centralized")
 
 
-def _fedrec_modules_after_import(module: str) -> list[str]:
-    code = (f"import json, sys; import {module}; "
+@pytest.fixture(scope="module")
+def fresh_import() -> dict[str, tuple[list[str], list[str]]]:
+    """Per app, in a fresh interpreter as a ClientApp or ServerApp process starts: the fedrec
+    modules its import loads, and what one of Flower's log lines prints after it."""
+    code = ("import json, logging, sys, {module}; from flwr.common.logger import log; "
+            "log(logging.INFO, 'round 7 of 9'); "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('fedrec'))))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    seen = {}
+    for module in ("fedrec.client.app", "fedrec.server.app"):
+        done = subprocess.run([sys.executable, "-c", code.format(module=module)],
+                              capture_output=True, text=True, check=True)
+        printed = (done.stdout + done.stderr).splitlines()
+        seen[module] = (json.loads(done.stdout.strip().splitlines()[-1]),
+                        [line for line in printed if "round 7 of 9" in line])
+    return seen
 
 
-def test_the_client_app_imports_nothing_of_the_server():
-    loaded = _fedrec_modules_after_import("fedrec.client.app")
+@pytest.mark.slow  # two fresh interpreters load torch, Opacus and Flower
+def test_the_client_app_imports_nothing_of_the_server(fresh_import):
+    loaded = fresh_import["fedrec.client.app"][0]
     assert "fedrec.client.task" in loaded and "fedrec.model" in loaded  # the import ran
     server_side = [m for m in loaded if m.startswith(NOT_ON_A_NODE)]
     assert server_side == []
 
 
-def test_the_server_app_imports_nothing_of_the_client():
-    loaded = _fedrec_modules_after_import("fedrec.server.app")
+@pytest.mark.slow  # two fresh interpreters load torch, Opacus and Flower
+def test_the_server_app_imports_nothing_of_the_client(fresh_import):
+    loaded = fresh_import["fedrec.server.app"][0]
     assert "fedrec.server.run" in loaded
     assert [m for m in loaded if m.startswith("fedrec.client")] == []
 
 
+@pytest.mark.slow  # the same two fresh interpreters
 @pytest.mark.parametrize("module", ["fedrec.client.app", "fedrec.server.app"])
-def test_a_flower_log_line_prints_once_in_each_app(module):
+def test_a_flower_log_line_prints_once_in_each_app(module, fresh_import):
     """Opacus gives the root logger a handler on import, and Flower's logger propagates to it:
     without care, each of Flower's lines shows twice in `flwr run --stream`."""
-    code = (f"import logging, {module}; from flwr.common.logger import log; "
-            "log(logging.INFO, 'round 7 of 9')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
-    shown = [line for line in (done.stdout + done.stderr).splitlines() if "round 7 of 9" in line]
+    shown = fresh_import[module][1]
     assert len(shown) == 1, shown
 
 

@@ -270,6 +270,7 @@ def test_delta_defaults_below_one_over_n_and_one_over_n_is_refused():
     assert default_delta(10) < 1 / 10
 
 
+@pytest.mark.slow  # searches noise multipliers numerically
 def test_central_dp_plans_its_noise_and_rounds():
     cfg = typed_config("privacy=central_dp_eps4").privacy
     planned = plan_central_dp(cfg, population=943, sample_size=94, num_rounds=50)
@@ -301,6 +302,7 @@ def test_central_dp_epsilon_is_at_least_the_exact_gaussian_composition(budget):
     assert bugged < 0.75 * exact
 
 
+@pytest.mark.slow  # integrates a privacy curve numerically
 @pytest.mark.parametrize("budget", [1, 4, 8])
 def test_central_dp_sampled_epsilon_is_at_least_a_neighbouring_pairs(budget):
     """Cross-device ML-100K as the auditor ran it: 18 of 943 a round, 1200 rounds."""
