@@ -19,12 +19,7 @@ import torch
 
 from fedrec.config import ConfigError, TwoTowerConfig, compose_config, to_typed
 from fedrec.data.loaders import load_dataset
-from fedrec.data.sequences import (
-    EvalCases,
-    check_negatives,
-    heldout_cases,
-    training_examples,
-)
+from fedrec.data.sequences import EvalCases, check_negatives, heldout_cases, training_examples
 from fedrec.data.split import Split, split_dataset
 from fedrec.metrics import evaluate_model, evaluate_popularity
 from fedrec.model import TwoTower

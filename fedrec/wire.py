@@ -44,8 +44,11 @@ POOL_CONFIG = {"cohort"}
 # The one query of a pooled run: which pool slice a node simulates (simulation metadata).
 POOL_QUERY_UP = {"pool": {"partition-id", "num-partitions"}}
 
-# A train reply: the weight every client sends (a constant), and under privacy=none without
-# SecAgg+, the count and loss that FedAvg's weighting and the round log use.
+# A train reply: the weight every client sends (a constant, 1), and under privacy=none without
+# SecAgg+, the count and loss that FedAvg's weighting and the round log use. A pool node's
+# weight counts the sampled shoppers it trained: the server chose them, and a shopper is left
+# out only when its budget is spent (public: the plan and the server's own cohorts say when) or
+# it has no training example, which a shopper on its own SuperNode reveals as an error reply.
 PRIVATE_TRAIN_METRICS = {"unit-weight"}
 PLAIN_TRAIN_METRICS = {"unit-weight", "num-examples", "train_loss"}
 

@@ -42,13 +42,7 @@ from fedrec.config import CentralDpConfig, Config, DpSgdConfig
 from fedrec.metrics import VALID_PREFIX
 from fedrec.model import PERSONAL_PREFIX, TwoTower
 from fedrec.train import TrainResult
-from fedrec.wire import (
-    BUDGET_EXHAUSTED,
-    NOT_COVERED,
-    NOTHING_TO_TRAIN,
-    OUTSIDE_PLAN,
-    starts_round,
-)
+from fedrec.wire import BUDGET_EXHAUSTED, NOT_COVERED, NOTHING_TO_TRAIN, OUTSIDE_PLAN, starts_round
 
 app = ClientApp()
 # This process's run config and node data, kept between messages.
@@ -76,12 +70,12 @@ def _node(context: Context) -> NodeData:
     )
 
 
-def _model(node: TrainingData, msg: Message, context: Context,
-           personal_key: str = PERSONAL_STATE) -> TwoTower:
+def _model(node: TrainingData, global_state: dict[str, torch.Tensor],
+           context: Context) -> TwoTower:
     model = node_model(node)
-    model.load_shared_state(msg.content["arrays"].to_torch_state_dict())
-    if model.personal is not None and personal_key in context.state:
-        personal = context.state[personal_key].to_torch_state_dict()
+    model.load_shared_state(global_state)
+    if model.personal is not None and PERSONAL_STATE in context.state:
+        personal = context.state[PERSONAL_STATE].to_torch_state_dict()
         model.load_state_dict(personal, strict=False)
     return model
 
@@ -130,11 +124,13 @@ def train(msg: Message, context: Context) -> Message:
         clients = trainees(node, request)
     except Refusal as refusal:
         return Message(Error(refusal.code, refusal.reason), reply_to=msg)
+    # Read once: each of a pool's shoppers starts from the same global model.
+    global_state = msg.content["arrays"].to_torch_state_dict()
     total: dict[str, torch.Tensor] = {}
     weights, losses, refusals = [], [], []
     for client, data in clients:
         try:
-            state, result = _train_client(node, data, client, msg, request, context)
+            state, result = _train_client(node, data, client, global_state, request, context)
         except Refusal as refusal:
             # A virtual shopper declines alone (its budget is spent, it has nothing to train
             # on), as its own device would; the node's other shoppers train.
@@ -162,19 +158,19 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=reply, reply_to=msg)
 
 
-def _train_client(node: NodeData, data: TrainingData, client: int | None, msg: Message,
-                  request: TrainRequest, context: Context,
-                  ) -> tuple[dict[str, torch.Tensor], TrainResult]:
+def _train_client(node: NodeData, data: TrainingData, client: int | None,
+                  global_state: dict[str, torch.Tensor], request: TrainRequest,
+                  context: Context) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """One client's round: from the global model and its own state (personal vectors, DP-SGD
     ledger), kept in the node's Context.state under the client's key."""
     suffix = "" if client is None else f".{client}"
     if client is not None and len(data.examples) == 0:
         raise Refusal(NOTHING_TO_TRAIN, f"shopper {client} has no training example")
     if client is None:
-        model = _model(data, msg, context, PERSONAL_STATE + suffix)
+        model = _model(data, global_state, context)
     else:  # a pool's shoppers share one model object, reset to the global model each time
         model = NODES.shopper_model(node)  # (a pool has no personal vectors)
-        model.load_shared_state(msg.content["arrays"].to_torch_state_dict())
+        model.load_shared_state(global_state)
     ledger = None
     if isinstance(data.cfg.privacy, DpSgdConfig):
         saved = context.state.config_records.get(DP_SGD_STATE + suffix)
@@ -187,7 +183,7 @@ def _train_client(node: NodeData, data: TrainingData, client: int | None, msg: M
                          seed=round_seed(context, data.cfg, request.run_round, client),
                          ledger=ledger)
     if model.personal is not None:
-        context.state[PERSONAL_STATE + suffix] = ArrayRecord(torch_state_dict={
+        context.state[PERSONAL_STATE] = ArrayRecord(torch_state_dict={
             k: v for k, v in model.state_dict().items() if k.startswith(PERSONAL_PREFIX)})
     if ledger is not None:
         context.state[DP_SGD_STATE + suffix] = ledger.to_record()
@@ -236,7 +232,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             f"this run has privacy={node.cfg.privacy.mechanism} secagg="
             f"{'on' if node.cfg.secagg.enabled else 'off'}: this client sends no evaluation "
             "figures, which no mechanism of the run would cover")), reply_to=msg)
-    valid, test = evaluate_node(node, _model(node, msg, context))
+    valid, test = evaluate_node(node, _model(node, msg.content["arrays"].to_torch_state_dict(),
+                                             context))
     metrics = MetricRecord({"num-examples": test.counts["sampled"], "unit-weight": 1,
                             **test.flat(), **valid.flat(VALID_PREFIX)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -16,22 +16,11 @@ import torch
 
 from fedrec.accounting import check_delta, plan_dp_sgd
 from fedrec.client.dp_sgd import DpSgdLedger, train_dp_sgd
-from fedrec.config import (
-    Config,
-    ConfigError,
-    DpSgdConfig,
-    compose_config,
-    federated_config,
-)
+from fedrec.config import Config, ConfigError, DpSgdConfig, compose_config, federated_config
 from fedrec.data.dataset import Dataset
 from fedrec.data.federation import Federation, build_federation
 from fedrec.data.partition import client_users
-from fedrec.data.sequences import (
-    EvalCases,
-    TrainExamples,
-    heldout_cases,
-    training_examples,
-)
+from fedrec.data.sequences import EvalCases, TrainExamples, heldout_cases, training_examples
 from fedrec.data.split import Split
 from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import TwoTower
@@ -196,7 +185,6 @@ class NodeHolder:
             self._nodes[key] = load_node(self._federations[data_path], partition_id,
                                          num_partitions, data_path)
         return self._nodes[key]
-
 
     def shopper_model(self, node: NodeData) -> TwoTower:
         """One model for the virtual shoppers of a pool node, loaded with the global model
