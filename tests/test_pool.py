@@ -6,6 +6,7 @@ which must give what one SuperNode per shopper gives."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from collections import Counter
 from uuid import uuid4
 
@@ -17,8 +18,10 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.accounting import dp_sgd_epsilon, plan_dp_sgd
+from fedrec.client import one_step
 from fedrec.client.app import app as client_app
-from fedrec.client.task import node_model
+from fedrec.client.one_step import one_step_shoppers, train_one_step_together
+from fedrec.client.task import TrainRequest, node_model, shopper_data, train_round
 from fedrec.config import ConfigError, compose_config
 from fedrec.data.federation import build_federation
 from fedrec.server.cohort import Cohorts
@@ -29,6 +32,9 @@ POOL = (f"dataset.num_users={SHOPPERS} dataset.num_items=80 dataset.num_categori
         "partition=user eval.num_negatives=5 train.local_epochs=1 train.lr=0.05 "
         "train.batch_size=8 model.embedding_dim=8 model.hidden_dim=16 client_seed=3 "
         "strategy.fraction_train=0.5")
+# Each shopper's round is one plain SGD step (its examples fit one batch): a pool node trains its
+# shoppers together (fedrec.client.one_step).
+ONE_STEP = "train.optimizer=sgd train.lr=0.5 train.batch_size=64 train.weight_decay=0.01"
 DP = ("privacy=dp_sgd privacy.target_epsilon=50 privacy.planned_rounds=3 "
       "train.dp_sgd.steps_per_epoch=1 "
       "train.dp_sgd.examples_per_shopper=8")
@@ -97,7 +103,7 @@ def _federated_run(overrides: str, pool_nodes: int | None, tmp_path) -> tuple[di
 
 
 @pytest.mark.slow  # twelve whole federations, in this process
-@pytest.mark.parametrize("privacy", ["", DP], ids=["no privacy", "dp_sgd"])
+@pytest.mark.parametrize("privacy", ["", DP, ONE_STEP], ids=["no privacy", "dp_sgd", "one step"])
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, privacy,
                                                                      tmp_path):
@@ -115,7 +121,7 @@ def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, pr
         gap = (pooled[name].double() - value.double()).abs().max().item()
         moved = (pooled[name].double() - initial[name].double()).abs().max().item()
         assert gap < 1e-4 and gap < moved / 100, (name, gap, moved)
-    if privacy:  # the server states the epsilon of the shopper sampled most often
+    if privacy == DP:  # the server states the epsilon of the shopper sampled most often
         cfg = typed_config(*f"{overrides} partition.pool_nodes=2".split())
         report = pooled_summary["privacy"]
         plan = plan_dp_sgd(cfg.privacy, cfg.train.dp_sgd, delta=report["delta"],
@@ -126,6 +132,61 @@ def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, pr
                                   cfg.privacy.accountant)
         assert report["epsilon"] == pytest.approx(expected)
         assert one_each["privacy"]["epsilon"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.1])
+def test_shoppers_of_one_sgd_step_train_together_as_each_would_alone(proximal_mu, monkeypatch):
+    node = load_node(f"{POOL} partition.pool_nodes=2 {ONE_STEP}", 0, 2)
+    # A shopper who bought one item again: its logQ counts the item twice.
+    target = node.examples.target.clone()
+    again = (node.examples.user == node.users[0]).nonzero().squeeze(1)[:2]
+    target[again[1]] = target[again[0]]
+    node = replace(node, examples=replace(node.examples, target=target))
+    shoppers = node.users.tolist()
+    request = TrainRequest(run_round=1, lr=0.5, local_epochs=1, batch_size=64,
+                           proximal_mu=proximal_mu, dp_steps_per_epoch=None, dp_delta=None,
+                           dp_planned_rounds=None, cohort=tuple(shoppers))
+    together, alone = one_step_shoppers(node, shoppers, request)
+    assert together == shoppers and alone == []
+    seeds = {shopper: 100 + shopper for shopper in shoppers}
+    torch.manual_seed(0)
+    global_state = {k: v.clone() for k, v in node_model(node).shared_state().items()}
+    model = node_model(node)
+    model.load_shared_state(global_state)
+    monkeypatch.setattr(one_step, "CHUNK_ROWS", 5)  # several passes, gradients summed
+    mean, result = train_one_step_together(node, model, seeds, lr=0.5, proximal_mu=proximal_mu)
+    # Each shopper alone, on its own data, through the one training loop.
+    summed, losses, total = {}, 0.0, 0
+    for shopper in shoppers:
+        alone_model = node_model(node)
+        alone_model.load_shared_state(global_state)
+        trained = train_round(shopper_data(node, shopper), alone_model, lr=0.5, local_epochs=1,
+                              batch_size=64, proximal_mu=proximal_mu, seed=seeds[shopper])
+        for name, value in alone_model.shared_state().items():
+            summed[name] = summed.get(name, 0) + trained.num_examples * value.double()
+        losses += trained.loss * trained.num_examples
+        total += trained.num_examples
+    assert result.num_examples == total
+    assert result.loss == pytest.approx(losses / total, rel=1e-5)
+    for name, value in summed.items():
+        moved = (value / total - global_state[name].double()).abs().max().item()
+        gap = (mean[name].double() - value / total).abs().max().item()
+        # float32 rounding, summed in another order; far below the step itself
+        assert gap < 1e-5 and gap < moved / 1000, (name, gap, moved)
+
+
+def test_only_shoppers_of_one_plain_sgd_step_train_together():
+    node = load_node(f"{POOL} partition.pool_nodes=2 {ONE_STEP}", 0, 2)
+    shoppers = node.users.tolist()
+    sizes = {s: int((node.examples.user == s).sum()) for s in shoppers}
+    request = TrainRequest(run_round=1, lr=0.5, local_epochs=1, batch_size=min(sizes.values()),
+                           proximal_mu=0.0, dp_steps_per_epoch=None, dp_delta=None,
+                           dp_planned_rounds=None, cohort=tuple(shoppers))
+    together, alone = one_step_shoppers(node, shoppers, request)
+    assert together == [s for s in shoppers if sizes[s] == min(sizes.values())]
+    assert alone == [s for s in shoppers if sizes[s] > min(sizes.values())] != []
+    adam = load_node(f"{POOL} partition.pool_nodes=2", 0, 2)
+    assert one_step_shoppers(adam, shoppers, request) == ([], shoppers)
 
 
 def test_a_cohort_is_sampled_over_every_shopper_and_reaches_only_its_owners():

@@ -25,6 +25,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedrec.client.dp_sgd import DpSgdLedger
+from fedrec.client.one_step import one_step_shoppers, train_one_step_together
 from fedrec.client.secagg import secure_aggregation_mod
 from fedrec.client.task import (
     NodeData,
@@ -35,6 +36,7 @@ from fedrec.client.task import (
     dp_sgd_ledger,
     evaluate_node,
     node_model,
+    shopper_data,
     train_round,
     trainees,
 )
@@ -121,14 +123,24 @@ def train(msg: Message, context: Context) -> Message:
     request = TrainRequest.read(msg.content["config"])
     weight_key = "num-examples" if node.cfg.privacy.mechanism == "none" else "unit-weight"
     try:
-        clients = trainees(node, request)
+        shoppers = trainees(node, request)
     except Refusal as refusal:
         return Message(Error(refusal.code, refusal.reason), reply_to=msg)
     # Read once: each of a pool's shoppers starts from the same global model.
     global_state = msg.content["arrays"].to_torch_state_dict()
-    total: dict[str, torch.Tensor] = {}
-    weights, losses, refusals = [], [], []
-    for client, data in clients:
+    together, alone = ([], [None]) if shoppers is None else one_step_shoppers(node, shoppers,
+                                                                              request)
+    mean = WeightedMean()
+    if together:
+        model = NODES.shopper_model(node)
+        model.load_shared_state(global_state)
+        seeds = {s: round_seed(context, node.cfg, request.run_round, s) for s in together}
+        state, result = train_one_step_together(node, model, seeds, lr=request.lr,
+                                                proximal_mu=request.proximal_mu)
+        mean.add(state, result.num_examples, len(together), result)
+    refusals = []
+    for client in alone:
+        data = node if client is None else shopper_data(node, client)
         try:
             state, result = _train_client(node, data, client, global_state, request, context)
         except Refusal as refusal:
@@ -137,25 +149,46 @@ def train(msg: Message, context: Context) -> Message:
             refusals.append(refusal)
             continue
         # A private run averages uniformly: a client's count is data no guarantee covers.
-        weight = result.num_examples if weight_key == "num-examples" else 1
-        if len(clients) == 1:
-            total = state
-        else:
-            for name, value in state.items():
-                total[name] = total.get(name, 0) + weight * value.double()
-        weights.append(weight)
-        losses.append(result.loss * result.num_examples)
-    if not weights:
+        mean.add(state, result.num_examples if weight_key == "num-examples" else 1, 1, result)
+    if not mean.clients:
         return Message(Error(refusals[0].code, refusals[0].reason), reply_to=msg)
-    if len(clients) > 1:
-        total = {name: (value / max(sum(weights), 1e-12)).float() for name, value in
-                 total.items()}
-    metrics = MetricRecord({"unit-weight": len(weights)})
+    metrics = MetricRecord({"unit-weight": mean.clients})
     if weight_key == "num-examples":
-        metrics.update({"num-examples": sum(weights),
-                        "train_loss": sum(losses) / max(sum(weights), 1)})
-    reply = RecordDict({"arrays": ArrayRecord(torch_state_dict=total), "metrics": metrics})
+        metrics.update({"num-examples": mean.weight,
+                        "train_loss": mean.loss_sum / max(mean.weight, 1)})
+    reply = RecordDict({"arrays": ArrayRecord(torch_state_dict=mean.state()),
+                        "metrics": metrics})
     return Message(content=reply, reply_to=msg)
+
+
+class WeightedMean:
+    """The weighted mean of the models a node's clients trained, summed as each one finishes:
+    a pool's shoppers share one model object, which the next shopper overwrites."""
+
+    def __init__(self) -> None:
+        self.clients, self.weight, self.loss_sum = 0, 0, 0.0
+        self._first: dict[str, torch.Tensor] = {}  # sent as trained when it is the only one
+        self._sum: dict[str, torch.Tensor] = {}  # float64, weighted, once a second one comes
+
+    def add(self, state: dict[str, torch.Tensor], weight: int, clients: int,
+            result: TrainResult) -> None:
+        """``state``: the mean of ``clients`` clients' models, of total ``weight``."""
+        if not self.clients:
+            self._first = {name: value.clone() for name, value in state.items()}
+        else:
+            if not self._sum:
+                self._sum = {name: self.weight * value.double()
+                             for name, value in self._first.items()}
+            for name, value in state.items():
+                self._sum[name] += weight * value.double()
+        self.clients, self.weight = self.clients + clients, self.weight + weight
+        self.loss_sum += result.loss * result.num_examples
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if not self._sum:
+            return self._first
+        return {name: (value / max(self.weight, 1e-12)).float()
+                for name, value in self._sum.items()}
 
 
 def _train_client(node: NodeData, data: TrainingData, client: int | None,

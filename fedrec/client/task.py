@@ -101,20 +101,20 @@ class ShopperData:
 TrainingData = NodeData | ShopperData
 
 
-def trainees(node: NodeData, request: TrainRequest) -> list[tuple[int | None, TrainingData]]:
-    """Who trains in this round on this node, each as its own client: the node itself (client
-    None: a shop, a device, a pool node of one shopper), or the sampled shoppers a pool node
-    owns, each alone. A shopper the node does not own is refused (``Refusal``, OUTSIDE_PLAN):
-    its state lives on another node."""
+def trainees(node: NodeData, request: TrainRequest) -> list[int] | None:
+    """Who trains in this round on this node, each as its own client: the node itself (None: a
+    shop, a device, a pool node of one shopper), or the sampled shoppers a pool node owns, each
+    alone. A shopper the node does not own is refused (``Refusal``, OUTSIDE_PLAN): its state
+    lives on another node."""
     owned = set(node.users.tolist())
     if not node.cfg.pooled or (len(owned) == 1 and set(request.cohort or owned) == owned):
-        return [(None, node)]  # a node of one shopper is that shopper's device
+        return None  # a node of one shopper is that shopper's device
     asked = sorted(owned) if request.cohort is None else list(request.cohort)
     strangers = [shopper for shopper in asked if shopper not in owned]
     if strangers:
         raise Refusal(OUTSIDE_PLAN, f"the request names shoppers {strangers[:5]} that this "
                                     "node does not hold")
-    return [(shopper, shopper_data(node, shopper)) for shopper in asked]
+    return asked
 
 
 def shopper_data(node: NodeData, shopper: int) -> ShopperData:
@@ -269,7 +269,7 @@ def train_round(
     ``batch_size`` are unused), recording the round in the ledger. ``seed``: the client's own
     secret for the round, never the server's."""
     train_cfg = type(node.cfg.train)(**{**vars(node.cfg.train), "lr": lr})
-    after_step = _proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
+    after_step = proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
     if ledger is None:
         loader = make_loader(node.examples, batch_size, seed)
         return train(model, make_optimizer(model.parameters(), train_cfg), loader,
@@ -284,7 +284,7 @@ def train_round(
                         after_step=after_step)
 
 
-def _proximal_step(model: TwoTower, strength: float) -> Callable[[], None]:
+def proximal_step(model: TwoTower, strength: float) -> Callable[[], None]:
     """FedProx's proximal term mu/2 |w - w_global|^2, applied as its exact proximal step after
     each optimizer step. Being a separate step, it also works under DP-SGD, where Opacus
     builds the gradient from per-example gradients only (and it needs no data, so it costs no

@@ -1,0 +1,116 @@
+"""A pool node's shoppers trained together, when each shopper's round is one plain SGD step.
+
+A device with n examples that trains one local epoch in batches of at least n, by plain SGD on
+the sampled softmax, takes exactly one step from the global model w: w - lr g_u(w), g_u the
+gradient of its mean loss. The weighted mean a pool node replies with is then
+w - lr sum_u n_u g_u(w) / sum_u n_u, which is one SGD step on the sum of the shoppers' summed
+losses: each loss still over that shopper's own examples and the negatives its own seed draws.
+So the node takes that step once, with one forward and backward pass over all its shoppers'
+rows, instead of a model reset, a dense item-table gradient and an optimizer step per shopper.
+Weight decay and FedProx's proximal step are linear in the step, so they carry over.
+
+Nothing else is batched this way: Adam's first step, several steps, dropout and DP-SGD's
+clipping are not linear in one shopper's gradient, so those shoppers train one at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fedrec.client.task import NodeData, TrainRequest, proximal_step
+from fedrec.model import TwoTower
+from fedrec.train import TrainResult, make_optimizer
+
+# Rows of one forward pass: each needs a score against every distinct candidate of its chunk.
+CHUNK_ROWS = 2048
+
+
+def one_step_shoppers(node: NodeData, shoppers: list[int],
+                      request: TrainRequest) -> tuple[list[int], list[int]]:
+    """``shoppers`` split into those whose round is one plain SGD step, and the others."""
+    cfg = node.cfg
+    linear = (cfg.train.optimizer == "sgd" and cfg.train.loss == "sampled_softmax"
+              and cfg.model.dropout == 0 and request.local_epochs == 1
+              and cfg.privacy.mechanism == "none" and not cfg.model.personal_embedding)
+    if not linear:
+        return [], list(shoppers)
+    ids, counts = torch.unique(node.examples.user, return_counts=True)
+    examples = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    together = [s for s in shoppers if 0 < examples.get(s, 0) <= request.batch_size]
+    chosen = set(together)
+    return together, [s for s in shoppers if s not in chosen]
+
+
+def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, int], *,
+                            lr: float, proximal_mu: float) -> tuple[dict[str, torch.Tensor],
+                                                                    TrainResult]:
+    """The weighted mean (by examples) of the models the shoppers in ``seeds`` (shopper: the
+    seed of its round) would each send after its one step from ``model``'s state, the global
+    model; and their mean loss. ``model`` is left holding that mean."""
+    cfg, examples = node.cfg, node.examples
+    rows = torch.isin(examples.user, torch.tensor(sorted(seeds))).nonzero().squeeze(1)
+    shoppers, slot = torch.unique(examples.user[rows], return_inverse=True)
+    # Each shopper's negatives, drawn as its own round draws them: first, from its seed.
+    negatives = torch.stack([
+        torch.randint(0, model.num_items, (cfg.train.num_negatives,),
+                      generator=torch.Generator().manual_seed(seeds[int(s)]))
+        for s in shoppers])
+    model.train()
+    train_cfg = type(cfg.train)(**{**vars(cfg.train), "lr": lr})
+    optimizer = make_optimizer(model.parameters(), train_cfg)
+    after_step = proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
+    optimizer.zero_grad(set_to_none=True)
+    total_loss = 0.0
+    for chunk in _chunks(slot, CHUNK_ROWS):
+        loss = _summed_loss(model, node, rows[chunk], slot[chunk], negatives) / len(rows)
+        loss.backward()  # gradients add up over the chunks
+        total_loss += float(loss.detach())
+    if not math.isfinite(total_loss):
+        raise FloatingPointError(f"training loss became {total_loss}: lower train.lr")
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+    return model.shared_state(), TrainResult(loss=total_loss, num_examples=len(rows))
+
+
+def _chunks(slot: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row positions in chunks of about ``size`` rows that never split a shopper (a shopper's
+    rows are contiguous: ``slot`` is sorted)."""
+    bounds, start = [], 0
+    while start < len(slot):
+        end = min(start + size, len(slot))
+        end = int(torch.searchsorted(slot, slot[end - 1], right=True))
+        bounds.append(torch.arange(start, end))
+        start = end
+    return bounds
+
+
+def _summed_loss(model: TwoTower, node: NodeData, rows: torch.Tensor, slot: torch.Tensor,
+                 negatives: torch.Tensor) -> torch.Tensor:
+    """Each row's sampled-softmax loss as its shopper's own batch computes it
+    (``fedrec.train.Objective``), summed. A shopper's batch holds only that shopper's rows, so
+    the other rows' targets are masked as the same user's (in-batch negatives drop out): a row
+    scores its target against its shopper's negatives, less those equal to the target, with
+    logQ from that shopper's own targets."""
+    examples, num_items = node.examples, model.num_items
+    target = examples.target[rows]
+    candidates = torch.cat([target.unsqueeze(1), negatives[slot]], dim=1)
+    distinct, position = torch.unique(candidates, return_inverse=True)
+    user = model.user_vectors(examples.history[rows], examples.user[rows])
+    logits = (user @ model.item_vectors(distinct).T / model.temperature).gather(1, position)
+    if node.cfg.train.logq_correction:
+        # An item is a candidate of a shopper's batch max(its count there, 1) + N/V times in
+        # expectation: Objective's B x share + N/V with the shopper's own shares.
+        pair = slot * num_items + target
+        pairs, counts = torch.unique(pair, return_counts=True)
+        asked = slot.unsqueeze(1) * num_items + candidates
+        found = torch.searchsorted(pairs, asked).clamp(max=len(pairs) - 1)
+        count = torch.where(pairs[found] == asked, counts[found], 1).float()
+        logits = logits - torch.log(count + negatives.shape[1] / num_items)
+    sampled = torch.cat([torch.zeros_like(target, dtype=torch.bool).unsqueeze(1),
+                         negatives[slot] == target.unsqueeze(1)], dim=1)
+    logits = logits.masked_fill(sampled, -math.inf)
+    return F.cross_entropy(logits, torch.zeros_like(target), reduction="sum")
