@@ -52,22 +52,29 @@ def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, in
     model; and their mean loss. ``model`` is left holding that mean."""
     cfg, examples = node.cfg, node.examples
     rows = torch.isin(examples.user, torch.tensor(sorted(seeds))).nonzero().squeeze(1)
-    shoppers, slot = torch.unique(examples.user[rows], return_inverse=True)
-    # Each shopper's negatives, drawn as its own round draws them: first, from its seed.
-    negatives = torch.stack([
-        torch.randint(0, model.num_items, (cfg.train.num_negatives,),
-                      generator=torch.Generator().manual_seed(seeds[int(s)]))
-        for s in shoppers])
+    shoppers, slot, sizes = torch.unique(examples.user[rows], return_inverse=True,
+                                         return_counts=True)
+    # Shoppers of about the same number of rows side by side, so a chunk pads little.
+    order = torch.argsort(sizes, stable=True)
+    rows = rows[torch.argsort(torch.argsort(order)[slot], stable=True)]
+    shoppers, sizes = shoppers[order], sizes[order]
     model.train()
     train_cfg = type(cfg.train)(**{**vars(cfg.train), "lr": lr})
     optimizer = make_optimizer(model.parameters(), train_cfg)
     after_step = proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
     optimizer.zero_grad(set_to_none=True)
-    total_loss = 0.0
-    for chunk in _chunks(slot, CHUNK_ROWS):
-        loss = _summed_loss(model, node, rows[chunk], slot[chunk], negatives) / len(rows)
-        loss.backward()  # gradients add up over the chunks
-        total_loss += float(loss.detach())
+    total_loss, first = 0.0, 0
+    for chunk in _chunks(sizes, CHUNK_ROWS):
+        count = int(sizes[chunk].sum())
+        # Each shopper's negatives, drawn as its own round draws them: first, from its seed.
+        negatives = torch.stack([
+            torch.randint(0, model.num_items, (cfg.train.num_negatives,),
+                          generator=torch.Generator().manual_seed(seeds[int(s)]))
+            for s in shoppers[chunk]])
+        loss = _summed_loss(model, node, rows[first:first + count], sizes[chunk], negatives)
+        (loss / len(rows)).backward()  # gradients add up over the chunks
+        total_loss += float(loss.detach()) / len(rows)
+        first += count
     if not math.isfinite(total_loss):
         raise FloatingPointError(f"training loss became {total_loss}: lower train.lr")
     optimizer.step()
@@ -76,31 +83,48 @@ def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, in
     return model.shared_state(), TrainResult(loss=total_loss, num_examples=len(rows))
 
 
-def _chunks(slot: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Row positions in chunks of about ``size`` rows that never split a shopper (a shopper's
-    rows are contiguous: ``slot`` is sorted)."""
-    bounds, start = [], 0
-    while start < len(slot):
-        end = min(start + size, len(slot))
-        end = int(torch.searchsorted(slot, slot[end - 1], right=True))
-        bounds.append(torch.arange(start, end))
+def _chunks(sizes: torch.Tensor, rows: int) -> list[slice]:
+    """Consecutive shoppers in chunks of about ``rows`` rows (at least one shopper each)."""
+    ends = torch.searchsorted(torch.cumsum(sizes, 0), torch.arange(rows, int(sizes.sum()) + rows,
+                                                                     rows), right=True).tolist()
+    chunks, start = [], 0
+    for end in [*ends, len(sizes)]:
+        end = max(end, start + 1) if start < len(sizes) else start
+        if end > start:
+            chunks.append(slice(start, end))
         start = end
-    return bounds
+    return chunks
 
 
-def _summed_loss(model: TwoTower, node: NodeData, rows: torch.Tensor, slot: torch.Tensor,
+def _summed_loss(model: TwoTower, node: NodeData, rows: torch.Tensor, sizes: torch.Tensor,
                  negatives: torch.Tensor) -> torch.Tensor:
     """Each row's sampled-softmax loss as its shopper's own batch computes it
-    (``fedrec.train.Objective``), summed. A shopper's batch holds only that shopper's rows, so
-    the other rows' targets are masked as the same user's (in-batch negatives drop out): a row
-    scores its target against its shopper's negatives, less those equal to the target, with
-    logQ from that shopper's own targets."""
+    (``fedrec.train.Objective``), summed. ``rows``: the shoppers' rows, shopper by shopper,
+    ``sizes[s]`` of them for shopper s, whose negatives are ``negatives[s]``. A shopper's batch
+    holds only that shopper's rows, so the other rows' targets are masked as the same user's
+    (in-batch negatives drop out): a row scores its target against its shopper's negatives, less
+    those equal to the target, with logQ from that shopper's own targets."""
     examples, num_items = node.examples, model.num_items
     target = examples.target[rows]
-    candidates = torch.cat([target.unsqueeze(1), negatives[slot]], dim=1)
-    distinct, position = torch.unique(candidates, return_inverse=True)
+    slot = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    place = torch.arange(len(rows)) - (torch.cumsum(sizes, 0) - sizes)[slot]  # within its shopper
+    distinct, position = torch.unique(torch.cat([target, negatives.reshape(-1)]),
+                                      return_inverse=True)
+    items = model.item_vectors(distinct)
+    target_item, negative_item = F.embedding(position, items).split(
+        [len(target), negatives.numel()])
     user = model.user_vectors(examples.history[rows], examples.user[rows])
-    logits = (user @ model.item_vectors(distinct).T / model.temperature).gather(1, position)
+    # A shopper's rows against its negatives, as one (rows x negatives) product per shopper:
+    # a copy of the negatives' vectors per row cost ten times more.
+    width = int(sizes.max())
+    padded = torch.zeros(len(sizes) * width, user.shape[1]).index_copy(0, slot * width + place,
+                                                                        user)
+    negative_scores = torch.bmm(padded.view(len(sizes), width, -1),
+                                negative_item.view(*negatives.shape, -1).transpose(1, 2))
+    logits = torch.cat([(user * target_item).sum(-1, keepdim=True),
+                        negative_scores.view(len(sizes) * width, -1)[slot * width + place]],
+                       dim=1) / model.temperature
+    candidates = torch.cat([target.unsqueeze(1), negatives[slot]], dim=1)
     if node.cfg.train.logq_correction:
         # An item is a candidate of a shopper's batch max(its count there, 1) + N/V times in
         # expectation: Objective's B x share + N/V with the shopper's own shares.
