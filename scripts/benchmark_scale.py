@@ -1,13 +1,22 @@
 """Cross-device at shop scale: the synthetic shop at growing populations, a fixed cohort of
-shoppers a round, on a pool of SuperNodes, through the real Flower runtime.
+shoppers a round, and the real datasets with one client per shopper, on a pool of SuperNodes,
+through the real Flower runtime.
 
-    python scripts/benchmark_scale.py                       # 1,000, 10,000 and 100,000 shoppers
-    python scripts/benchmark_scale.py --shoppers 1000 10000 --rounds 4
+    python scripts/benchmark_scale.py                       # every row below
+    python scripts/benchmark_scale.py --shoppers 1000 10000 --rounds 4 --real
+    python scripts/benchmark_scale.py --shoppers --real beauty -- num_rounds=300
 
-Prints one table: seconds per training round (the rounds without an evaluation), the round-0
+The synthetic table: seconds per training round (the rounds without an evaluation), the round-0
 evaluation of every shopper, peak memory (the resident memory of every process of the run,
 sampled twice a second), and the bytes a shopper's device sends and receives a round (the
 shared model each way, as a device would; the pool's own messages carry a node's mean).
+
+The real-data table (``--real``; rows skip when ../shared/data lacks the dataset): the
+cross-device recipe against the centralized run of the same preset, and round 0, the evaluation
+of every shopper (with each node's first loading of its data). Both report the test metrics
+of the round or epoch with the best validation HR@10. "pass" is the training time of one pass
+of every shopper (seconds per training round x population / cohort) against one centralized
+epoch of training over the same examples, timed alone.
 """
 
 from __future__ import annotations
@@ -20,10 +29,21 @@ import threading
 import time
 from pathlib import Path
 
-from common import load_federation, local_superlink
+from common import DEFAULT_DATA, load_federation, local_superlink
 
+from fedrec.centralized import run as run_centralized
+from fedrec.data.sequences import training_examples
 from fedrec.model import TwoTower
 from fedrec.simulation import descendants, run_federated, superlink_pids
+from fedrec.train import Objective, make_loader, make_optimizer, train
+
+# name: (the dataset and its centralized preset, the cross-device recipe)
+REAL = {
+    "beauty": ("preset=beauty dataset.path={data}/amazon-beauty/Beauty.txt",
+               "experiment=cross_device strategy.item_server_lr=1000"),
+    "ml-100k": ("preset=movielens_100k dataset.path={data}/ml-100k",
+                "experiment=cross_device_attention"),
+}
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -60,50 +80,130 @@ class PeakMemory:
         self._thread.join()
 
 
+def centralized_epoch_seconds(overrides: str) -> float:
+    """One epoch of the centralized preset's training over every training example, timed alone
+    (the centralized run's own epochs include an evaluation)."""
+    fed = load_federation(overrides)
+    cfg = fed.cfg
+    examples = training_examples(fed.split.train, fed.dataset.num_items, cfg.model.max_history)
+    model = TwoTower.for_dataset(cfg.model, fed.dataset)
+    objective = Objective.from_config(cfg.train, examples, fed.dataset.num_items)
+    loader = make_loader(examples, cfg.train.batch_size, cfg.seed)
+    started = time.perf_counter()
+    train(model, make_optimizer(model.parameters(), cfg.train), loader, objective, epochs=1,
+          seed=cfg.seed)
+    return time.perf_counter() - started
+
+
+def synthetic_rows(args: argparse.Namespace, out: Path) -> list[tuple]:
+    rows = []
+    for shoppers in args.shoppers:
+        overrides = [f"dataset.num_users={shoppers}", f"dataset.num_items={args.items}",
+                     "partition=user", f"partition.pool_nodes={args.pool}",
+                     f"strategy.fraction_train={args.cohort / shoppers}",
+                     f"num_rounds={args.rounds}", f"eval.every={args.rounds}",
+                     "experiment=cross_device", "guide_example=false", *args.overrides]
+        fed = load_federation(" ".join(overrides))
+        model = TwoTower.for_dataset(fed.cfg.model, fed.dataset)
+        model_bytes = sum(t.numel() * t.element_size() for t in model.shared_state().values())
+        print(f"{shoppers} shoppers on {fed.num_nodes} SuperNodes ...", flush=True)
+        started = time.perf_counter()
+        with PeakMemory() as memory:
+            summary = run_federated(overrides, num_supernodes=fed.num_nodes,
+                                    output_dir=out / str(shoppers),
+                                    log_path=out / f"{shoppers}.flwr.log")
+        wall = time.perf_counter() - started
+        lines = [json.loads(line) for line in
+                 (out / str(shoppers) / "metrics.jsonl").read_text().splitlines()]
+        rows.append((shoppers, fed.num_nodes, lines[1].get("cohort"),
+                     training_seconds(lines), lines[0]["seconds"], memory.peak / 2**30,
+                     model_bytes / 1e6, wall, summary["metrics"]["sampled"].get("hr@10")))
+    return rows
+
+
+def training_seconds(lines: list[dict]) -> float:
+    """Mean seconds of the rounds that trained and did not evaluate."""
+    training = [line for line in lines[1:] if "test" not in line]
+    return sum(x["seconds"] for x in training) / max(len(training), 1)
+
+
+def real_rows(args: argparse.Namespace, out: Path) -> list[tuple | str]:
+    rows: list[tuple | str] = []
+    for name in args.real:
+        data, recipe = REAL[name]
+        data = data.format(data=args.data.resolve())
+        path = data.split("dataset.path=")[1]
+        if not Path(path).exists():
+            rows.append(f"| {name} | skipped: {path} is absent (data/README.md) |")
+            continue
+        print(f"{name}: centralized ...", flush=True)
+        reference = run_centralized(f"{data} output_dir={out}/{name}-central")
+        epoch = centralized_epoch_seconds(data)
+        overrides = [*data.split(), recipe, f"partition.pool_nodes={args.pool}",
+                     "guide_example=false", *args.overrides]
+        fed = load_federation(" ".join(overrides))
+        print(f"{name}: cross-device, {fed.num_clients} shoppers on {fed.num_nodes} SuperNodes "
+              f"(log: {out}/{name}.flwr.log) ...", flush=True)
+        started = time.perf_counter()
+        summary = run_federated(overrides, num_supernodes=fed.num_nodes,
+                                output_dir=out / name, log_path=out / f"{name}.flwr.log",
+                                timeout=3 * 3600)
+        wall = time.perf_counter() - started
+        lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text()
+                 .splitlines()]
+        cohort = lines[1]["cohort"]
+        per_pass = training_seconds(lines) * fed.num_clients / cohort
+        hr = summary["metrics"]["sampled"]["hr@10"]
+        central_hr = reference["metrics"]["sampled"]["hr@10"]
+        rows.append((name, fed.num_clients, cohort, recipe,
+                     f"{summary['selected_round']} of {summary['rounds']}", hr,
+                     summary["metrics"]["sampled"]["ndcg@10"], central_hr, hr / central_hr,
+                     wall, reference["wall_seconds"], lines[0]["seconds"], per_pass, epoch,
+                     per_pass / epoch))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shoppers", nargs="+", type=int, default=[1_000, 10_000, 100_000])
+    parser.add_argument("--shoppers", nargs="*", type=int, default=[1_000, 10_000, 100_000],
+                        help="synthetic populations (none: no synthetic rows)")
     parser.add_argument("--cohort", type=int, default=500)
     parser.add_argument("--items", type=int, default=2_000)
     parser.add_argument("--pool", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4, help="of each synthetic run")
+    parser.add_argument("--real", nargs="*", default=list(REAL), choices=list(REAL),
+                        help="real datasets, cross-device against centralized (default: all)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="folder holding the datasets (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     args = parser.parse_args()
     out = (args.out or Path(tempfile.mkdtemp(prefix="fedrec-scale-"))).resolve()
-    rows = []
     with local_superlink():
-        for shoppers in args.shoppers:
-            overrides = [f"dataset.num_users={shoppers}", f"dataset.num_items={args.items}",
-                         "partition=user", f"partition.pool_nodes={args.pool}",
-                         f"strategy.fraction_train={args.cohort / shoppers}",
-                         f"num_rounds={args.rounds}", f"eval.every={args.rounds}",
-                         "experiment=cross_device", "guide_example=false", *args.overrides]
-            fed = load_federation(" ".join(overrides))
-            model = TwoTower.for_dataset(fed.cfg.model, fed.dataset)
-            model_bytes = sum(t.numel() * t.element_size() for t in model.shared_state().values())
-            print(f"{shoppers} shoppers on {fed.num_nodes} SuperNodes ...", flush=True)
-            started = time.perf_counter()
-            with PeakMemory() as memory:
-                summary = run_federated(overrides, num_supernodes=fed.num_nodes,
-                                        output_dir=out / str(shoppers),
-                                        log_path=out / f"{shoppers}.flwr.log")
-            wall = time.perf_counter() - started
-            lines = [json.loads(line) for line in
-                     (out / str(shoppers) / "metrics.jsonl").read_text().splitlines()]
-            training = [line for line in lines[1:] if "test" not in line]
-            rows.append((shoppers, fed.num_nodes, lines[1].get("cohort"),
-                         sum(x["seconds"] for x in training) / max(len(training), 1),
-                         lines[0]["seconds"], memory.peak / 2**30, model_bytes / 1e6, wall,
-                         summary["metrics"]["sampled"].get("hr@10")))
-    print()
-    print("| shoppers | SuperNodes | cohort | s / training round | s, round 0 (evaluate all) "
-          "| peak memory GiB | MB per shopper each way | wall s | HR@10 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row[0]:,} | {row[1]} | {row[2]} | {row[3]:.2f} | {row[4]:.1f} | {row[5]:.2f} "
-              f"| {row[6]:.2f} | {row[7]:.0f} | {row[8]:.4f} |")
-    print(f"\n{args.rounds} rounds each, {args.items:,} items, results in {out}")
+        synthetic = synthetic_rows(args, out)
+        real = real_rows(args, out)
+    if synthetic:
+        print("\n| shoppers | SuperNodes | cohort | s / training round | s, round 0 (evaluate "
+              "all) | peak memory GiB | MB per shopper each way | wall s | HR@10 |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for row in synthetic:
+            print(f"| {row[0]:,} | {row[1]} | {row[2]} | {row[3]:.2f} | {row[4]:.1f} | "
+                  f"{row[5]:.2f} | {row[6]:.2f} | {row[7]:.0f} | {row[8]:.4f} |")
+        print(f"\n{args.rounds} rounds each, {args.items:,} items")
+    if real:
+        print("\n| dataset | shoppers | cohort | recipe | selected round | HR@10 | NDCG@10 "
+              "| centralized HR@10 | ratio | wall s | centralized wall s | s, round 0 (evaluate "
+              "all) | s, pass over every shopper | s, centralized epoch | pass / epoch |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for row in real:
+            if isinstance(row, str):
+                print(row)
+                continue
+            print(f"| {row[0]} | {row[1]:,} | {row[2]} | `{row[3]}` | {row[4]} | {row[5]:.4f} "
+                  f"| {row[6]:.4f} | {row[7]:.4f} | {row[8]:.3f}x | {row[9]:.0f} | "
+                  f"{row[10]:.0f} | {row[11]:.1f} | {row[12]:.1f} | {row[13]:.1f} | "
+                  f"{row[14]:.2f}x |")
+    print(f"\nresults in {out}")
 
 
 if __name__ == "__main__":
