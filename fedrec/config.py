@@ -621,10 +621,6 @@ class Config:
                self.strategy.fraction_evaluate,
                "1.0 on a pool of nodes, where each node evaluates every shopper it owns; or "
                "set partition.pool_nodes=null (one SuperNode per shopper)")
-        personal = getattr(self.model, "personal_embedding", False)
-        _check(not personal, "model.personal_embedding", personal,
-               "false on a pool of nodes; or set partition.pool_nodes=null (one SuperNode "
-               "per shopper)")
 
     def _check_deployment(self) -> None:
         """What a server that holds no shopper data cannot do."""

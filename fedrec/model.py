@@ -143,6 +143,13 @@ class TwoTower(nn.Module):
         attr_mean = _masked_mean(self.attribute_embedding(attrs), attrs)
         return F.normalize(self.item_mlp(torch.cat([embedded, attr_mean], dim=-1)), dim=-1)
 
+    def personal_slot(self, user: int) -> int:
+        """The row of ``user``'s personal vector."""
+        slot = int(torch.searchsorted(self.personal_users, torch.tensor(user)))
+        if slot >= len(self.personal_users) or int(self.personal_users[slot]) != user:
+            raise KeyError(f"this model holds no personal vector for user {user}")
+        return slot
+
     # ------------------------------------------------------------------ shared vs personal
     def shared_state(self) -> dict[str, torch.Tensor]:
         """The parameters a client may send: all but the personal embedding."""

@@ -6,8 +6,8 @@ which must give what one SuperNode per shopper gives."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from collections import Counter
+from dataclasses import replace
 from uuid import uuid4
 
 import pytest
@@ -35,6 +35,8 @@ POOL = (f"dataset.num_users={SHOPPERS} dataset.num_items=80 dataset.num_categori
 # Each shopper's round is one plain SGD step (its examples fit one batch): a pool node trains its
 # shoppers together (fedrec.client.one_step).
 ONE_STEP = "train.optimizer=sgd train.lr=0.5 train.batch_size=64 train.weight_decay=0.01"
+# Each shopper keeps a personal vector, which never leaves its device (or its pool node).
+PERSONAL = "model.personal_embedding=true"
 DP = ("privacy=dp_sgd privacy.target_epsilon=50 privacy.planned_rounds=3 "
       "train.dp_sgd.steps_per_epoch=1 "
       "train.dp_sgd.examples_per_shopper=8")
@@ -103,7 +105,8 @@ def _federated_run(overrides: str, pool_nodes: int | None, tmp_path) -> tuple[di
 
 
 @pytest.mark.slow  # twelve whole federations, in this process
-@pytest.mark.parametrize("privacy", ["", DP, ONE_STEP], ids=["no privacy", "dp_sgd", "one step"])
+@pytest.mark.parametrize("privacy", ["", DP, ONE_STEP, PERSONAL],
+                         ids=["no privacy", "dp_sgd", "one step", "personal vectors"])
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, privacy,
                                                                      tmp_path):
@@ -121,6 +124,9 @@ def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, pr
         gap = (pooled[name].double() - value.double()).abs().max().item()
         moved = (pooled[name].double() - initial[name].double()).abs().max().item()
         assert gap < 1e-4 and gap < moved / 100, (name, gap, moved)
+    if privacy != DP:  # the same model, and each shopper's personal vector, evaluated
+        for protocol, metrics in one_each["metrics"].items():
+            assert pooled_summary["metrics"][protocol] == pytest.approx(metrics, rel=1e-4)
     if privacy == DP:  # the server states the epsilon of the shopper sampled most often
         cfg = typed_config(*f"{overrides} partition.pool_nodes=2".split())
         report = pooled_summary["privacy"]
@@ -189,6 +195,24 @@ def test_only_shoppers_of_one_plain_sgd_step_train_together():
     assert one_step_shoppers(adam, shoppers, request) == ([], shoppers)
 
 
+@pytest.mark.slow  # two whole federations, in this process
+def test_shoppers_out_of_budget_are_counted_one_by_one_on_a_pool(tmp_path):
+    # Each shopper is budgeted for one round; four of the eight are asked each round.
+    overrides = f"{POOL} {DP} privacy.planned_rounds=1 num_rounds=3 eval.every=3 seed=3"
+    summary, _ = _federated_run(overrides, 2, tmp_path)
+    cohorts = Cohorts(SHOPPERS, 4, 2, typed_config(*overrides.split()).seed)
+    asked = Counter(s for r in (1, 2, 3) for s in cohorts.sample(r).tolist())
+    assert max(asked.values()) > 1  # so some shopper is asked past its budget
+    assert summary["privacy"]["exhausted_clients"] == sum(n > 1 for n in asked.values())
+    lines = [json.loads(line) for line in
+             (tmp_path / "pool-2" / "metrics.jsonl").read_text().splitlines()]
+    declined = [line["privacy"]["exhausted_this_round"] for line in lines]
+    assert sum(declined) == sum(n - 1 for n in asked.values()) and declined[1] == 0
+    # One SuperNode per shopper counts the same shoppers from their own refusals.
+    one_each, _ = _federated_run(overrides, None, tmp_path)
+    assert one_each["privacy"]["exhausted_clients"] == summary["privacy"]["exhausted_clients"]
+
+
 def test_a_cohort_is_sampled_over_every_shopper_and_reaches_only_its_owners():
     cohorts = Cohorts(population=1000, size=50, num_nodes=4, seed=0,
                       node_ids={0: 10, 1: 11, 2: 12, 3: 13})
@@ -225,7 +249,6 @@ def test_a_pool_node_refuses_a_shopper_it_does_not_own():
     ("secagg=on", "secagg"),
     ("strategy=krum", "strategy"),
     ("strategy.fraction_evaluate=0.5", "strategy.fraction_evaluate"),
-    ("model.personal_embedding=true", "model.personal_embedding"),
 ])
 def test_what_needs_each_shoppers_reply_is_refused_on_a_pool(override, named):
     with pytest.raises(ConfigError, match=rf"^{named}=.*partition.pool_nodes=null"):

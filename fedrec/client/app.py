@@ -74,12 +74,30 @@ def _node(context: Context) -> NodeData:
 
 def _model(node: TrainingData, global_state: dict[str, torch.Tensor],
            context: Context) -> TwoTower:
+    """The model a node trains or evaluates: the global shared state, and the personal vectors
+    of its shoppers as their earlier rounds left them (a pool keeps one per shopper)."""
     model = node_model(node)
     model.load_shared_state(global_state)
-    if model.personal is not None and PERSONAL_STATE in context.state:
+    if model.personal is None:
+        return model
+    if PERSONAL_STATE in context.state:
         personal = context.state[PERSONAL_STATE].to_torch_state_dict()
         model.load_state_dict(personal, strict=False)
+    for shopper in node.users.tolist() if node.cfg.pooled else []:
+        if f"{PERSONAL_STATE}.{shopper}" in context.state:  # a pool's shopper that trained
+            _load_personal(model, context, shopper)
     return model
+
+
+def _load_personal(model: TwoTower, context: Context, shopper: int) -> None:
+    """A pool's shopper's personal vector into its row of ``model`` (zeros before its first
+    round, as a new shopper starts from the shared tower)."""
+    assert model.personal is not None
+    key = f"{PERSONAL_STATE}.{shopper}"
+    row = (context.state[key].to_torch_state_dict()["vector"] if key in context.state
+           else torch.zeros(model.personal.embedding_dim))
+    with torch.no_grad():
+        model.personal.weight[model.personal_slot(shopper)] = row
 
 
 def client_side_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -202,8 +220,10 @@ def _train_client(node: NodeData, data: TrainingData, client: int | None,
     if client is None:
         model = _model(data, global_state, context)
     else:  # a pool's shoppers share one model object, reset to the global model each time
-        model = NODES.shopper_model(node)  # (a pool has no personal vectors)
+        model = NODES.shopper_model(node)
         model.load_shared_state(global_state)
+        if model.personal is not None:
+            _load_personal(model, context, client)
     ledger = None
     if isinstance(data.cfg.privacy, DpSgdConfig):
         saved = context.state.config_records.get(DP_SGD_STATE + suffix)
@@ -215,9 +235,12 @@ def _train_client(node: NodeData, data: TrainingData, client: int | None,
                          batch_size=request.batch_size, proximal_mu=request.proximal_mu,
                          seed=round_seed(context, data.cfg, request.run_round, client),
                          ledger=ledger)
-    if model.personal is not None:
+    if model.personal is not None and client is None:
         context.state[PERSONAL_STATE] = ArrayRecord(torch_state_dict={
             k: v for k, v in model.state_dict().items() if k.startswith(PERSONAL_PREFIX)})
+    elif model.personal is not None:  # one vector per virtual shopper: its own state
+        context.state[f"{PERSONAL_STATE}.{client}"] = ArrayRecord(torch_state_dict={
+            "vector": model.personal.weight[model.personal_slot(client)].detach().clone()})
     if ledger is not None:
         context.state[DP_SGD_STATE + suffix] = ledger.to_record()
     return model.shared_state(), result

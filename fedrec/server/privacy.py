@@ -289,7 +289,8 @@ class PrivacyReport:
         self.secagg = secagg
         # Train rounds each client was asked to join: a node, or a pool's shopper.
         self.requests: dict[int | tuple[str, int], int] = {}
-        self.exhausted: set[int] = set()
+        self.exhausted: set[int] = set()  # nodes that declined a round for their budget
+        self._asked_past_budget = 0  # clients of the last round asked past their plan
         self._dp_sgd_rounds = (None if dp_sgd is None else rounds_within(
             dp_sgd, cfg.target_epsilon, cfg.accountant))  # type: ignore[attr-defined]
 
@@ -313,8 +314,10 @@ class PrivacyReport:
 
     def requested(self, clients: list[int | tuple[str, int]]) -> None:
         """The server asked these clients to train a round."""
+        self._asked_past_budget = 0
         for client in clients:
             self.requests[client] = self.requests.get(client, 0) + 1
+            self._asked_past_budget += self.requests[client] > self._budget_rounds
 
     def trained(self, replies: int) -> None:
         """A training round aggregated ``replies`` updates into a release."""
@@ -325,6 +328,27 @@ class PrivacyReport:
         """DP-FedAvg: one more round would take epsilon past max_epsilon (rounds with failed
         clients cost more than planned)."""
         return self.central is not None and not self.central.next_round_fits()
+
+    def exhausted_clients(self) -> int:
+        """Clients that declined a round because it would pass their budget."""
+        if self._pooled:
+            return sum(1 for asked in self.requests.values() if asked > self._budget_rounds)
+        return len(self.exhausted)
+
+    def exhausted_now(self, declined_nodes: int) -> int:
+        """Clients of the last round that declined it for their budget; ``declined_nodes``:
+        the nodes that replied so. A pool node declines only when all its shoppers did, so on
+        a pool the count is of the round's shoppers asked past the rounds their plan allows,
+        each of which declines."""
+        return self._asked_past_budget if self._pooled else declined_nodes
+
+    @property
+    def _pooled(self) -> bool:
+        return any(isinstance(client, tuple) for client in self.requests)
+
+    @property
+    def _budget_rounds(self) -> int:
+        return self._dp_sgd_rounds or 0
 
     @property
     def epsilon(self) -> float | None:
@@ -353,7 +377,7 @@ class PrivacyReport:
                 accountant=f"opacus-{cfg.accountant}", sample_rate=plan.sample_rate,
                 steps_per_round=plan.steps_per_round, planned_rounds=plan.planned_rounds,
                 rounds_per_client_at_most=self._dp_sgd_rounds,
-                exhausted_clients=len(self.exhausted),
+                exhausted_clients=self.exhausted_clients(),
                 scope="per client: a unit is protected within the client that holds it")
         elif isinstance(cfg, CentralDpConfig) and self.central is not None:
             central = self.central

@@ -227,7 +227,9 @@ class RoundLog:
         if self.privacy.cfg.mechanism != "none":
             report = self.privacy.as_dict()
             record["epsilon"] = report["epsilon"]
-            record["privacy"] = {**report, "exhausted_this_round": len(exhausted)}
+            record["privacy"] = {**report,
+                                 "exhausted_this_round": self.privacy.exhausted_now(
+                                     len(exhausted))}
         up = self.grid.bytes_up - self._bytes_seen[0]
         down = self.grid.bytes_down - self._bytes_seen[1]
         self._bytes_seen = (self.grid.bytes_up, self.grid.bytes_down)
