@@ -84,15 +84,15 @@ def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, in
 
 
 def _chunks(sizes: torch.Tensor, rows: int) -> list[slice]:
-    """Consecutive shoppers in chunks of about ``rows`` rows (at least one shopper each)."""
-    ends = torch.searchsorted(torch.cumsum(sizes, 0), torch.arange(rows, int(sizes.sum()) + rows,
-                                                                     rows), right=True).tolist()
-    chunks, start = [], 0
-    for end in [*ends, len(sizes)]:
-        end = max(end, start + 1) if start < len(sizes) else start
-        if end > start:
+    """Consecutive shoppers in chunks of at least ``rows`` rows (the last one: what is left)."""
+    chunks, start, filled = [], 0, 0
+    for end, size in enumerate(sizes.tolist(), 1):
+        filled += size
+        if filled >= rows:
             chunks.append(slice(start, end))
-        start = end
+            start, filled = end, 0
+    if start < len(sizes):
+        chunks.append(slice(start, len(sizes)))
     return chunks
 
 
