@@ -98,7 +98,7 @@ def centralized_epoch_seconds(overrides: str) -> float:
     return time.perf_counter() - started
 
 
-def synthetic_rows(args: argparse.Namespace, out: Path) -> list[tuple]:
+def synthetic_rows(args: argparse.Namespace, out: Path) -> list[str]:
     rows = []
     for shoppers in args.shoppers:
         overrides = [f"dataset.num_users={shoppers}", f"dataset.num_items={args.items}",
@@ -119,9 +119,11 @@ def synthetic_rows(args: argparse.Namespace, out: Path) -> list[tuple]:
         lines = [json.loads(line) for line in
                  (out / str(shoppers) / "metrics.jsonl").read_text().splitlines()]
         first, later, slowest = training_seconds(lines)
-        rows.append((shoppers, fed.num_nodes, lines[1].get("cohort"), first, later, slowest,
-                     lines[0]["seconds"], memory.peak / 2**30, model_bytes / 1e6, wall,
-                     summary["metrics"]["sampled"].get("hr@10")))
+        rows.append(f"| {shoppers:,} | {fed.num_nodes} | {lines[1].get('cohort')} | {first:.2f} "
+                    f"| {later:.2f} | {slowest:.2f} | {lines[0]['seconds']:.1f} | "
+                    f"{memory.peak / 2**30:.2f} | {model_bytes / 1e6:.2f} | {wall:.0f} | "
+                    f"{summary['metrics']['sampled'].get('hr@10'):.4f} |")
+        print(rows[-1], flush=True)  # each row as it lands: a later failure keeps it
     return rows
 
 
@@ -135,8 +137,8 @@ def training_seconds(lines: list[dict]) -> tuple[float, float, float]:
     return lines[1]["seconds"], statistics.median(later), later[-1]
 
 
-def real_rows(args: argparse.Namespace, out: Path) -> list[tuple | str]:
-    rows: list[tuple | str] = []
+def real_rows(args: argparse.Namespace, out: Path) -> list[str]:
+    rows: list[str] = []
     for name in args.real:
         data, recipe = REAL[name]
         data = data.format(data=args.data.resolve())
@@ -147,15 +149,20 @@ def real_rows(args: argparse.Namespace, out: Path) -> list[tuple | str]:
         print(f"{name}: centralized ...", flush=True)
         reference = run_centralized(f"{data} output_dir={out}/{name}-central")
         epoch = centralized_epoch_seconds(data)
-        overrides = [*data.split(), recipe, f"partition.pool_nodes={args.pool}",
+        overrides = [*data.split(), *recipe.split(), f"partition.pool_nodes={args.pool}",
                      "guide_example=false", *args.overrides]
         fed = load_federation(" ".join(overrides))
         print(f"{name}: cross-device, {fed.num_clients} shoppers on {fed.num_nodes} SuperNodes "
               f"(log: {out}/{name}.flwr.log) ...", flush=True)
         started = time.perf_counter()
-        summary = run_federated(overrides, num_supernodes=fed.num_nodes,
-                                output_dir=out / name, log_path=out / f"{name}.flwr.log",
-                                timeout=3 * 3600)
+        try:
+            summary = run_federated(overrides, num_supernodes=fed.num_nodes,
+                                    output_dir=out / name, log_path=out / f"{name}.flwr.log",
+                                    timeout=3 * 3600)
+        except Exception as err:  # a failed run is a row of the table, not the end of it
+            rows.append(f"| {name} | failed: {str(err).splitlines()[0][:200]} |")
+            print(rows[-1], flush=True)
+            continue
         wall = time.perf_counter() - started
         lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text()
                  .splitlines()]
@@ -163,11 +170,13 @@ def real_rows(args: argparse.Namespace, out: Path) -> list[tuple | str]:
         per_pass = training_seconds(lines)[1] * fed.num_clients / cohort
         hr = summary["metrics"]["sampled"]["hr@10"]
         central_hr = reference["metrics"]["sampled"]["hr@10"]
-        rows.append((name, fed.num_clients, cohort, recipe,
-                     f"{summary['selected_round']} of {summary['rounds']}", hr,
-                     summary["metrics"]["sampled"]["ndcg@10"], central_hr, hr / central_hr,
-                     wall, reference["wall_seconds"], lines[0]["seconds"], per_pass, epoch,
-                     per_pass / epoch))
+        rows.append(f"| {name} | {fed.num_clients:,} | {cohort} | `{recipe}` | "
+                    f"{summary['selected_round']} of {summary['rounds']} | {hr:.4f} | "
+                    f"{summary['metrics']['sampled']['ndcg@10']:.4f} | {central_hr:.4f} | "
+                    f"{hr / central_hr:.3f}x | {wall:.0f} | {reference['wall_seconds']:.0f} | "
+                    f"{lines[0]['seconds']:.1f} | {per_pass:.1f} | {epoch:.1f} | "
+                    f"{per_pass / epoch:.2f}x |")
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -188,31 +197,21 @@ def main() -> None:
     args = parser.parse_args()
     out = (args.out or Path(tempfile.mkdtemp(prefix="fedrec-scale-"))).resolve()
     with local_superlink():
-        synthetic = synthetic_rows(args, out)
         real = real_rows(args, out)
+        synthetic = synthetic_rows(args, out)
     if synthetic:
         print("\n| shoppers | SuperNodes | cohort | s, round 1 | s / later training round, "
               "median | slowest | s, round 0 (evaluate all) | peak memory GiB | MB per shopper "
               "each way | wall s | HR@10 |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for row in synthetic:
-            print(f"| {row[0]:,} | {row[1]} | {row[2]} | {row[3]:.2f} | {row[4]:.2f} | "
-                  f"{row[5]:.2f} | {row[6]:.1f} | {row[7]:.2f} | {row[8]:.2f} | {row[9]:.0f} | "
-                  f"{row[10]:.4f} |")
+        print("\n".join(synthetic))
         print(f"\n{args.rounds} rounds each, {args.items:,} items")
     if real:
         print("\n| dataset | shoppers | cohort | recipe | selected round | HR@10 | NDCG@10 "
               "| centralized HR@10 | ratio | wall s | centralized wall s | s, round 0 (evaluate "
               "all) | s, pass over every shopper | s, centralized epoch | pass / epoch |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for row in real:
-            if isinstance(row, str):
-                print(row)
-                continue
-            print(f"| {row[0]} | {row[1]:,} | {row[2]} | `{row[3]}` | {row[4]} | {row[5]:.4f} "
-                  f"| {row[6]:.4f} | {row[7]:.4f} | {row[8]:.3f}x | {row[9]:.0f} | "
-                  f"{row[10]:.0f} | {row[11]:.1f} | {row[12]:.1f} | {row[13]:.1f} | "
-                  f"{row[14]:.2f}x |")
+        print("\n".join(real))
     print(f"\nresults in {out}")
 
 
