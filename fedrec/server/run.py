@@ -85,7 +85,9 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
     # A deployed server holds no shopper data: only the catalogue the nodes share.
     fed = None if cfg.federation == "deployment" else build_federation(cfg)
     dataset = load_catalogue(cfg.dataset) if fed is None else fed.dataset
-    model = TwoTower.for_dataset(cfg.model, dataset)
+    # The server holds the shared model only: personal vectors never leave their client.
+    model = TwoTower.for_dataset(dataclasses.replace(cfg.model, personal_embedding=False),
+                                 dataset)
     resumed = None
     if cfg.resume is None:
         outputs = RunOutputs(cfg.output_dir, composed)
