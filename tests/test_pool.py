@@ -19,6 +19,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.accounting import dp_sgd_epsilon, plan_dp_sgd
 from fedrec.client import one_step
+from fedrec.client.app import PERSONAL_STATE
+from fedrec.client.app import _model as node_model_with_state
 from fedrec.client.app import app as client_app
 from fedrec.client.one_step import one_step_shoppers, train_one_step_together
 from fedrec.client.task import TrainRequest, node_model, shopper_data, train_round
@@ -89,9 +91,10 @@ class ClientAppGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def _federated_run(overrides: str, pool_nodes: int | None, tmp_path) -> tuple[dict, dict]:
+def _federated_run(overrides: str, pool_nodes: int | None,
+                   tmp_path) -> tuple[dict, dict, ClientAppGrid]:
     """A whole federated run, the ServerApp's own (plan_run, start), over nodes in this
-    process; its summary and its final global model."""
+    process; its summary, its final global model and its nodes."""
     out = tmp_path / f"pool-{pool_nodes}"
     overrides = (f"{overrides} partition.pool_nodes={'null' if pool_nodes is None else pool_nodes}"
                  f" output_dir={out} guide_example=false")
@@ -101,7 +104,7 @@ def _federated_run(overrides: str, pool_nodes: int | None, tmp_path) -> tuple[di
     summary = start(plan_run(compose_config(overrides), grid), Context(
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     final = torch.load(out / "checkpoint.pt", weights_only=True)["arrays"]  # the last round
-    return summary, final
+    return summary, final, grid
 
 
 @pytest.mark.slow  # twelve whole federations, in this process
@@ -112,8 +115,8 @@ def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, pr
                                                                      tmp_path):
     # seed=3: no shopper is in all three cohorts, while both pool nodes are asked every round
     overrides = f"{POOL} strategy={strategy} num_rounds=3 eval.every=3 seed=3 {privacy}"
-    one_each, per_shopper = _federated_run(overrides, None, tmp_path)
-    pooled_summary, pooled = _federated_run(overrides, 2, tmp_path)
+    one_each, per_shopper, _ = _federated_run(overrides, None, tmp_path)
+    pooled_summary, pooled, _ = _federated_run(overrides, 2, tmp_path)
     assert pooled_summary["rounds"] == one_each["rounds"] == 3
     torch.manual_seed(typed_config(*overrides.split()).seed)  # the initial model, as run's
     initial = node_model(load_node(f"{overrides} partition.pool_nodes=2", 0, 2)).shared_state()
@@ -196,10 +199,38 @@ def test_only_shoppers_of_one_plain_sgd_step_train_together():
 
 
 @pytest.mark.slow  # two whole federations, in this process
+def test_each_virtual_shopper_keeps_and_is_evaluated_with_its_own_personal_vector(tmp_path):
+    overrides = f"{POOL} {PERSONAL} num_rounds=2 eval.every=2 seed=3"
+    _, _, one_each = _federated_run(overrides, None, tmp_path)
+    _, final, pooled = _federated_run(overrides, 2, tmp_path)
+    alone = {}
+    for context in one_each.contexts.values():
+        if PERSONAL_STATE in context.state:
+            state = context.state[PERSONAL_STATE].to_torch_state_dict()
+            alone[int(state["personal_users"][0])] = state["personal.weight"][0]
+    on_pool = {int(key.rsplit(".", 1)[1]): context.state[key].to_torch_state_dict()["vector"]
+               for context in pooled.contexts.values() for key in context.state
+               if key.startswith(f"{PERSONAL_STATE}.")}
+    assert sorted(on_pool) == sorted(alone) and 0 < len(alone) < SHOPPERS
+    for shopper, vector in alone.items():
+        assert vector.abs().sum() > 0
+        assert torch.allclose(on_pool[shopper], vector, atol=1e-5), shopper
+    # A pool node evaluates each of its shoppers with that shopper's vector (zeros if it never
+    # trained, as a new shopper starts from the shared tower).
+    context = pooled.contexts[1000]
+    node = load_node(f"{overrides} partition.pool_nodes=2", 0, 2)
+    model = node_model_with_state(node, final, context)
+    for shopper in node.users.tolist():
+        row = model.personal.weight[model.personal_slot(shopper)]
+        expected = on_pool.get(shopper, torch.zeros_like(row))
+        assert torch.equal(row.detach(), expected), shopper
+
+
+@pytest.mark.slow  # two whole federations, in this process
 def test_shoppers_out_of_budget_are_counted_one_by_one_on_a_pool(tmp_path):
     # Each shopper is budgeted for one round; four of the eight are asked each round.
     overrides = f"{POOL} {DP} privacy.planned_rounds=1 num_rounds=3 eval.every=3 seed=3"
-    summary, _ = _federated_run(overrides, 2, tmp_path)
+    summary, _, _ = _federated_run(overrides, 2, tmp_path)
     cohorts = Cohorts(SHOPPERS, 4, 2, typed_config(*overrides.split()).seed)
     asked = Counter(s for r in (1, 2, 3) for s in cohorts.sample(r).tolist())
     assert max(asked.values()) > 1  # so some shopper is asked past its budget
@@ -209,7 +240,7 @@ def test_shoppers_out_of_budget_are_counted_one_by_one_on_a_pool(tmp_path):
     declined = [line["privacy"]["exhausted_this_round"] for line in lines]
     assert sum(declined) == sum(n - 1 for n in asked.values()) and declined[1] == 0
     # One SuperNode per shopper counts the same shoppers from their own refusals.
-    one_each, _ = _federated_run(overrides, None, tmp_path)
+    one_each, _, _ = _federated_run(overrides, None, tmp_path)
     assert one_each["privacy"]["exhausted_clients"] == summary["privacy"]["exhausted_clients"]
 
 
