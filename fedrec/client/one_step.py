@@ -24,7 +24,7 @@ from fedrec.client.task import NodeData, TrainRequest, proximal_step
 from fedrec.model import TwoTower
 from fedrec.train import TrainResult, make_optimizer
 
-# Rows of one forward pass: each needs a score against every distinct candidate of its chunk.
+# Rows of one forward pass, which holds a (shoppers x their most rows x negatives) product.
 CHUNK_ROWS = 2048
 
 
