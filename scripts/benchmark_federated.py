@@ -5,8 +5,8 @@
 
 Default: ML-100K with its preset (fedrec/conf/preset/movielens_100k.yaml: the attention user
 tower), FedAvg with the attention tower's cross-device recipe
-(fedrec/conf/experiment/cross_device_attention.yaml: every shopper is a client, 1200 short
-rounds; about 35 minutes on 2 cores). Both runs report the
+(fedrec/conf/experiment/cross_device_attention.yaml: every shopper is a client, 600 short
+rounds). Both runs report the
 epoch or evaluated round with the best validation HR@10. Prints sampled HR@10 and NDCG@10, full
 Recall@20, wall time and bytes up/down, and the federated/centralized HR@10 ratio. Positional
 overrides apply to both runs; --fed overrides only the federated one (the centralized reference
