@@ -54,9 +54,10 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
     outputs = RunOutputs(c.output_dir, cfg)  # only once the data is known good: no empty run
 
     model: TwoTower | None = None
+    epochs, stopped_by = 0, None
     if isinstance(c.model, TwoTowerConfig):
-        model, selected, metrics = _train_two_tower(c, dataset, split, valid_cases, test_cases,
-                                                    outputs)
+        model, selected, metrics, epochs, stopped_by = _train_two_tower(
+            c, dataset, split, valid_cases, test_cases, outputs)
     else:
         counts = torch.bincount(torch.tensor(split.train["item"].to_numpy()),
                                 minlength=dataset.num_items)
@@ -77,8 +78,10 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
         "num_clients": None,
         # As a federated summary: the epochs run, and the one whose model is reported (the
         # best by validation eval.select_by).
-        "rounds": c.train.epochs if isinstance(c.model, TwoTowerConfig) else 0,
+        "rounds": epochs,
         "rounds_requested": c.train.epochs if isinstance(c.model, TwoTowerConfig) else 0,
+        # What ended training: train.epochs, or eval.patience (null for popularity).
+        "stopped_by": stopped_by,
         "selected_round": selected,
         "select_by": c.eval.select_by,
         "metrics": metrics,
@@ -96,9 +99,11 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
 
 def _train_two_tower(c: Any, dataset: Any, split: Split, valid_cases: EvalCases,
                      test_cases: EvalCases, outputs: RunOutputs,
-                     ) -> tuple[TwoTower, int, dict[str, Any]]:
-    """Train every epoch, each evaluated on validation and test (one metrics line each); the
-    model, epoch and test metrics of the best epoch by validation ``eval.select_by``."""
+                     ) -> tuple[TwoTower, int, dict[str, Any], int, str]:
+    """Train epoch by epoch, each evaluated on validation and test (one metrics line each),
+    until train.epochs or, with eval.patience, until that many epochs in a row have not beaten
+    the best validation ``eval.select_by``. Returns the best epoch's model, number and test
+    metrics, the epochs run and why the run stopped."""
     personal = torch.arange(dataset.num_users).numpy() if c.model.personal_embedding else None
     model = TwoTower.for_dataset(c.model, dataset, personal_users=personal)
     examples = training_examples(split.train, dataset.num_items, c.model.max_history)
@@ -108,7 +113,9 @@ def _train_two_tower(c: Any, dataset: Any, split: Split, valid_cases: EvalCases,
     protocol, metric = c.eval.select_by.split(".")
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
     record: dict[str, Any] = {}
-    for epoch in range(1, c.train.epochs + 1):
+    stopped_by, epoch = "train.epochs", 0
+    while epoch < c.train.epochs:
+        epoch += 1
         began = time.perf_counter()
         result = train(model, optimizer, loader, objective, epochs=1,
                        seed=c.seed * 10007 + epoch)
@@ -126,13 +133,20 @@ def _train_two_tower(c: Any, dataset: Any, split: Split, valid_cases: EvalCases,
                              "bytes_up": 0, "bytes_down": 0})
         log.info("epoch %d/%d  loss %.4f  %s", epoch, c.train.epochs, result.loss,
                  _brief(record.get("valid", {})))
+        if best is not None and c.eval.patience is not None and (
+                epoch - best[1] >= c.eval.patience):
+            stopped_by = "eval.patience"
+            log.info("stopping after epoch %d: %d epochs without a better validation %s "
+                     "(eval.patience=%d)", epoch, epoch - best[1], c.eval.select_by,
+                     c.eval.patience)
+            break
     if best is None:
         log.warning("%s has no validation interactions: reporting the last epoch",
                     c.dataset.name)
-        return model, c.train.epochs, record["test"]
+        return model, epoch, record["test"], epoch, stopped_by
     log.info("best validation %s %.4f at epoch %d", c.eval.select_by, best[0], best[1])
     model.load_state_dict(best[2])
-    return model, best[1], best[3]
+    return model, best[1], best[3], epoch, stopped_by
 
 
 def _brief(means: dict[str, Any]) -> str:

@@ -301,6 +301,9 @@ class EvalConfig:
     # Also evaluate the global model on the server (simulation and benchmarks only: the server
     # then reads the whole dataset, which a real deployment does not have).
     server: bool = MISSING
+    # Stop once this many evaluations in a row (epochs; federated: evaluated rounds) have not
+    # beaten the best validation select_by so far; null: run every epoch or round.
+    patience: int | None = MISSING
 
     def __post_init__(self) -> None:
         _check(self.num_negatives >= 1, "eval.num_negatives", self.num_negatives,
@@ -309,6 +312,8 @@ class EvalConfig:
                "a non-empty list of integers >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "an integer >= 1")
         _check(self.every >= 1, "eval.every", self.every, "an integer >= 1")
+        _check(self.patience is None or self.patience >= 1, "eval.patience", self.patience,
+               "null (no early stop) or an integer >= 1")
         allowed = [f"sampled.{m}@{k}" for k in self.ks for m in ("hr", "ndcg")]
         allowed += [f"full.{m}@{k}" for k in self.ks for m in ("recall", "ndcg")]
         _check(self.select_by in allowed, "eval.select_by", self.select_by,
@@ -776,6 +781,12 @@ def federated_config(composed: DictConfig) -> Config:
     if not isinstance(cfg.model, TwoTowerConfig):
         raise ConfigError(f"model={cfg.model.kind} has no parameters to federate: "
                           "use model=two_tower (run the baseline with fedrec.centralized)")
+    if cfg.eval.patience is not None and (cfg.privacy.mechanism != "none" or cfg.secagg.enabled):
+        raise ConfigError(
+            f"eval.patience={cfg.eval.patience} stops on the clients' validation figures, which "
+            f"a run with privacy={cfg.privacy.mechanism} secagg="
+            f"{'on' if cfg.secagg.enabled else 'off'} does not collect (no mechanism of it covers "
+            "them): set eval.patience=null and choose num_rounds")
     return cfg
 
 

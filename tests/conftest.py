@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny hand-made datasets, the Flower runtime on a tiny shop, and where the
-licensed real data lives."""
+"""Shared fixtures: tiny hand-made datasets, the Flower runtime on a tiny shop, a whole federated
+run in this process, and where the licensed real data lives."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import numpy as np
 import pandas as pd
@@ -16,12 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from opacus import GradSampleModule
 
+from fedrec.client.app import app as client_app
 from fedrec.client.task import NodeData, NodeHolder, node_model
 from fedrec.config import compose_config, to_typed
 from fedrec.data.dataset import Dataset, RawData, build_dataset
+from fedrec.data.federation import build_federation
+from fedrec.server.run import plan_run, start
 from fedrec.simulation import local_superlink, run_federated
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -143,3 +148,66 @@ def assert_wire_contract(wire_log: Path, overrides: str) -> list[dict]:
                 for p in violations(cfg, layout, layout["direction"], shared)]
     assert not problems, problems
     return layouts
+
+
+SERVER = 1  # the SuperLink's node id, which a ServerApp's messages come from
+
+
+class ClientAppGrid(Grid):
+    """Flower's Grid interface over the real ClientApp in this process: each message goes to
+    ``client_app`` with its node's Context, kept across messages as a SuperNode keeps it, so the
+    real ServerApp run (fedrec.server.run) and Flower's strategies drive real nodes, in seconds.
+    A message id is assigned as a SuperLink assigns it."""
+
+    def __init__(self, overrides: str, num_nodes: int) -> None:
+        self.contexts = {1000 + k: Context(
+            run_id=1, node_id=1000 + k, state=RecordDict(), run_config={"overrides": overrides},
+            node_config={"partition-id": k, "num-partitions": num_nodes})
+            for k in range(num_nodes)}
+        self.replies: dict[str, Message] = {}
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            TaskIdentity.node_id = message.metadata.dst_node_id  # the node's process
+            reply = client_app(message, self.contexts[message.metadata.dst_node_id])
+            TaskIdentity.node_id = SERVER
+            self.replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+def federated_run_in_process(overrides: str, pool_nodes: int | None,
+                   tmp_path) -> tuple[dict, dict, ClientAppGrid]:
+    """A whole federated run, the ServerApp's own (plan_run, start), over nodes in this
+    process; its summary, its final global model and its nodes."""
+    out = tmp_path / f"pool-{pool_nodes}"
+    overrides = (f"{overrides} partition.pool_nodes={'null' if pool_nodes is None else pool_nodes}"
+                 f" output_dir={out} guide_example=false")
+    fed = build_federation(typed_config(*overrides.split()))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER, 1
+    grid = ClientAppGrid(overrides, fed.num_nodes)
+    summary = start(plan_run(compose_config(overrides), grid), Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    final = torch.load(out / "checkpoint.pt", weights_only=True)["arrays"]  # the last round
+    return summary, final, grid

@@ -42,6 +42,7 @@ def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
 
     assert summary["mode"] == "federated" and summary["num_clients"] == 3
     assert summary["num_users"] == 60 and summary["num_items"] == 40 and summary["rounds"] == 3
+    assert summary["stopped_by"] == "num_rounds"
     assert set(summary["metrics"]) == {"sampled", "full"}
     assert set(summary["metrics"]["sampled"]) == {"hr@10", "ndcg@10", "hr@20", "ndcg@20"}
     assert set(summary["metrics"]["full"]) == {"recall@10", "ndcg@10", "recall@20", "ndcg@20"}

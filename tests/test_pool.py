@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import replace
-from uuid import uuid4
 
 import pytest
 import torch
-from conftest import assert_wire_contract, load_node, typed_config
+from conftest import (
+    assert_wire_contract,
+    federated_run_in_process,
+    load_node,
+    typed_config,
+)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.accounting import dp_sgd_epsilon, plan_dp_sgd
@@ -24,10 +27,9 @@ from fedrec.client.app import _model as node_model_with_state
 from fedrec.client.app import app as client_app
 from fedrec.client.one_step import one_step_shoppers, train_one_step_together
 from fedrec.client.task import TrainRequest, node_model, shopper_data, train_round
-from fedrec.config import ConfigError, compose_config
+from fedrec.config import ConfigError
 from fedrec.data.federation import build_federation
 from fedrec.server.cohort import Cohorts
-from fedrec.server.run import plan_run, start
 
 SHOPPERS = 8
 POOL = (f"dataset.num_users={SHOPPERS} dataset.num_items=80 dataset.num_categories=3 "
@@ -44,69 +46,6 @@ DP = ("privacy=dp_sgd privacy.target_epsilon=50 privacy.planned_rounds=3 "
       "train.dp_sgd.examples_per_shopper=8")
 
 
-SERVER = 1  # the SuperLink's node id, which a ServerApp's messages come from
-
-
-class ClientAppGrid(Grid):
-    """Flower's Grid interface over the real ClientApp in this process: each message goes to
-    ``client_app`` with its node's Context, kept across messages as a SuperNode keeps it, so the
-    real ServerApp run (fedrec.server.run) and Flower's strategies drive real nodes, in seconds.
-    A message id is assigned as a SuperLink assigns it."""
-
-    def __init__(self, overrides: str, num_nodes: int) -> None:
-        self.contexts = {1000 + k: Context(
-            run_id=1, node_id=1000 + k, state=RecordDict(), run_config={"overrides": overrides},
-            node_config={"partition-id": k, "num-partitions": num_nodes})
-            for k in range(num_nodes)}
-        self.replies: dict[str, Message] = {}
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = str(uuid4())
-            TaskIdentity.node_id = message.metadata.dst_node_id  # the node's process
-            reply = client_app(message, self.contexts[message.metadata.dst_node_id])
-            TaskIdentity.node_id = SERVER
-            self.replies[message.metadata.message_id] = reply
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
-
-def _federated_run(overrides: str, pool_nodes: int | None,
-                   tmp_path) -> tuple[dict, dict, ClientAppGrid]:
-    """A whole federated run, the ServerApp's own (plan_run, start), over nodes in this
-    process; its summary, its final global model and its nodes."""
-    out = tmp_path / f"pool-{pool_nodes}"
-    overrides = (f"{overrides} partition.pool_nodes={'null' if pool_nodes is None else pool_nodes}"
-                 f" output_dir={out} guide_example=false")
-    fed = build_federation(typed_config(*overrides.split()))
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER, 1
-    grid = ClientAppGrid(overrides, fed.num_nodes)
-    summary = start(plan_run(compose_config(overrides), grid), Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-    final = torch.load(out / "checkpoint.pt", weights_only=True)["arrays"]  # the last round
-    return summary, final, grid
-
-
 @pytest.mark.slow  # twelve whole federations, in this process
 @pytest.mark.parametrize("privacy", ["", DP, ONE_STEP, PERSONAL],
                          ids=["no privacy", "dp_sgd", "one step", "personal vectors"])
@@ -115,8 +54,8 @@ def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, pr
                                                                      tmp_path):
     # seed=3: no shopper is in all three cohorts, while both pool nodes are asked every round
     overrides = f"{POOL} strategy={strategy} num_rounds=3 eval.every=3 seed=3 {privacy}"
-    one_each, per_shopper, _ = _federated_run(overrides, None, tmp_path)
-    pooled_summary, pooled, _ = _federated_run(overrides, 2, tmp_path)
+    one_each, per_shopper, _ = federated_run_in_process(overrides, None, tmp_path)
+    pooled_summary, pooled, _ = federated_run_in_process(overrides, 2, tmp_path)
     assert pooled_summary["rounds"] == one_each["rounds"] == 3
     torch.manual_seed(typed_config(*overrides.split()).seed)  # the initial model, as run's
     initial = node_model(load_node(f"{overrides} partition.pool_nodes=2", 0, 2)).shared_state()
@@ -201,8 +140,8 @@ def test_only_shoppers_of_one_plain_sgd_step_train_together():
 @pytest.mark.slow  # two whole federations, in this process
 def test_each_virtual_shopper_keeps_and_is_evaluated_with_its_own_personal_vector(tmp_path):
     overrides = f"{POOL} {PERSONAL} num_rounds=2 eval.every=2 seed=3"
-    _, _, one_each = _federated_run(overrides, None, tmp_path)
-    _, final, pooled = _federated_run(overrides, 2, tmp_path)
+    _, _, one_each = federated_run_in_process(overrides, None, tmp_path)
+    _, final, pooled = federated_run_in_process(overrides, 2, tmp_path)
     alone = {}
     for context in one_each.contexts.values():
         if PERSONAL_STATE in context.state:
@@ -230,7 +169,7 @@ def test_each_virtual_shopper_keeps_and_is_evaluated_with_its_own_personal_vecto
 def test_shoppers_out_of_budget_are_counted_one_by_one_on_a_pool(tmp_path):
     # Each shopper is budgeted for one round; four of the eight are asked each round.
     overrides = f"{POOL} {DP} privacy.planned_rounds=1 num_rounds=3 eval.every=3 seed=3"
-    summary, _, _ = _federated_run(overrides, 2, tmp_path)
+    summary, _, _ = federated_run_in_process(overrides, 2, tmp_path)
     cohorts = Cohorts(SHOPPERS, 4, 2, typed_config(*overrides.split()).seed)
     asked = Counter(s for r in (1, 2, 3) for s in cohorts.sample(r).tolist())
     assert max(asked.values()) > 1  # so some shopper is asked past its budget
@@ -240,7 +179,7 @@ def test_shoppers_out_of_budget_are_counted_one_by_one_on_a_pool(tmp_path):
     declined = [line["privacy"]["exhausted_this_round"] for line in lines]
     assert sum(declined) == sum(n - 1 for n in asked.values()) and declined[1] == 0
     # One SuperNode per shopper counts the same shoppers from their own refusals.
-    one_each, _, _ = _federated_run(overrides, None, tmp_path)
+    one_each, _, _ = federated_run_in_process(overrides, None, tmp_path)
     assert one_each["privacy"]["exhausted_clients"] == summary["privacy"]["exhausted_clients"]
 
 

@@ -413,6 +413,7 @@ def test_central_dp_stops_at_its_budget_and_keeps_the_wire_contract(flower, tmp_
                  f"privacy.noise_multiplier=2.0 privacy.max_epsilon={budget}")
     summary = flower(f"{overrides} wire_log={wire}", num_supernodes=3, output_dir=out)
     assert summary["rounds"] == 2 and summary["rounds_requested"] == 4
+    assert summary["stopped_by"] == "privacy.max_epsilon"
     privacy = summary["privacy"]
     assert privacy["mechanism"] == "central_dp" and privacy["noise_multiplier"] == 2.0
     assert (privacy["unit"], privacy["neighbouring"], privacy["sampling"]) == (

@@ -125,25 +125,28 @@ class MeteredGrid(Grid):
 ServerEvaluation = Callable[[ArrayRecord], tuple[RankingSums, RankingSums]]
 
 
-class BudgetSpent(Exception):
-    """The privacy budget allows no further round: the run ends after ``server_round``."""
+class RunStopped(Exception):
+    """The run ends after ``server_round``, before num_rounds, for ``reason``: the config key
+    that stopped it (privacy.max_epsilon, eval.patience)."""
 
-    def __init__(self, server_round: int, arrays: ArrayRecord) -> None:
-        super().__init__(f"privacy budget spent after round {server_round}")
+    def __init__(self, server_round: int, arrays: ArrayRecord, reason: str) -> None:
+        super().__init__(f"{reason} stopped the run after round {server_round}")
         self.server_round = server_round
         self.arrays = arrays
+        self.reason = reason
 
 
 class RoundLog:
     def __init__(self, outputs: RunOutputs, grid: MeteredGrid, num_rounds: int,
                  server_evaluation: ServerEvaluation | None, privacy: PrivacyReport,
                  select_by: str, resumed: dict[str, Any] | None = None, *,
-                 federated_evaluation: bool = True) -> None:
+                 federated_evaluation: bool = True, patience: int | None = None) -> None:
         """``select_by``: the validation metric (protocol.metric) whose best evaluated round
         the run reports; ``resumed``: the checkpoint a resumed run starts from; Flower numbers
         the resumed rounds from 1 again, and the log adds the rounds done before.
         ``federated_evaluation``: False when the clients send no evaluation figures (a private
-        run): the run then reports its last round, chosen by nothing private."""
+        run): the run then reports its last round, chosen by nothing private. ``patience``:
+        stop after that many evaluated rounds in a row without a better ``select_by``."""
         self.outputs = outputs
         self.done = 0 if resumed is None else int(resumed["round"])
         self.privacy = privacy
@@ -160,6 +163,9 @@ class RoundLog:
         self._timed_from = (self.done, time.perf_counter())  # (round, time) the ETA counts from
         # The evaluated round the run reports: {"round", "record", "arrays"}.
         self.selected: dict[str, Any] | None = None if resumed is None else resumed.get("selected")
+        self.patience = patience
+        # Evaluated rounds since the selected one, which did not beat it.
+        self.stale = 0 if resumed is None else int(resumed.get("stale_evaluations", 0))
 
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         """The round's mean training loss, where the clients send it (privacy=none without
@@ -238,18 +244,27 @@ class RoundLog:
         self._round_began = now
         if self._federated is not None or not self.federated_evaluation:
             self._consider(record, arrays)
+            self.stale = 0 if self.selected["round"] == server_round else self.stale + 1  # type: ignore[index]
         self._train, self._federated, self._valid = {}, None, None
         self.outputs.log_metrics(record)
         self.outputs.save_checkpoint({"round": server_round, "arrays": arrays.to_torch_state_dict(),
                                       "selected": self.selected,
+                                      "stale_evaluations": self.stale,
                                       "privacy_accountant": self.privacy.state()})
         log.info("round %d/%d %s%s", server_round, self.num_rounds, _brief(record),
                  self._eta(server_round))
-        if server_round < self.num_rounds and self.privacy.stop_before_next_round():
+        if server_round >= self.num_rounds:
+            return None
+        if self.privacy.stop_before_next_round():
             log.warning("privacy: round %d cost more than planned (clients failed), and another "
                         "round would take epsilon past privacy.max_epsilon=%s: the run stops "
                         "here", server_round, self.privacy.cfg.max_epsilon)  # type: ignore[attr-defined]
-            raise BudgetSpent(server_round, arrays)
+            raise RunStopped(server_round, arrays, "privacy.max_epsilon")
+        if self.patience is not None and self.stale >= self.patience:
+            log.info("stopping after round %d: %d evaluated rounds without a better validation "
+                     "%s than round %d's (eval.patience=%d)", server_round, self.stale,
+                     self.select_by, self.selected["round"], self.patience)  # type: ignore[index]
+            raise RunStopped(server_round, arrays, "eval.patience")
         return None
 
     def _eta(self, server_round: int) -> str:

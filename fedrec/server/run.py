@@ -34,7 +34,7 @@ from fedrec.outputs import RunOutputs
 from fedrec.recommend import Recommender, RecommendError, format_recommendations
 from fedrec.server.cohort import Cohorts, cohort_size
 from fedrec.server.privacy import CentralDp, PrivacyReport, plan_central_dp, wrap_strategy
-from fedrec.server.rounds import BudgetSpent, MeteredGrid, RoundLog
+from fedrec.server.rounds import MeteredGrid, RoundLog, RunStopped
 from fedrec.server.secagg import SecAggPlan, plan_secagg, run_secure_rounds
 from fedrec.server.strategy import RunStrategy, build_strategy
 
@@ -149,7 +149,7 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
     rounds = RoundLog(outputs, metered, num_rounds,
                       _server_evaluation(fed, model) if server_side else None,
                       privacy, cfg.eval.select_by, resumed,
-                      federated_evaluation=federated_evaluation)
+                      federated_evaluation=federated_evaluation, patience=cfg.eval.patience)
     strategy = build_strategy(strategy_cfg or cfg.strategy, train_metrics=rounds.aggregate_train,
                               evaluate_metrics=rounds.aggregate_evaluate,
                               weighted_by_key=weighted_by_key)
@@ -198,12 +198,14 @@ def start(run: FederatedRun, context: Context) -> dict[str, Any]:
                 train_config=run.train_config, num_rounds=remaining,
                 weighted_by_key=run.weighted_by_key, central=run.central,
                 round_timeout=cfg.round_timeout)
-    except BudgetSpent as spent:
-        final_arrays, num_rounds = spent.arrays, spent.server_round
-    return _report(run, num_rounds, final_arrays)
+        stopped_by = "num_rounds"
+    except RunStopped as stopped:
+        final_arrays, num_rounds, stopped_by = stopped.arrays, stopped.server_round, stopped.reason
+    return _report(run, num_rounds, final_arrays, stopped_by)
 
 
-def _report(run: FederatedRun, num_rounds: int, final_arrays: ArrayRecord) -> dict[str, Any]:
+def _report(run: FederatedRun, num_rounds: int, final_arrays: ArrayRecord,
+            stopped_by: str) -> dict[str, Any]:
     cfg, fed, dataset, outputs = run.cfg, run.fed, run.dataset, run.outputs
     final = _reported_round(run.rounds, cfg, num_rounds, final_arrays)
     run.model.load_shared_state(final["arrays"])
@@ -219,6 +221,8 @@ def _report(run: FederatedRun, num_rounds: int, final_arrays: ArrayRecord) -> di
         "num_clients": run.population if fed is None else fed.num_clients,
         "rounds": num_rounds,
         "rounds_requested": cfg.num_rounds,
+        # What ended the run: num_rounds, eval.patience or privacy.max_epsilon.
+        "stopped_by": stopped_by,
         "resumed_after_round": None if run.resumed is None else run.done,
         "selected_round": final["round"],
         "select_by": cfg.eval.select_by,
