@@ -1,0 +1,105 @@
+"""The defaults on data nobody tuned them for: each dataset with its path and no other flag.
+
+    python scripts/benchmark_defaults.py [--data ../shared/data] [--only beauty ml-100k]
+        [--rows popularity centralized shops-10 shops-20] [overrides for every run...]
+
+Rows, for Amazon Beauty and ML-100K (``--only synthetic``: the built-in shop): the popularity
+baseline, the centralized run, and FedAvg over 10 and 20 shops (Dirichlet over each shopper's
+dominant category, the partition's defaults). Every row reports the test HR@10 and NDCG@10 of
+its epoch or round with the best validation HR@10, its ratio to the centralized row, the epochs
+or rounds it ran and what stopped it (summary.json's ``stopped_by``), and its wall time. A
+failed run is a row too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import DEFAULT_DATA, local_superlink, run_row
+
+from fedrec.centralized import run as run_centralized
+
+# Only what names the data: the loader and its path (none for the built-in synthetic shop).
+DATASETS = {
+    "beauty": ("dataset=sequence", "amazon-beauty/Beauty.txt"),
+    "ml-100k": ("dataset=movielens_100k", "ml-100k"),
+    "synthetic": ("dataset=synthetic", None),
+}
+# name: (federated?, overrides)
+ROWS = {
+    "popularity": (False, "model=popularity"),
+    "centralized": (False, ""),
+    "shops-10": (True, "partition=silo partition.num_silos=10"),
+    "shops-20": (True, "partition=silo partition.num_silos=20"),
+}
+
+
+def run(name: str, overrides: str, federated: bool, out: Path) -> dict[str, Any] | str:
+    started = time.perf_counter()
+    print(f"{name} ...", flush=True)
+    if federated:
+        result = run_row(overrides, out / name)
+    else:
+        try:
+            result = run_centralized(f"{overrides} output_dir={out / name}")
+        except Exception as err:  # a failed run is a row of the table, not the end of it
+            result = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if isinstance(result, dict):
+        result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+def row(dataset: str, name: str, result: dict[str, Any] | str,
+        centralized: dict[str, Any] | str | None) -> str:
+    if isinstance(result, str):
+        return f"| {dataset} | {name} | failed: {result} |"
+    hr = result["metrics"]["sampled"]["hr@10"]
+    ratio = (f"{hr / centralized['metrics']['sampled']['hr@10']:.3f}x"
+             if isinstance(centralized, dict) else "-")
+    return (f"| {dataset} | {name} | {hr:.4f} | {result['metrics']['sampled']['ndcg@10']:.4f} | "
+            f"{ratio} | {result['rounds']} of {result['rounds_requested']} | "
+            f"{result.get('stopped_by')} | {result['selected_round']} | "
+            f"{result['wall_seconds']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=None, help="where runs write (default: temp)")
+    parser.add_argument("--only", nargs="+", choices=list(DATASETS), default=["beauty", "ml-100k"])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = (args.out or Path(tempfile.mkdtemp(prefix="fedrec-defaults-"))).resolve()
+    lines = []
+    with local_superlink():
+        for dataset in args.only:
+            loader, path = DATASETS[dataset]
+            data = loader if path is None else f"{loader} dataset.path={args.data.resolve() / path}"
+            if path is not None and not (args.data / path).exists():
+                lines.append(f"| {dataset} | skipped: {args.data.resolve() / path} is absent "
+                             "(data/README.md) |")
+                continue
+            results: dict[str, dict[str, Any] | str] = {}
+            for name in args.rows:
+                federated, overrides = ROWS[name]
+                results[name] = run(f"{dataset}-{name}",
+                                    " ".join([data, overrides, *args.overrides]), federated, out)
+                print(row(dataset, name, results[name], results.get("centralized")), flush=True)
+            lines += [row(dataset, name, result, results.get("centralized"))
+                      for name, result in results.items()]
+    print("\n| dataset | run | HR@10 | NDCG@10 | / centralized | epochs or rounds run | "
+          "stopped by | selected | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    print(f"\nruns: {out}")
+
+
+if __name__ == "__main__":
+    main()
