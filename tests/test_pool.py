@@ -26,7 +26,7 @@ from fedrec.client.app import PERSONAL_STATE
 from fedrec.client.app import _model as node_model_with_state
 from fedrec.client.app import app as client_app
 from fedrec.client.one_step import one_step_shoppers, train_one_step_together
-from fedrec.client.task import TrainRequest, node_model, shopper_data, train_round
+from fedrec.client.task import ShopperRows, TrainRequest, node_model, shopper_data, train_round
 from fedrec.config import ConfigError
 from fedrec.data.federation import build_federation
 from fedrec.server.cohort import Cohorts
@@ -61,11 +61,13 @@ def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, pr
     initial = node_model(load_node(f"{overrides} partition.pool_nodes=2", 0, 2)).shared_state()
     # Float tolerance: the two sum the same updates in another order, and three rounds of
     # training carry the rounding on; far below how far training moved the model. (FedAdam's
-    # aggregate comes back in float64: Flower computes it in numpy.)
+    # aggregate comes back in float64: Flower computes it in numpy.) FedProx with personal
+    # vectors amplifies it most: gaps of 0.7e-4 to 1.4e-4 from one run to the next, where the
+    # model moved 0.375.
     for name, value in per_shopper.items():
         gap = (pooled[name].double() - value.double()).abs().max().item()
         moved = (pooled[name].double() - initial[name].double()).abs().max().item()
-        assert gap < 1e-4 and gap < moved / 100, (name, gap, moved)
+        assert gap < 1e-3 and gap < moved / 100, (name, gap, moved)
     if privacy != DP:  # the same model, and each shopper's personal vector, evaluated
         for protocol, metrics in one_each["metrics"].items():
             assert pooled_summary["metrics"][protocol] == pytest.approx(metrics, rel=1e-4)
@@ -249,3 +251,15 @@ def test_a_pooled_run_through_flower_keeps_the_wire_contract(flower, tmp_path):
     # Round 1's cohort: 4 of the 8 shoppers, on however many of the 2 nodes own them.
     assert 1 <= lines[1]["train_clients"] <= 2
     assert lines[-1]["test"]["sampled"]["hr@10"] > 0
+
+
+def test_shopper_rows_find_each_shoppers_examples_in_their_order():
+    user = torch.tensor([5, 2, 5, 9, 2, 5])
+    rows = ShopperRows.of(user)
+    assert rows.count([5, 2, 7, 9]) == [3, 2, 0, 1]
+    assert rows.rows([9, 7, 5, 2]).tolist() == [3, 0, 2, 5, 1, 4]
+    assert rows.rows([7]).tolist() == [] and ShopperRows.of(user[:0]).count([1]) == [0]
+    node = load_node(f"{POOL} partition.pool_nodes=2", 0, 2)
+    for shopper in node.users.tolist():
+        expected = (node.examples.user == shopper).nonzero().squeeze(1)
+        assert torch.equal(node.shopper_rows.rows([shopper]), expected)

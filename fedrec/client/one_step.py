@@ -37,9 +37,8 @@ def one_step_shoppers(node: NodeData, shoppers: list[int],
               and cfg.privacy.mechanism == "none" and not cfg.model.personal_embedding)
     if not linear:
         return [], list(shoppers)
-    ids, counts = torch.unique(node.examples.user, return_counts=True)
-    examples = dict(zip(ids.tolist(), counts.tolist(), strict=True))
-    together = [s for s in shoppers if 0 < examples.get(s, 0) <= request.batch_size]
+    counts = node.shopper_rows.count(shoppers)
+    together = [s for s, n in zip(shoppers, counts, strict=True) if 0 < n <= request.batch_size]
     chosen = set(together)
     return together, [s for s in shoppers if s not in chosen]
 
@@ -50,14 +49,14 @@ def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, in
     """The weighted mean (by examples) of the models the shoppers in ``seeds`` (shopper: the
     seed of its round) would each send after its one step from ``model``'s state, the global
     model; and their mean loss. ``model`` is left holding that mean."""
-    cfg, examples = node.cfg, node.examples
-    rows = torch.isin(examples.user, torch.tensor(sorted(seeds))).nonzero().squeeze(1)
-    shoppers, slot, sizes = torch.unique(examples.user[rows], return_inverse=True,
-                                         return_counts=True)
+    cfg = node.cfg
+    asked = sorted(seeds)
+    counts = torch.tensor(node.shopper_rows.count(asked))
     # Shoppers of about the same number of rows side by side, so a chunk pads little.
-    order = torch.argsort(sizes, stable=True)
-    rows = rows[torch.argsort(torch.argsort(order)[slot], stable=True)]
-    shoppers, sizes = shoppers[order], sizes[order]
+    order = torch.argsort(counts, stable=True)
+    shoppers = torch.tensor(asked)[order][counts[order] > 0]
+    sizes = counts[order][counts[order] > 0]
+    rows = node.shopper_rows.rows(shoppers.tolist())
     model.train()
     train_cfg = type(cfg.train)(**{**vars(cfg.train), "lr": lr})
     optimizer = make_optimizer(model.parameters(), train_cfg)

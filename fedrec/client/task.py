@@ -29,6 +29,40 @@ from fedrec.wire import OUTSIDE_PLAN
 
 
 @dataclass(frozen=True)
+class ShopperRows:
+    """Where each shopper's training examples sit among a node's, found once: a round then
+    finds its cohort's rows in time that grows with the cohort, not with the node's population."""
+
+    shoppers: torch.Tensor  # sorted: the shoppers with at least one example
+    starts: torch.Tensor  # where each one's rows begin in ``order``
+    counts: torch.Tensor
+    order: torch.Tensor  # the rows, shopper by shopper, each shopper's in their own order
+
+    @classmethod
+    def of(cls, user: torch.Tensor) -> ShopperRows:
+        order = torch.argsort(user, stable=True)
+        shoppers, counts = torch.unique_consecutive(user[order], return_counts=True)
+        return cls(shoppers, torch.cumsum(counts, 0) - counts, counts, order)
+
+    def count(self, shoppers: list[int]) -> list[int]:
+        """Each shopper's number of examples (0 for one without any)."""
+        return [int(self.counts[i]) if i >= 0 else 0 for i in self._index(shoppers)]
+
+    def rows(self, shoppers: list[int]) -> torch.Tensor:
+        """The rows of ``shoppers``, shopper after shopper in the order given."""
+        spans = [self.order[int(self.starts[i]):int(self.starts[i] + self.counts[i])]
+                 for i in self._index(shoppers) if i >= 0]
+        return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+
+    def _index(self, shoppers: list[int]) -> list[int]:
+        asked = torch.tensor(shoppers, dtype=self.shoppers.dtype)
+        found = torch.searchsorted(self.shoppers, asked).clamp(max=max(len(self.shoppers) - 1, 0))
+        hit = (self.shoppers[found] == asked) if len(self.shoppers) else torch.zeros_like(asked,
+                                                                                        dtype=bool)
+        return [int(f) if h else -1 for f, h in zip(found.tolist(), hit.tolist(), strict=True)]
+
+
+@dataclass(frozen=True)
 class NodeData:
     cfg: Config
     dataset: Dataset  # the catalogue (ids, attributes) every node shares
@@ -38,6 +72,7 @@ class NodeData:
     objective: Objective
     valid_cases: EvalCases
     test_cases: EvalCases
+    shopper_rows: ShopperRows
 
 
 @dataclass(frozen=True)
@@ -106,11 +141,14 @@ def trainees(node: NodeData, request: TrainRequest) -> list[int] | None:
     shop, a device, a pool node of one shopper), or the sampled shoppers a pool node owns, each
     alone. A shopper the node does not own is refused (``Refusal``, OUTSIDE_PLAN): its state
     lives on another node."""
-    owned = set(node.users.tolist())
-    if not node.cfg.pooled or (len(owned) == 1 and set(request.cohort or owned) == owned):
+    owned = node.users  # sorted
+    if not node.cfg.pooled or (len(owned) == 1 and set(request.cohort or owned.tolist())
+                               == set(owned.tolist())):
         return None  # a node of one shopper is that shopper's device
-    asked = sorted(owned) if request.cohort is None else list(request.cohort)
-    strangers = [shopper for shopper in asked if shopper not in owned]
+    asked = owned.tolist() if request.cohort is None else list(request.cohort)
+    place = np.searchsorted(owned, asked).clip(max=len(owned) - 1)
+    strangers = [shopper for shopper, at in zip(asked, place, strict=True)
+                 if owned[at] != shopper]
     if strangers:
         raise Refusal(OUTSIDE_PLAN, f"the request names shoppers {strangers[:5]} that this "
                                     "node does not hold")
@@ -118,7 +156,7 @@ def trainees(node: NodeData, request: TrainRequest) -> list[int] | None:
 
 
 def shopper_data(node: NodeData, shopper: int) -> ShopperData:
-    rows = node.examples.user == shopper
+    rows = node.shopper_rows.rows([shopper])
     examples = TrainExamples(node.examples.history[rows], node.examples.target[rows],
                              node.examples.user[rows])
     return ShopperData(node.cfg, node.dataset, np.array([shopper]), examples,
@@ -229,7 +267,8 @@ def _node_data(fed: Federation, users: np.ndarray) -> NodeData:
                       num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed)
         for part in ("valid", "test"))
     objective = _objective(cfg, examples, dataset.num_items)
-    return NodeData(cfg, dataset, users, split, examples, objective, valid_cases, test_cases)
+    return NodeData(cfg, dataset, users, split, examples, objective, valid_cases, test_cases,
+                    ShopperRows.of(examples.user))
 
 
 def _objective(cfg: Config, examples: TrainExamples, num_items: int) -> Objective:
