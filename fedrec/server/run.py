@@ -198,7 +198,8 @@ def start(run: FederatedRun, context: Context) -> dict[str, Any]:
                 train_config=run.train_config, num_rounds=remaining,
                 weighted_by_key=run.weighted_by_key, central=run.central,
                 round_timeout=cfg.round_timeout)
-        stopped_by = "num_rounds"
+        # central_dp plans fewer rounds than num_rounds when privacy.max_epsilon allows no more.
+        stopped_by = "num_rounds" if run.num_rounds == cfg.num_rounds else "privacy.max_epsilon"
     except RunStopped as stopped:
         final_arrays, num_rounds, stopped_by = stopped.arrays, stopped.server_round, stopped.reason
     return _report(run, num_rounds, final_arrays, stopped_by)
