@@ -54,8 +54,8 @@ def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, in
     counts = torch.tensor(node.shopper_rows.count(asked))
     # Shoppers of about the same number of rows side by side, so a chunk pads little.
     order = torch.argsort(counts, stable=True)
-    shoppers = torch.tensor(asked)[order][counts[order] > 0]
-    sizes = counts[order][counts[order] > 0]
+    order = order[counts[order] > 0]
+    shoppers, sizes = torch.tensor(asked)[order], counts[order]
     rows = node.shopper_rows.rows(shoppers.tolist())
     model.train()
     train_cfg = type(cfg.train)(**{**vars(cfg.train), "lr": lr})

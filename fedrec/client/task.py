@@ -55,10 +55,12 @@ class ShopperRows:
         return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
 
     def _index(self, shoppers: list[int]) -> list[int]:
+        """Each shopper's place in ``self.shoppers``, -1 for one without examples."""
+        if not len(self.shoppers):
+            return [-1] * len(shoppers)
         asked = torch.tensor(shoppers, dtype=self.shoppers.dtype)
-        found = torch.searchsorted(self.shoppers, asked).clamp(max=max(len(self.shoppers) - 1, 0))
-        hit = (self.shoppers[found] == asked) if len(self.shoppers) else torch.zeros_like(asked,
-                                                                                        dtype=bool)
+        found = torch.searchsorted(self.shoppers, asked).clamp(max=len(self.shoppers) - 1)
+        hit = self.shoppers[found] == asked
         return [int(f) if h else -1 for f, h in zip(found.tolist(), hit.tolist(), strict=True)]
 
 
