@@ -40,12 +40,10 @@ from fedrec.model import TwoTower
 from fedrec.simulation import descendants, run_federated, superlink_pids
 from fedrec.train import Objective, make_loader, make_optimizer, train
 
-# name: (the dataset and its centralized preset, the cross-device recipe). Beauty's item table
-# needs a larger server step, and a 5% cohort amortises each round's fixed cost over more
-# shoppers (both chosen on validation: docs/notes/2026-11-30-recipe-searches.md).
+# name: (the dataset and its centralized preset, the cross-device recipe for its kind of data).
 REAL = {
     "beauty": ("preset=beauty dataset.path={data}/amazon-beauty/Beauty.txt",
-               "experiment=cross_device strategy.item_server_lr=1000 strategy.fraction_train=0.05"),
+               "experiment=cross_device_sparse"),
     "ml-100k": ("preset=movielens_100k dataset.path={data}/ml-100k",
                 "experiment=cross_device_attention"),
 }
