@@ -342,10 +342,6 @@ class StrategyConfig:
     # the share of clients that hold it, which is tiny when every shopper is a client; the dense
     # layers, which every client trains, keep the strategy's step.
     item_server_lr: float = MISSING
-    # Decoupled weight decay at the server: after each round's step the global model shrinks by
-    # this fraction, as AdamW shrinks it each step. Clients' own decay (train.weight_decay) would
-    # reach the item table multiplied by item_server_lr, and under SGD it is not decoupled.
-    server_weight_decay: float = MISSING
 
     def __post_init__(self) -> None:
         _check(self.name in STRATEGIES, "strategy.name", self.name,
@@ -358,14 +354,10 @@ class StrategyConfig:
             _check(value >= 1, f"strategy.{key}", value, "an integer >= 1")
         _check(self.item_server_lr > 0, "strategy.item_server_lr", self.item_server_lr,
                "a number > 0")
-        _check(0 <= self.server_weight_decay < 1, "strategy.server_weight_decay",
-               self.server_weight_decay, "a number in [0, 1)")
         # FedAvgM keeps its own copy of the model between rounds, which a larger step on the item
-        # table or a decay afterwards would contradict.
-        for key, neutral in (("item_server_lr", 1.0), ("server_weight_decay", 0.0)):
-            value = getattr(self, key)
-            _check(value == neutral or self.name != "fedavgm", f"strategy.{key}", value,
-                   f"{neutral} with strategy=fedavgm (use its server_learning_rate)")
+        # table afterwards would contradict.
+        _check(self.item_server_lr == 1 or self.name != "fedavgm", "strategy.item_server_lr",
+               self.item_server_lr, "1.0 with strategy=fedavgm (use its server_learning_rate)")
 
 
 # ---------------------------------------------------------------------------------- privacy
@@ -659,12 +651,10 @@ class Config:
                f"reveals (Krum, trimmed mean and median need each update): one of "
                f"{', '.join(MEAN_STRATEGIES)}")
         # Flower's legacy server optimizers keep their own copy of the model between rounds.
-        for key, neutral in (("item_server_lr", 1.0), ("server_weight_decay", 0.0)):
-            value = getattr(self.strategy, key)
-            _check(value == neutral or self.strategy.name in ("fedavg", "fedprox"),
-                   f"strategy.{key}", value,
-                   f"{neutral} with secagg=on and strategy={self.strategy.name} (only fedavg "
-                   "and fedprox take fedrec's server step there)")
+        _check(self.strategy.item_server_lr == 1 or self.strategy.name in ("fedavg", "fedprox"),
+               "strategy.item_server_lr", self.strategy.item_server_lr,
+               f"1.0 with secagg=on and strategy={self.strategy.name} (only fedavg and fedprox "
+               "take a larger item-table step there)")
         privacy = self.privacy
         if isinstance(privacy, CentralDpConfig):
             _check(privacy.side == "client", "privacy.side", privacy.side,

@@ -34,8 +34,6 @@ def test_override_string_is_split_like_a_shell():
         ("train.round_lr_decay=1.5", "train.round_lr_decay"),
         ("strategy.item_server_lr=0", "strategy.item_server_lr"),
         ("strategy=fedavgm strategy.item_server_lr=2", "strategy.item_server_lr"),
-        ("strategy.server_weight_decay=1", "strategy.server_weight_decay"),
-        ("strategy=fedavgm strategy.server_weight_decay=0.1", "strategy.server_weight_decay"),
         ("train.dp_sgd.steps_per_epoch=0", "train.dp_sgd.steps_per_epoch"),
         ("train.dp_sgd.examples_per_shopper=0", "train.dp_sgd.examples_per_shopper"),
         ("client_seed=-1", "client_seed"),

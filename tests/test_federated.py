@@ -199,13 +199,11 @@ def test_client_lr_decays_with_the_run_round():
 
 
 @pytest.mark.slow  # starts the Flower runtime
-def test_server_step_scales_the_item_table_and_decays_every_parameter(flower, tmp_path):
-    """One real round with item_server_lr=3 and server_weight_decay=0.1 against FedAvg of the
-    same three replies computed here: the item table moves three times as far, every other
-    parameter as FedAvg moves it, and then all of them shrink by a tenth."""
+def test_item_server_lr_scales_only_the_item_table_step(flower, tmp_path):
+    """One real round with item_server_lr=3 against FedAvg of the same three replies computed
+    here: the item table moves three times as far, every other parameter as FedAvg moves it."""
     # client_seed: the clients' own sampling reproducible, so this test can replay it.
-    overrides = (f"{TINY} strategy.item_server_lr=3.0 strategy.server_weight_decay=0.1 "
-                 "client_seed=3")
+    overrides = f"{TINY} strategy.item_server_lr=3.0 client_seed=3"
     out = tmp_path / "item_step"
     flower(f"{overrides} num_rounds=1", num_supernodes=3, output_dir=out)
     cfg = typed_config(*overrides.split())
@@ -227,8 +225,7 @@ def test_server_step_scales_the_item_table_and_decays_every_parameter(flower, tm
     trained = torch.load(out / "model.pt", weights_only=True)["shared_state"]
     for key, start in initial.items():
         scale = 3.0 if key == ITEM_TABLE else 1.0
-        stepped = start + scale * (fedavg[key] - start)
-        assert torch.allclose(trained[key], 0.9 * stepped, atol=1e-5), key
+        assert torch.allclose(trained[key] - start, scale * (fedavg[key] - start), atol=1e-5), key
     assert (fedavg[ITEM_TABLE] - initial[ITEM_TABLE]).abs().max() > 1e-3  # it did move
 
 

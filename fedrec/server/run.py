@@ -157,9 +157,8 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
         strategy = privacy.strategy = wrap_strategy(strategy, central)
     strategy = RunStrategy(strategy, eval_every=cfg.eval.every if federated_evaluation else None,
                            num_rounds=num_rounds, round_offset=done,
-                           # with SecAgg+, the legacy strategy takes the server step
+                           # with SecAgg+, the legacy strategy steps the item table
                            item_server_lr=1.0 if secagg else cfg.strategy.item_server_lr,
-                           server_weight_decay=0.0 if secagg else cfg.strategy.server_weight_decay,
                            cohorts=cohorts)
     return FederatedRun(cfg, composed, fed, dataset, model, outputs, resumed, metered,
                         train_config, population, num_rounds, central, secagg, privacy, rounds,

@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import Strategy
 from fedrec.config import ConfigError, SecAggConfig, StrategyConfig
 from fedrec.server.privacy import CentralDp, wrap_legacy_strategy
 from fedrec.server.rounds import RoundLog
-from fedrec.server.strategy import build_legacy_strategy, server_step
+from fedrec.server.strategy import build_legacy_strategy, with_item_step
 from fedrec.wire import ARRAY_NAMES, MAX_WEIGHT, WEIGHT_KEY
 
 log = logging.getLogger("fedrec.server")
@@ -147,8 +147,8 @@ def run_secure_rounds(
         _, before = current(cast(LegacyContext, legacy_context))
         secure(grid, legacy_context)
         _, after = current(cast(LegacyContext, legacy_context))
-        stepped = server_step(before.to_torch_state_dict(), after.to_torch_state_dict(),
-                              strategy_cfg.item_server_lr, strategy_cfg.server_weight_decay)
+        stepped = with_item_step(before.to_torch_state_dict(), after.to_torch_state_dict(),
+                                 strategy_cfg.item_server_lr)
         legacy_context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             ndarrays_to_parameters([stepped[n].numpy() for n in names]), keep_input=True)
 

@@ -108,17 +108,13 @@ def build_legacy_strategy(cfg: StrategyConfig, *, initial: list[np.ndarray],
         fit_metrics_aggregation_fn=fit_metrics)
 
 
-def server_step(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
-                item_server_lr: float, server_weight_decay: float) -> dict[str, torch.Tensor]:
-    """``after`` with the item table moved ``item_server_lr`` times as far from ``before``,
-    then every parameter shrunk by ``server_weight_decay``."""
-    stepped = dict(after)
-    if item_server_lr != 1:
-        step = after[ITEM_TABLE] - before[ITEM_TABLE]
-        stepped[ITEM_TABLE] = before[ITEM_TABLE] + item_server_lr * step
-    if server_weight_decay:
-        stepped = {name: value * (1 - server_weight_decay) for name, value in stepped.items()}
-    return stepped
+def with_item_step(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
+                   item_server_lr: float) -> dict[str, torch.Tensor]:
+    """``after`` with the item table moved ``item_server_lr`` times as far from ``before``."""
+    if item_server_lr == 1:
+        return after
+    step = after[ITEM_TABLE] - before[ITEM_TABLE]
+    return {**after, ITEM_TABLE: before[ITEM_TABLE] + item_server_lr * step}
 
 
 def _check_params(cfg: StrategyConfig, cls: type) -> None:
@@ -134,19 +130,17 @@ class RunStrategy(flwr_strategy.Strategy):
     """The strategy as a run drives it, outermost (so after any DP noise: post-processing).
     Federated evaluation only every ``eval_every`` rounds and after the last (``None``: never,
     as in a private run); the item table stepped ``item_server_lr`` times the wrapped
-    strategy's own step, then the model shrunk by ``server_weight_decay``. ``round_offset``:
-    rounds a resumed run did before (Flower counts from 1 again). Everything else is the
-    wrapped strategy's."""
+    strategy's own step. ``round_offset``: rounds a resumed run did before (Flower counts from
+    1 again). Everything else is the wrapped strategy's."""
 
     def __init__(self, strategy: flwr_strategy.Strategy, *, eval_every: int | None,
                  num_rounds: int, round_offset: int, item_server_lr: float,
-                 server_weight_decay: float, cohorts: Cohorts | None = None) -> None:
+                 cohorts: Cohorts | None = None) -> None:
         self.strategy = strategy
         self.eval_every = eval_every
         self.num_rounds = num_rounds
         self.round_offset = round_offset
         self.item_server_lr = item_server_lr
-        self.server_weight_decay = server_weight_decay
         self.cohorts = cohorts  # a pool of virtual shoppers: the round's cohort, by node
         self._sent = ArrayRecord()  # the global model of the round being trained
 
@@ -162,10 +156,10 @@ class RunStrategy(flwr_strategy.Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if arrays is None or (self.item_server_lr == 1 and not self.server_weight_decay):
+        if arrays is None or self.item_server_lr == 1:
             return arrays, metrics
-        stepped = server_step(self._sent.to_torch_state_dict(), arrays.to_torch_state_dict(),
-                              self.item_server_lr, self.server_weight_decay)
+        stepped = with_item_step(self._sent.to_torch_state_dict(), arrays.to_torch_state_dict(),
+                                 self.item_server_lr)
         return ArrayRecord(torch_state_dict=stepped), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
