@@ -27,8 +27,7 @@ from fedrec.wire import BUDGET_EXHAUSTED, message_layout, starts_round
 
 log = logging.getLogger("fedrec.server")
 # How often the server asks the SuperLink for replies. A cross-device round on the pool takes
-# about a second, so a 0.1 s poll idled for 5% of it on average; a pull of the pending replies
-# is a small request, and fifty a second cost the SuperLink little.
+# one to two seconds, and after the last reply a poll waits half its interval on average.
 POLL_SECONDS = 0.02
 
 
