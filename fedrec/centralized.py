@@ -24,7 +24,7 @@ from fedrec.data.split import Split, split_dataset
 from fedrec.metrics import evaluate_model, evaluate_popularity
 from fedrec.model import TwoTower
 from fedrec.outputs import RunOutputs
-from fedrec.train import Objective, make_loader, make_optimizer, train
+from fedrec.train import Objective, choose_weight_decay, make_loader, make_optimizer, train
 
 log = logging.getLogger("fedrec.centralized")
 
@@ -109,7 +109,10 @@ def _train_two_tower(c: Any, dataset: Any, split: Split, valid_cases: EvalCases,
     examples = training_examples(split.train, dataset.num_items, c.model.max_history)
     objective = Objective.from_config(c.train, examples, dataset.num_items)
     loader = make_loader(examples, c.train.batch_size, c.seed)
-    optimizer = make_optimizer(model.parameters(), c.train)
+    decay = choose_weight_decay(c.train, examples.user, federated=False)
+    log.info(decay.why)
+    optimizer = make_optimizer(model.parameters(), c.train.optimizer, lr=c.train.lr,
+                               weight_decay=decay.weight_decay)
     protocol, metric = c.eval.select_by.split(".")
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
     record: dict[str, Any] = {}

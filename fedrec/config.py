@@ -223,8 +223,13 @@ class DpSgdStepConfig:
     lr: float = MISSING
     local_epochs: int = MISSING
     round_lr_decay: float = MISSING
+    # A number, never chosen from the data: a choice made from a client's shoppers would say
+    # something about them that the noise does not cover.
+    weight_decay: float = MISSING
 
     def __post_init__(self) -> None:
+        _check(self.weight_decay >= 0, "train.dp_sgd.weight_decay", self.weight_decay,
+               "a number >= 0")
         _check(self.steps_per_epoch >= 1, "train.dp_sgd.steps_per_epoch", self.steps_per_epoch,
                "an integer >= 1")
         _check(self.examples_per_shopper >= 1, "train.dp_sgd.examples_per_shopper",
@@ -250,6 +255,30 @@ def _check_step(step: DpSgdStepConfig | TrainConfig, prefix: str) -> None:
 
 
 @dataclass
+class DecayPair:
+    centralized: float = MISSING
+    federated: float = MISSING
+
+
+@dataclass
+class AutoDecayConfig:
+    """What train.weight_decay=null picks, from the median number of training interactions
+    per shopper in the data an optimizer trains on."""
+
+    short_history_below: float = MISSING
+    short_histories: DecayPair = MISSING
+    long_histories: DecayPair = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.short_history_below > 0, "train.auto_decay.short_history_below",
+               self.short_history_below, "a number > 0")
+        for kind in ("short_histories", "long_histories"):
+            for where in ("centralized", "federated"):
+                value = getattr(getattr(self, kind), where)
+                _check(value >= 0, f"train.auto_decay.{kind}.{where}", value, "a number >= 0")
+
+
+@dataclass
 class TrainConfig:
     # Epochs of the centralized reference.
     epochs: int = MISSING
@@ -257,7 +286,9 @@ class TrainConfig:
     local_epochs: int = MISSING
     batch_size: int = MISSING
     lr: float = MISSING
-    weight_decay: float = MISSING
+    # null: chosen from the data by auto_decay (fedrec.train.choose_weight_decay), and logged.
+    weight_decay: float | None = MISSING
+    auto_decay: AutoDecayConfig = MISSING
     optimizer: str = MISSING
     loss: str = MISSING
     # Uniformly sampled negatives shared by a batch (sampled softmax) or one per example (BPR).
@@ -275,7 +306,8 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check_step(self, "train")
-        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.weight_decay is None or self.weight_decay >= 0, "train.weight_decay",
+               self.weight_decay, "null (train.auto_decay picks it) or a number >= 0")
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer,
                f"one of {', '.join(OPTIMIZERS)}")
         _check(self.loss in LOSSES, "train.loss", self.loss, f"one of {', '.join(LOSSES)}")
@@ -318,6 +350,17 @@ class EvalConfig:
         allowed += [f"full.{m}@{k}" for k in self.ks for m in ("recall", "ndcg")]
         _check(self.select_by in allowed, "eval.select_by", self.select_by,
                f"one of {', '.join(allowed)}")
+
+
+@dataclass
+class AutoRoundsConfig:
+    stops_on_validation: int = MISSING
+    fixed: int = MISSING
+
+    def __post_init__(self) -> None:
+        for key in ("stops_on_validation", "fixed"):
+            _check(getattr(self, key) >= 1, f"auto_rounds.{key}", getattr(self, key),
+                   "an integer >= 1")
 
 
 # --------------------------------------------------------------------------------- strategy
@@ -564,13 +607,19 @@ class Config:
     # A stopped federated run's output_dir: go on from its last completed round, into it.
     resume: str | None = MISSING
     seed: int = MISSING
-    num_rounds: int = MISSING
+    # Federated rounds; null: auto_rounds' count for the run's kind (see stops_on_validation).
+    num_rounds: int | None = MISSING
+    auto_rounds: AutoRoundsConfig = MISSING
     name: str = MISSING
     # Where a run writes config.yaml, metrics.jsonl, summary.json and model.pt.
     output_dir: str = MISSING
 
     def __post_init__(self) -> None:
-        _check(self.num_rounds >= 1, "num_rounds", self.num_rounds, "an integer >= 1")
+        if self.num_rounds is None:
+            self.num_rounds = (self.auto_rounds.stops_on_validation if self.stops_on_validation
+                               else self.auto_rounds.fixed)
+        _check(self.num_rounds >= 1, "num_rounds", self.num_rounds,
+               "null (auto_rounds decides) or an integer >= 1")
         _check(self.client_seed is None or self.client_seed >= 0, "client_seed",
                self.client_seed, "null (a secret per client) or an integer >= 0")
         _check(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
@@ -599,6 +648,14 @@ class Config:
             _check(self.privacy.mechanism != "dp_sgd", "resume", self.resume,
                    "null with privacy=dp_sgd: each client's spent budget lives in that run's "
                    "node state, which a new run cannot see")
+
+    @property
+    def stops_on_validation(self) -> bool:
+        """Whether a federated run can end early on validation: only when the clients' validation
+        figures reach the server, which no privacy mechanism and no SecAgg+ run of fedrec lets
+        them do (nothing of either covers them). A run that cannot trains every round, as its
+        noise is planned for them."""
+        return self.privacy.mechanism == "none" and not self.secagg.enabled
 
     @property
     def pooled(self) -> bool:
@@ -781,12 +838,10 @@ def federated_config(composed: DictConfig) -> Config:
     if not isinstance(cfg.model, TwoTowerConfig):
         raise ConfigError(f"model={cfg.model.kind} has no parameters to federate: "
                           "use model=two_tower (run the baseline with fedrec.centralized)")
-    if cfg.eval.patience is not None and (cfg.privacy.mechanism != "none" or cfg.secagg.enabled):
-        raise ConfigError(
-            f"eval.patience={cfg.eval.patience} stops on the clients' validation figures, which "
-            f"a run with privacy={cfg.privacy.mechanism} secagg="
-            f"{'on' if cfg.secagg.enabled else 'off'} does not collect (no mechanism of it covers "
-            "them): set eval.patience=null and choose num_rounds")
+    if not cfg.stops_on_validation:
+        # The clients' validation figures never reach such a run's server, so nothing could
+        # stop it early: it trains num_rounds, as its noise is planned (the server logs it).
+        cfg.eval.patience = None
     return cfg
 
 

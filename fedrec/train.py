@@ -128,13 +128,42 @@ def make_loader(examples: TrainExamples, batch_size: int, seed: int) -> DataLoad
                       generator=generator, collate_fn=batch_collate)
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter], optimizer: str, *, lr: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+@dataclass(frozen=True)
+class DecayChoice:
+    weight_decay: float
+    why: str  # one line for the log: the key that set it, or the statistic that chose it
+
+
+def choose_weight_decay(cfg: TrainConfig, shoppers: torch.Tensor, *,
+                        federated: bool) -> DecayChoice:
+    """train.weight_decay, or with null, what train.auto_decay picks for the examples whose
+    shoppers are ``shoppers`` (one id per example): by their median number of training
+    examples, and by whether the optimizer trains one client of a federation or the whole
+    centralized model. ``shoppers`` is the data this optimizer trains on, never more, so a client
+    decides from its own shoppers alone and tells no one."""
+    if cfg.weight_decay is not None:
+        return DecayChoice(cfg.weight_decay, f"train.weight_decay={cfg.weight_decay:g}")
+    auto = cfg.auto_decay
+    counts = torch.unique(shoppers, return_counts=True)[1]
+    median = float(counts.float().median()) if len(counts) else 0.0
+    short = median < auto.short_history_below
+    kind, pair = ("short", auto.short_histories) if short else ("long", auto.long_histories)
+    where = "federated" if federated else "centralized"
+    decay = getattr(pair, where)
+    return DecayChoice(decay, f"weight decay {decay:g}: the median shopper has {median:g} "
+                       f"training examples ({'<' if short else '>='} "
+                       f"train.auto_decay.short_history_below={auto.short_history_below:g}: "
+                       f"{kind} histories, {where})")
 
 
 def train(

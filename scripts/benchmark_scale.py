@@ -38,7 +38,7 @@ from fedrec.centralized import run as run_centralized
 from fedrec.data.sequences import training_examples
 from fedrec.model import TwoTower
 from fedrec.simulation import descendants, run_federated, superlink_pids
-from fedrec.train import Objective, make_loader, make_optimizer, train
+from fedrec.train import Objective, choose_weight_decay, make_loader, make_optimizer, train
 
 # name: (the dataset and its centralized preset, the cross-device recipe for its kind of data).
 REAL = {
@@ -93,8 +93,10 @@ def centralized_epoch_seconds(overrides: str) -> float:
     objective = Objective.from_config(cfg.train, examples, fed.dataset.num_items)
     loader = make_loader(examples, cfg.train.batch_size, cfg.seed)
     started = time.perf_counter()
-    train(model, make_optimizer(model.parameters(), cfg.train), loader, objective, epochs=1,
-          seed=cfg.seed)
+    decay = choose_weight_decay(cfg.train, examples.user, federated=False).weight_decay
+    optimizer = make_optimizer(model.parameters(), cfg.train.optimizer, lr=cfg.train.lr,
+                               weight_decay=decay)
+    train(model, optimizer, loader, objective, epochs=1, seed=cfg.seed)
     return time.perf_counter() - started
 
 

@@ -19,8 +19,10 @@ TINY = ["dataset.num_users=40", "dataset.num_items=60", "dataset.num_categories=
 # (overrides, what the line must say). {tmp} is the test's folder.
 BAD_RUNS = [
     (["train.lrr=0.1"], "bad configuration: train.lrr: Key 'lrr' not in 'TrainConfig'"),
-    (["+train.lrr=0.1"], "train.lrr is not a key of train; allowed: batch_size, dp_sgd"),
-    (["+colour=red"], "colour is not a key of the config; allowed: client_seed, dataset"),
+    (["+train.lrr=0.1"],
+     "train.lrr is not a key of train; allowed: auto_decay, batch_size, dp_sgd"),
+    (["+colour=red"],
+     "colour is not a key of the config; allowed: auto_rounds, client_seed, dataset"),
     (["dataset=nope"], "Could not find 'dataset/nope'; available options in 'dataset': csv, "
                        "lightgcn, movielens_100k, movielens_1m, sequence, synthetic"),
     (["model=nope"], "available options in 'model': popularity, two_tower"),
@@ -33,7 +35,8 @@ BAD_RUNS = [
     (["eval.ks=[]"], "eval.ks=[] is not allowed: expected a non-empty list of integers >= 1"),
     (["eval.select_by=full.recall@50"], "eval.select_by"),
     (["partition.alpha=0"], "partition.alpha=0.0 is not allowed: expected a number > 0"),
-    (["num_rounds=0"], "num_rounds=0 is not allowed: expected an integer >= 1"),
+    (["num_rounds=0"],
+     "num_rounds=0 is not allowed: expected null (auto_rounds decides) or an integer >= 1"),
     (["train.epochs=0"], "train.epochs=0 is not allowed: expected an integer >= 1"),
     (["mode=both"], "mode"),
     (["privacy=dp_sgd", "privacy.target_epsilon=-1"], "privacy.target_epsilon"),

@@ -32,13 +32,17 @@ def _assert_stopped_by_patience(summary: dict, scores: dict[int, float], patienc
     assert summary["rounds"] < summary["rounds_requested"]
 
 
-def test_patience_is_checked_and_refused_where_no_validation_figures_come_back():
+def test_patience_is_checked_and_stops_only_runs_whose_server_sees_validation():
     with pytest.raises(ConfigError, match=r"^eval.patience=0 .*null \(no early stop\)"):
         typed_config("eval.patience=0")
-    with pytest.raises(ConfigError, match=r"^eval.patience=3 stops on the clients' validation"):
-        federated_config(compose_config("eval.patience=3 privacy=dp_sgd"))
-    with pytest.raises(ConfigError, match=r"^eval.patience=3 .* secagg=on"):
-        federated_config(compose_config("eval.patience=3 secagg=on partition.num_silos=3"))
+    plain = federated_config(compose_config("eval.patience=3 auto_rounds.stops_on_validation=40"))
+    assert (plain.num_rounds, plain.eval.patience) == (40, 3)
+    # Private or SecAgg+ runs see no validation figures: they train every round they plan for.
+    for private in ("privacy=dp_sgd", "secagg=on partition.num_silos=3"):
+        cfg = federated_config(compose_config(f"eval.patience=3 auto_rounds.fixed=9 {private}"))
+        assert (cfg.num_rounds, cfg.eval.patience) == (9, None)
+    chosen = federated_config(compose_config("num_rounds=5 privacy=dp_sgd"))
+    assert chosen.num_rounds == 5
 
 
 def test_the_centralized_run_stops_on_patience(tmp_path):

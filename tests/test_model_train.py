@@ -4,14 +4,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import typed_config
+from conftest import TINY, load_node, typed_config
 from opacus.data_loader import DPDataLoader
 
+from fedrec.client.task import node_model, train_round
 from fedrec.data.sequences import heldout_cases, training_examples
 from fedrec.data.split import split_dataset
 from fedrec.metrics import evaluate_model, evaluate_popularity
 from fedrec.model import TwoTower
-from fedrec.train import Objective, make_loader, make_optimizer, train
+from fedrec.train import Objective, choose_weight_decay, make_loader, make_optimizer, train
+
+
+def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """The config's optimizer and lr without decay, so these tests see the gradient steps alone."""
+    return make_optimizer(model.parameters(), cfg.train.optimizer, lr=cfg.train.lr,
+                          weight_decay=0.0)
 
 
 def build(tiny_shop, *overrides, personal=False):
@@ -89,7 +96,7 @@ def test_training_beats_popularity_on_the_shop(tiny_shop, loss):
                          num_negatives=10, seed=0)
     examples = training_examples(split.train, tiny_shop.num_items, 50)
     before = evaluate_model(model, test, [5], 64).means()["sampled"]["hr@5"]
-    result = train(model, make_optimizer(model.parameters(), cfg.train),
+    result = train(model, _optimizer(model, cfg),
                    make_loader(examples, 32, 0),
                    Objective.from_config(cfg.train, examples, tiny_shop.num_items),
                    epochs=15, seed=0)
@@ -117,7 +124,7 @@ def test_after_step_changes_the_update(tiny_shop):
                 for p in m.parameters():
                     p.mul_(1 - shrink)
 
-        train(m, make_optimizer(m.parameters(), cfg.train), make_loader(examples, 64, 0),
+        train(m, _optimizer(m, cfg), make_loader(examples, 64, 0),
               objective, epochs=1, seed=0, after_step=after_step)
         return torch.cat([p.flatten() for p in m.shared_state().values()])
 
@@ -136,7 +143,7 @@ def test_diverging_loss_is_reported(tiny_shop):
             model.user_mlp[0].weight.fill_(float("nan"))
 
     with pytest.raises(FloatingPointError, match=r"train\.lr"):
-        train(model, make_optimizer(model.parameters(), cfg.train),
+        train(model, _optimizer(model, cfg),
               make_loader(examples, 64, 0),
               Objective.from_config(cfg.train, examples, tiny_shop.num_items), epochs=1,
               seed=0, after_step=poison)
@@ -160,3 +167,41 @@ def test_user_features_change_the_user_vector():
     with pytest.raises(ValueError, match="use_user_features"):
         TwoTower.for_dataset(cfg.model, build_dataset("plain", RawData(frame), min_rating=None,
                                                       kcore=0, source="plain"))
+
+
+def test_a_null_weight_decay_is_chosen_from_the_shoppers_histories():
+    cfg = typed_config("train.auto_decay.short_history_below=5",
+                       "train.auto_decay.short_histories.centralized=0.1",
+                       "train.auto_decay.short_histories.federated=0.2",
+                       "train.auto_decay.long_histories.centralized=0.3",
+                       "train.auto_decay.long_histories.federated=0.4").train
+    short = torch.tensor([7, 7, 3, 3, 3, 9, 9, 9, 9, 9, 9])  # 2, 3 and 6 examples: median 3
+    long = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 6, 9]))  # median 6
+    chosen = {(kind, federated): choose_weight_decay(cfg, shoppers, federated=federated)
+              for kind, shoppers in (("short", short), ("long", long))
+              for federated in (False, True)}
+    assert {key: choice.weight_decay for key, choice in chosen.items()} == {
+        ("short", False): 0.1, ("short", True): 0.2, ("long", False): 0.3, ("long", True): 0.4}
+    assert "median shopper has 3 training examples" in chosen["short", True].why
+    assert "median shopper has 6 training examples" in chosen["long", False].why
+    fixed = typed_config("train.weight_decay=0.25").train
+    assert choose_weight_decay(fixed, short, federated=True).weight_decay == 0.25
+
+
+def test_a_client_trains_with_the_decay_chosen_from_its_own_shoppers():
+    """A shop's round under train.weight_decay=null equals the round with its chosen decay set
+    by hand, and differs from one without decay."""
+    def round_with(overrides: str) -> torch.Tensor:
+        node = load_node(f"{TINY} train.optimizer=adamw train.lr=0.05 {overrides}", 0, 3)
+        torch.manual_seed(0)
+        model = node_model(node)
+        train_round(node, model, lr=0.05, local_epochs=1, batch_size=16, proximal_mu=0.0,
+                    seed=1)
+        return torch.cat([p.flatten() for p in model.shared_state().values()])
+
+    node = load_node(TINY, 0, 3)
+    decay = choose_weight_decay(node.cfg.train, node.examples.user, federated=True).weight_decay
+    assert decay > 0
+    auto = round_with("train.weight_decay=null")
+    assert torch.equal(auto, round_with(f"train.weight_decay={decay}"))
+    assert not torch.allclose(auto, round_with("train.weight_decay=0"))

@@ -32,7 +32,9 @@ def one_step_shoppers(node: NodeData, shoppers: list[int],
                       request: TrainRequest) -> tuple[list[int], list[int]]:
     """``shoppers`` split into those whose round is one plain SGD step, and the others."""
     cfg = node.cfg
-    linear = (cfg.train.optimizer == "sgd" and cfg.train.loss == "sampled_softmax"
+    # train.weight_decay=null: each shopper picks their own decay, so their steps differ.
+    linear = (cfg.train.optimizer == "sgd" and cfg.train.weight_decay is not None
+              and cfg.train.loss == "sampled_softmax"
               and cfg.model.dropout == 0 and request.local_epochs == 1
               and cfg.privacy.mechanism == "none" and not cfg.model.personal_embedding)
     if not linear:
@@ -58,8 +60,9 @@ def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, in
     shoppers, sizes = torch.tensor(asked)[order], counts[order]
     rows = node.shopper_rows.rows(shoppers.tolist())
     model.train()
-    train_cfg = type(cfg.train)(**{**vars(cfg.train), "lr": lr})
-    optimizer = make_optimizer(model.parameters(), train_cfg)
+    assert cfg.train.weight_decay is not None  # one_step_shoppers: a decay all of them share
+    optimizer = make_optimizer(model.parameters(), cfg.train.optimizer, lr=lr,
+                               weight_decay=cfg.train.weight_decay)
     after_step = proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
     optimizer.zero_grad(set_to_none=True)
     total_loss, first = 0.0, 0

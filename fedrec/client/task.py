@@ -7,6 +7,7 @@ interactions, user ids and personal vectors stay here: what leaves is listed, pe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,17 @@ from fedrec.data.sequences import EvalCases, TrainExamples, heldout_cases, train
 from fedrec.data.split import Split
 from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import TwoTower
-from fedrec.train import Objective, TrainResult, make_loader, make_optimizer, train
+from fedrec.train import (
+    Objective,
+    TrainResult,
+    choose_weight_decay,
+    make_loader,
+    make_optimizer,
+    train,
+)
 from fedrec.wire import OUTSIDE_PLAN
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -269,6 +279,9 @@ def _node_data(fed: Federation, users: np.ndarray) -> NodeData:
                       num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed)
         for part in ("valid", "test"))
     objective = _objective(cfg, examples, dataset.num_items)
+    if cfg.privacy.mechanism != "dp_sgd":
+        log.info("node of %d shoppers: %s", len(users),
+                 choose_weight_decay(cfg.train, examples.user, federated=True).why)
     return NodeData(cfg, dataset, users, split, examples, objective, valid_cases, test_cases,
                     ShopperRows.of(examples.user))
 
@@ -309,17 +322,22 @@ def train_round(
     ``ledger``, by DP-SGD on the ledger's plan (which fixes the steps: ``local_epochs`` and
     ``batch_size`` are unused), recording the round in the ledger. ``seed``: the client's own
     secret for the round, never the server's."""
-    train_cfg = type(node.cfg.train)(**{**vars(node.cfg.train), "lr": lr})
     after_step = proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
+    optimizer = node.cfg.train.optimizer
     if ledger is None:
         loader = make_loader(node.examples, batch_size, seed)
-        return train(model, make_optimizer(model.parameters(), train_cfg), loader,
-                     node.objective, epochs=local_epochs, seed=seed, after_step=after_step)
+        decay = choose_weight_decay(node.cfg.train, node.examples.user, federated=True)
+        return train(model, make_optimizer(model.parameters(), optimizer, lr=lr,
+                                           weight_decay=decay.weight_decay),
+                     loader, node.objective, epochs=local_epochs, seed=seed,
+                     after_step=after_step)
     if model.personal is not None:  # refused when the config is composed; never trained here
         raise ValueError("DP-SGD does not cover a personal embedding")
     privacy = node.cfg.privacy
     assert isinstance(privacy, DpSgdConfig)
-    return train_dp_sgd(model, make_optimizer(model.parameters(), train_cfg), node.examples,
+    shared_optimizer = make_optimizer(model.parameters(), optimizer, lr=lr,
+                                      weight_decay=node.cfg.train.dp_sgd.weight_decay)
+    return train_dp_sgd(model, shared_optimizer, node.examples,
                         node.objective, ledger, privacy, node.cfg.train.dp_sgd, seed=seed,
                         noise_seed=None if node.cfg.client_seed is None else seed,
                         after_step=after_step)

@@ -123,8 +123,19 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
     central, dp_sgd = _plan_privacy(cfg, fed, population, sample_size, train_config)
     # Per-client evaluation figures are covered by no mechanism: a private or SecAgg+ run
     # asks for none, and a simulation evaluates on the server instead (labelled so).
-    federated_evaluation = cfg.privacy.mechanism == "none" and not cfg.secagg.enabled
+    federated_evaluation = cfg.stops_on_validation
     num_rounds = cfg.num_rounds if central is None else central.rounds
+    if cfg.stops_on_validation:
+        log.info("at most %d rounds (num_rounds); eval.patience=%s ends the run once that many "
+                 "evaluations in a row have not beaten the best validation %s", cfg.num_rounds,
+                 cfg.eval.patience, cfg.eval.select_by)
+    else:
+        log.info("%d rounds (num_rounds), all of them: with privacy=%s secagg=%s no validation "
+                 "figure reaches the server, so eval.patience does not apply", cfg.num_rounds,
+                 cfg.privacy.mechanism, "on" if cfg.secagg.enabled else "off")
+    if cfg.train.weight_decay is None and cfg.privacy.mechanism != "dp_sgd":
+        log.info("train.weight_decay=null: each client picks its own from its shoppers' median "
+                 "training history (train.auto_decay) and logs it")
     if num_rounds < cfg.num_rounds:
         log.info("privacy.max_epsilon=%s allows %d of the %d rounds asked for: the run stops "
                  "after round %d", cfg.privacy.max_epsilon, num_rounds, cfg.num_rounds,
