@@ -3,9 +3,8 @@
     python scripts/benchmark_federated.py [--data ../shared/data] [--dataset "..."] [--fed "..."]
         [overrides...]
 
-Default: ML-100K with its preset (fedrec/conf/preset/movielens_100k.yaml: the attention user
-tower), FedAvg with the attention tower's cross-device recipe
-(fedrec/conf/experiment/cross_device_attention.yaml: every shopper is a client, 600 short
+Default: ML-100K with the attention user tower, FedAvg with the attention tower's cross-device
+recipe (fedrec/conf/experiment/cross_device_attention.yaml: every shopper is a client, 600 short
 rounds). Both runs report the
 epoch or evaluated round with the best validation HR@10. Prints sampled HR@10 and NDCG@10, full
 Recall@20, wall time and bytes up/down, and the federated/centralized HR@10 ratio. Positional
@@ -31,7 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="folder holding ml-100k/ (default: %(default)s)")
-    parser.add_argument("--dataset", default="preset=movielens_100k dataset.path={data}/ml-100k",
+    parser.add_argument("--dataset", default="dataset=movielens_100k model.user_tower=attention "
+                        "dataset.path={data}/ml-100k",
                         help="dataset overrides; {data} expands to --data")
     parser.add_argument("--fed", default="experiment=cross_device_attention strategy=fedavg",
                         help="overrides for the federated run only (default: %(default)s)")

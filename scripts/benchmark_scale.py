@@ -13,11 +13,11 @@ second), and the bytes a shopper's device sends and receives a round (the shared
 as a device would; the pool's own messages carry a node's mean).
 
 The real-data table (``--real``; rows skip when ../shared/data lacks the dataset): the
-cross-device recipe against the centralized run of the same preset, and round 0, the evaluation
-of every shopper (with each node's first loading of its data). Both report the test metrics of
-the round or epoch with the best validation HR@10. "pass" is the training time of one pass of
-every shopper (the median later training round x population / cohort) against one centralized
-epoch of training over the same examples, timed alone.
+cross-device recipe against the centralized run of the same dataset and model, and round 0,
+the evaluation of every shopper (with each node's first loading of its data). Both report
+the test metrics of the round or epoch with the best validation HR@10. "pass" is the training
+time of one pass of every shopper (the median later training round x population / cohort)
+against one centralized epoch of training over the same examples, timed alone.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from fedrec.model import TwoTower
 from fedrec.simulation import descendants, run_federated, superlink_pids
 from fedrec.train import Objective, choose_weight_decay, make_loader, make_optimizer, train
 
-# name: (the dataset and its centralized preset, the cross-device recipe for its kind of data).
+# name: (the dataset with its centralized model, the cross-device recipe for its kind of data).
 REAL = {
-    "beauty": ("preset=beauty dataset.path={data}/amazon-beauty/Beauty.txt",
+    "beauty": ("dataset=sequence dataset.name=beauty dataset.path={data}/amazon-beauty/Beauty.txt",
                "experiment=cross_device_sparse"),
-    "ml-100k": ("preset=movielens_100k dataset.path={data}/ml-100k",
+    "ml-100k": ("dataset=movielens_100k model.user_tower=attention dataset.path={data}/ml-100k",
                 "experiment=cross_device_attention"),
 }
 
@@ -84,7 +84,7 @@ class PeakMemory:
 
 
 def centralized_epoch_seconds(overrides: str) -> float:
-    """One epoch of the centralized preset's training over every training example, timed alone
+    """One epoch of the centralized run's training over every training example, timed alone
     (the centralized run's own epochs include an evaluation)."""
     fed = load_federation(overrides)
     cfg = fed.cfg

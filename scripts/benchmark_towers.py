@@ -3,7 +3,7 @@
     python scripts/benchmark_towers.py [--data ../shared/data] [--only ML-100K] [--rows ...]
         [overrides for every run...]
 
-Every run starts from its dataset's preset (fedrec/conf/preset/). Rows:
+Every run starts from its dataset and the defaults. Rows:
 model.user_tower=mean|attention x {centralized; federated, one client per user
 (experiment=cross_device, or
 cross_device_attention for the attention tower); federated with dp_sgd
@@ -26,10 +26,11 @@ from common import DEFAULT_DATA, local_superlink, run_row
 
 from fedrec.centralized import run as run_centralized
 
-# Each dataset's preset (fedrec/conf/preset/); the tower column overrides the preset's tower.
-PRESETS = {
-    "ML-100K": ["preset=movielens_100k", "dataset.path={data}/ml-100k"],
-    "Beauty": ["preset=beauty", "dataset.path={data}/amazon-beauty/Beauty.txt"],
+# Each dataset; the tower column sets the user tower.
+DATASETS = {
+    "ML-100K": ["dataset=movielens_100k", "dataset.path={data}/ml-100k"],
+    "Beauty": ["dataset=sequence", "dataset.name=beauty",
+               "dataset.path={data}/amazon-beauty/Beauty.txt"],
 }
 # Each tower's cross-device recipe (fedrec/conf/experiment/): the attention blocks need a lower lr.
 CROSS_DEVICE = {"mean": "experiment=cross_device", "attention": "experiment=cross_device_attention"}
@@ -45,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=None, help="where runs write (default: temp)")
-    parser.add_argument("--only", choices=list(PRESETS), action="append")
+    parser.add_argument("--only", choices=list(DATASETS), action="append")
     parser.add_argument("--towers", nargs="+", default=["mean", "attention"],
                         choices=["mean", "attention"])
     parser.add_argument("--rows", nargs="+", default=["centralized", "federated", "dp_sgd"],
@@ -56,8 +57,8 @@ def main() -> None:
     out = (args.out or Path(tempfile.mkdtemp(prefix="fedrec-towers-"))).resolve()
     results: dict[tuple[str, str, str], dict[str, Any] | str] = {}
     with local_superlink():
-        for name in args.only or PRESETS:
-            base = [o.format(data=args.data.resolve()) for o in PRESETS[name]]
+        for name in args.only or DATASETS:
+            base = [o.format(data=args.data.resolve()) for o in DATASETS[name]]
             for tower in args.towers:
                 for row in args.rows:
                     overrides = [*base, f"model.user_tower={tower}", *args.overrides]

@@ -61,14 +61,15 @@ def test_experiment_preset_sets_keys_across_groups_and_yields_to_overrides():
     assert cfg.strategy.fraction_train < 1
 
 
-def test_dataset_preset_picks_the_dataset_and_yields_to_experiment_and_overrides():
-    beauty = to_typed(compose_config("preset=beauty dataset.path=/data/Beauty.txt"))
-    assert (beauty.dataset.format, beauty.dataset.name) == ("sequence", "beauty")
-    assert (beauty.train.optimizer, beauty.train.weight_decay) == ("adamw", 0.5)
-    federated = to_typed(compose_config(
-        "preset=beauty dataset.path=/data/Beauty.txt experiment=cross_device train.epochs=3"))
-    assert (federated.train.optimizer, federated.train.weight_decay) == ("sgd", 0.0)
-    assert federated.dataset.name == "beauty"  # the experiment keeps the preset's dataset
-    assert federated.train.epochs == 3
-    ml = to_typed(compose_config("preset=movielens_100k dataset.path=/data/ml-100k"))
-    assert ml.dataset.name == "movielens_100k" and ml.model.user_tower == "attention"
+def test_no_dataset_is_named_in_the_training_defaults():
+    """The decay comes from the data (train.auto_decay), not from a preset named for a
+    dataset; a recipe named for a kind of data (an experiment) sets its own."""
+    beauty = to_typed(compose_config("dataset=sequence dataset.path=/data/Beauty.txt"))
+    synthetic = to_typed(compose_config(""))
+    assert beauty.train == synthetic.train and beauty.train.weight_decay is None
+    with pytest.raises(ConfigError, match="preset"):
+        compose_config("preset=beauty")
+    sparse = to_typed(compose_config("dataset=sequence dataset.path=/data/Beauty.txt "
+                                     "experiment=cross_device_sparse train.epochs=3"))
+    assert (sparse.train.optimizer, sparse.train.weight_decay) == ("sgd", 0.0)
+    assert sparse.train.epochs == 3
