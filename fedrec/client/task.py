@@ -26,6 +26,7 @@ from fedrec.data.split import Split
 from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import TwoTower
 from fedrec.train import (
+    DecayChoice,
     Objective,
     TrainResult,
     choose_weight_decay,
@@ -85,6 +86,7 @@ class NodeData:
     valid_cases: EvalCases
     test_cases: EvalCases
     shopper_rows: ShopperRows
+    weight_decay: float  # what this node's optimizer decays by (_client_decay), chosen once
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class ShopperData:
     users: np.ndarray  # the one shopper
     examples: TrainExamples
     objective: Objective
+    weight_decay: float  # chosen from this shopper's history alone, as their device would
 
 
 # What a round of training reads: a node's data, or one of its virtual shoppers'.
@@ -172,7 +175,8 @@ def shopper_data(node: NodeData, shopper: int) -> ShopperData:
     examples = TrainExamples(node.examples.history[rows], node.examples.target[rows],
                              node.examples.user[rows])
     return ShopperData(node.cfg, node.dataset, np.array([shopper]), examples,
-                       _objective(node.cfg, examples, node.dataset.num_items))
+                       _objective(node.cfg, examples, node.dataset.num_items),
+                       _client_decay(node.cfg, examples).weight_decay)
 
 
 def dp_sgd_ledger(node: TrainingData, request: TrainRequest,
@@ -279,11 +283,19 @@ def _node_data(fed: Federation, users: np.ndarray) -> NodeData:
                       num_negatives=cfg.eval.num_negatives, seed=cfg.eval.seed)
         for part in ("valid", "test"))
     objective = _objective(cfg, examples, dataset.num_items)
-    if cfg.privacy.mechanism != "dp_sgd":
-        log.info("node of %d shoppers: %s", len(users),
-                 choose_weight_decay(cfg.train, examples.user, federated=True).why)
+    decay = _client_decay(cfg, examples)
+    log.info("node of %d shoppers: %s", len(users), decay.why)
     return NodeData(cfg, dataset, users, split, examples, objective, valid_cases, test_cases,
-                    ShopperRows.of(examples.user))
+                    ShopperRows.of(examples.user), decay.weight_decay)
+
+
+def _client_decay(cfg: Config, examples: TrainExamples) -> DecayChoice:
+    """The weight decay a client trains with. Under DP-SGD, the public train.dp_sgd.weight_decay:
+    a choice made from the client's shoppers would shape every step outside the noise."""
+    if isinstance(cfg.privacy, DpSgdConfig):
+        decay = cfg.train.dp_sgd.weight_decay
+        return DecayChoice(decay, f"train.dp_sgd.weight_decay={decay:g}")
+    return choose_weight_decay(cfg.train, examples.user, federated=True)
 
 
 def _objective(cfg: Config, examples: TrainExamples, num_items: int) -> Objective:
@@ -323,21 +335,17 @@ def train_round(
     ``batch_size`` are unused), recording the round in the ledger. ``seed``: the client's own
     secret for the round, never the server's."""
     after_step = proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
-    optimizer = node.cfg.train.optimizer
+    optimizer = make_optimizer(model.parameters(), node.cfg.train.optimizer, lr=lr,
+                               weight_decay=node.weight_decay)
     if ledger is None:
         loader = make_loader(node.examples, batch_size, seed)
-        decay = choose_weight_decay(node.cfg.train, node.examples.user, federated=True)
-        return train(model, make_optimizer(model.parameters(), optimizer, lr=lr,
-                                           weight_decay=decay.weight_decay),
-                     loader, node.objective, epochs=local_epochs, seed=seed,
+        return train(model, optimizer, loader, node.objective, epochs=local_epochs, seed=seed,
                      after_step=after_step)
     if model.personal is not None:  # refused when the config is composed; never trained here
         raise ValueError("DP-SGD does not cover a personal embedding")
     privacy = node.cfg.privacy
     assert isinstance(privacy, DpSgdConfig)
-    shared_optimizer = make_optimizer(model.parameters(), optimizer, lr=lr,
-                                      weight_decay=node.cfg.train.dp_sgd.weight_decay)
-    return train_dp_sgd(model, shared_optimizer, node.examples,
+    return train_dp_sgd(model, optimizer, node.examples,
                         node.objective, ledger, privacy, node.cfg.train.dp_sgd, seed=seed,
                         noise_seed=None if node.cfg.client_seed is None else seed,
                         after_step=after_step)
