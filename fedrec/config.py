@@ -166,6 +166,7 @@ class ModelConfig:
 
 
 USER_TOWERS = ("mean", "attention")
+HISTORY_ITEMS = ("id", "id_and_attributes", "attributes")
 
 
 @dataclass
@@ -183,6 +184,11 @@ class TwoTowerConfig(ModelConfig):
     # How the user tower reads the history: mean (a bag of items) or attention (causal
     # self-attention with learned positions, as SASRec: the order counts).
     user_tower: str = MISSING
+    # What the user tower reads for each history item: its id row (id), its id row plus the
+    # mean of its attribute rows (id_and_attributes), or the attributes alone (attributes: no id
+    # row, so a rarely bought item still says what it is, and the user tower learns nothing
+    # from the private id table).
+    history_items: str = MISSING
     attention_layers: int = MISSING
     attention_heads: int = MISSING
 
@@ -194,6 +200,8 @@ class TwoTowerConfig(ModelConfig):
             _check(value >= 1, f"model.{key}", value, "an integer >= 1")
         _check(self.user_tower in USER_TOWERS, "model.user_tower", self.user_tower,
                f"one of {', '.join(USER_TOWERS)}")
+        _check(self.history_items in HISTORY_ITEMS, "model.history_items", self.history_items,
+               f"one of {', '.join(HISTORY_ITEMS)}")
         _check(self.embedding_dim % self.attention_heads == 0, "model.attention_heads",
                self.attention_heads, f"a divisor of model.embedding_dim={self.embedding_dim}")
         _check(self.temperature > 0, "model.temperature", self.temperature, "a number > 0")

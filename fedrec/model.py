@@ -35,6 +35,7 @@ class TwoTower(nn.Module):
         self.num_items = num_items
         self.max_history = cfg.max_history
         self.temperature = cfg.temperature
+        self.history_items = cfg.history_items
         # Row num_items is the padding item: it has no attributes and a zero id embedding.
         attrs = np.vstack([item_attributes, np.zeros((1, item_attributes.shape[1]), np.int64)])
         self.register_buffer("item_attributes", torch.as_tensor(attrs, dtype=torch.long))
@@ -80,25 +81,51 @@ class TwoTower(nn.Module):
         """Scores of candidates for each history: (B, C) for candidates shared by the batch,
         shape (C,), or for per-example candidates, shape (B, C)."""
         if candidates.dim() == 1:
-            ids = torch.cat([history.reshape(-1), candidates])
-            # split, not slicing: a slice's backward writes into a zero-filled copy of the whole.
-            history_emb, candidate_emb = self.item_embedding(ids).split(
-                [history.numel(), len(candidates)])
-            user = self._user_from_embedded(history, history_emb.view(*history.shape, -1), users)
-            item = self._item_from_embedded(candidates, candidate_emb)
+            history_in, item = self._read_items(history.reshape(-1), candidates, dim=0)
+            user = self._user_from_embedded(history, history_in.view(*history.shape, -1), users)
             return user @ item.T / self.temperature
         # Per-example candidates keep the batch axis first through every layer, which is what
         # Opacus needs to tell one example's gradient from another's.
-        history_emb, candidate_emb = self.item_embedding(
-            torch.cat([history, candidates], dim=1)).split([history.shape[1],
-                                                            candidates.shape[1]], dim=1)
-        user = self._user_from_embedded(history, history_emb, users)
-        item = self._item_from_embedded(candidates, candidate_emb)
+        history_in, item = self._read_items(history, candidates, dim=1)
+        user = self._user_from_embedded(history, history_in, users)
         return torch.einsum("bd,bcd->bc", user, item) / self.temperature
+
+    def _read_items(self, history: torch.Tensor, candidates: torch.Tensor,
+                    dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the user tower reads for each history item, and each candidate's item vector.
+        History and candidates go through every item layer together, in one call each: Opacus'
+        ghost clipping refuses a module called twice in one forward pass."""
+        ids = torch.cat([history, candidates], dim=dim)
+        sizes = [history.shape[dim], candidates.shape[dim]]
+        if self.history_items == "id":
+            # split, not slicing: a slice's backward writes into a zero-filled copy of the whole.
+            history_emb, candidate_emb = self.item_embedding(ids).split(sizes, dim=dim)
+            return history_emb, self._item_from_embedded(candidates, candidate_emb)
+        if dim == 0:
+            # A batch's histories repeat the same items many times: read each distinct item
+            # once (this path is never under Opacus, which needs the batch axis).
+            distinct, position = torch.unique(ids, return_inverse=True)
+            read, vectors = self._read_distinct(distinct)
+            read, vectors = F.embedding(position, read), F.embedding(position, vectors)
+        else:
+            read, vectors = self._read_distinct(ids)
+        return read.split(sizes, dim=dim)[0], vectors.split(sizes, dim=dim)[1]
+
+    def _read_distinct(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedded = self.item_embedding(items)
+        attrs = self.item_attributes[items]
+        attr_mean = _masked_mean(self.attribute_embedding(attrs), attrs)
+        vectors = F.normalize(self.item_mlp(torch.cat([embedded, attr_mean], dim=-1)), dim=-1)
+        read = attr_mean if self.history_items == "attributes" else embedded + attr_mean
+        return read, vectors
 
     def user_vectors(self, history: torch.Tensor,
                      users: torch.Tensor | None = None) -> torch.Tensor:
-        return self._user_from_embedded(history, self.item_embedding(history), users)
+        if self.history_items == "id":
+            return self._user_from_embedded(history, self.item_embedding(history), users)
+        distinct, position = torch.unique(history, return_inverse=True)
+        read = F.embedding(position, self._read_distinct(distinct)[0])
+        return self._user_from_embedded(history, read, users)
 
     def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
         if items is None:

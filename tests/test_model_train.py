@@ -28,9 +28,10 @@ def build(tiny_shop, *overrides, personal=False):
     return cfg, TwoTower.for_dataset(cfg.model, tiny_shop, personal_users=users)
 
 
-def test_shapes_and_one_score_path(tiny_shop):
+@pytest.mark.parametrize("history_items", ["id", "id_and_attributes", "attributes"])
+def test_shapes_and_one_score_path(tiny_shop, history_items):
     cfg, model = build(tiny_shop, "model.embedding_dim=8", "model.hidden_dim=16",
-                       "model.max_history=5")
+                       "model.max_history=5", f"model.history_items={history_items}")
     model.eval()
     history = torch.full((3, 5), tiny_shop.num_items)
     history[:, -2:] = torch.tensor([[1, 2], [3, 4], [5, 6]])
@@ -41,6 +42,25 @@ def test_shapes_and_one_score_path(tiny_shop):
     assert torch.allclose(shared, direct / cfg.model.temperature, atol=1e-5)
     assert torch.allclose(shared, per_row, atol=1e-5)
     assert model.item_vectors().shape == (tiny_shop.num_items, 8)
+
+
+@pytest.mark.parametrize(("history_items", "reads_ids", "reads_attributes"),
+                         [("id", True, False), ("id_and_attributes", True, True),
+                          ("attributes", False, True)])
+def test_the_user_tower_reads_what_history_items_names(tiny_shop, history_items, reads_ids,
+                                                        reads_attributes):
+    _, model = build(tiny_shop, f"model.history_items={history_items}")
+    model.eval()
+    history = torch.tensor([[tiny_shop.num_items, 1, 2], [3, 4, 5]])
+    before = model.user_vectors(history)
+    with torch.no_grad():
+        model.item_embedding.weight[:6] += 1.0
+    after_ids = model.user_vectors(history)
+    with torch.no_grad():
+        model.attribute_embedding.weight[1:] += 1.0
+    after_attributes = model.user_vectors(history)
+    assert (not torch.allclose(before, after_ids)) == reads_ids
+    assert (not torch.allclose(after_ids, after_attributes)) == reads_attributes
 
 
 def test_personal_embedding_is_not_shared(tiny_shop):
