@@ -101,30 +101,31 @@ class TwoTower(nn.Module):
             # split, not slicing: a slice's backward writes into a zero-filled copy of the whole.
             history_emb, candidate_emb = self.item_embedding(ids).split(sizes, dim=dim)
             return history_emb, self._item_from_embedded(candidates, candidate_emb)
+        items = ids
         if dim == 0:
             # A batch's histories repeat the same items many times: read each distinct item
             # once (this path is never under Opacus, which needs the batch axis).
-            distinct, position = torch.unique(ids, return_inverse=True)
-            read, vectors = self._read_distinct(distinct)
+            items, position = torch.unique(ids, return_inverse=True)
+        embedded, attr_mean = self._item_parts(items)
+        read, vectors = self._history_read(embedded, attr_mean), self._vector(embedded, attr_mean)
+        if dim == 0:
             read, vectors = F.embedding(position, read), F.embedding(position, vectors)
-        else:
-            read, vectors = self._read_distinct(ids)
         return read.split(sizes, dim=dim)[0], vectors.split(sizes, dim=dim)[1]
 
-    def _read_distinct(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedded = self.item_embedding(items)
+    def _item_parts(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each item's id row and the mean of its attribute rows."""
         attrs = self.item_attributes[items]
-        attr_mean = _masked_mean(self.attribute_embedding(attrs), attrs)
-        vectors = F.normalize(self.item_mlp(torch.cat([embedded, attr_mean], dim=-1)), dim=-1)
-        read = attr_mean if self.history_items == "attributes" else embedded + attr_mean
-        return read, vectors
+        return self.item_embedding(items), _masked_mean(self.attribute_embedding(attrs), attrs)
+
+    def _history_read(self, embedded: torch.Tensor, attr_mean: torch.Tensor) -> torch.Tensor:
+        return attr_mean if self.history_items == "attributes" else embedded + attr_mean
 
     def user_vectors(self, history: torch.Tensor,
                      users: torch.Tensor | None = None) -> torch.Tensor:
         if self.history_items == "id":
             return self._user_from_embedded(history, self.item_embedding(history), users)
         distinct, position = torch.unique(history, return_inverse=True)
-        read = F.embedding(position, self._read_distinct(distinct)[0])
+        read = F.embedding(position, self._history_read(*self._item_parts(distinct)))
         return self._user_from_embedded(history, read, users)
 
     def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,7 +168,9 @@ class TwoTower(nn.Module):
         return self._item_vector(embedded, self.item_attributes[items])
 
     def _item_vector(self, embedded: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
-        attr_mean = _masked_mean(self.attribute_embedding(attrs), attrs)
+        return self._vector(embedded, _masked_mean(self.attribute_embedding(attrs), attrs))
+
+    def _vector(self, embedded: torch.Tensor, attr_mean: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.item_mlp(torch.cat([embedded, attr_mean], dim=-1)), dim=-1)
 
     def personal_slot(self, user: int) -> int:
