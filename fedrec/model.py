@@ -81,6 +81,9 @@ class TwoTower(nn.Module):
         """Scores of candidates for each history: (B, C) for candidates shared by the batch,
         shape (C,), or for per-example candidates, shape (B, C)."""
         if candidates.dim() == 1:
+            if self.history_items != "id":  # each distinct history item read once, no MLP
+                return self.user_vectors(history, users) @ self.item_vectors(
+                    candidates).T / self.temperature
             history_in, item = self._read_items(history.reshape(-1), candidates, dim=0)
             user = self._user_from_embedded(history, history_in.view(*history.shape, -1), users)
             return user @ item.T / self.temperature
@@ -101,15 +104,8 @@ class TwoTower(nn.Module):
             # split, not slicing: a slice's backward writes into a zero-filled copy of the whole.
             history_emb, candidate_emb = self.item_embedding(ids).split(sizes, dim=dim)
             return history_emb, self._item_from_embedded(candidates, candidate_emb)
-        items = ids
-        if dim == 0:
-            # A batch's histories repeat the same items many times: read each distinct item
-            # once (this path is never under Opacus, which needs the batch axis).
-            items, position = torch.unique(ids, return_inverse=True)
-        embedded, attr_mean = self._item_parts(items)
+        embedded, attr_mean = self._item_parts(ids)
         read, vectors = self._history_read(embedded, attr_mean), self._vector(embedded, attr_mean)
-        if dim == 0:
-            read, vectors = F.embedding(position, read), F.embedding(position, vectors)
         return read.split(sizes, dim=dim)[0], vectors.split(sizes, dim=dim)[1]
 
     def _item_parts(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
