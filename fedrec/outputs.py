@@ -49,6 +49,7 @@ class RunOutputs:
         outputs = cls.__new__(cls)
         outputs.started_at = _now()
         outputs.path = resumable(run_dir)
+        _check_same_model(run_dir, outputs.path / "config.yaml", cfg)
         checkpoint_path = outputs.path / CHECKPOINT
         try:  # tensors and plain data only: a crafted pickle is refused, never run
             checkpoint = torch.load(checkpoint_path, weights_only=True)
@@ -120,6 +121,24 @@ def resumable(run_dir: str | Path) -> Path:
     if (path / "summary.json").exists():
         raise FileExistsError(f"resume={run_dir}: that run finished (summary.json exists)")
     return path
+
+
+def _check_same_model(run_dir: str | Path, stored: Path, cfg: DictConfig) -> None:
+    """A checkpoint's parameters mean what the stopped run's model config said. The same
+    shapes load under another config (a changed default, a forgotten override) and would
+    silently train a different model, so any difference is refused, naming the keys."""
+    if not stored.exists():
+        raise FileNotFoundError(f"resume={run_dir}: {stored} does not exist, so the model the "
+                                "checkpoint holds is unknown")
+    before = OmegaConf.to_container(OmegaConf.load(stored).get("model", {}))
+    now = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(before, dict) and isinstance(now, dict)
+    differ = [f"model.{key}={before.get(key, '(absent)')} in the stopped run, {now.get(key)} "
+              "now" for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    if differ:
+        raise ValueError(f"resume={run_dir}: the model differs from the stopped run's: "
+                         f"{'; '.join(differ)}. Give the stopped run's overrides "
+                         "(its config.yaml)")
 
 
 def source_commit() -> str | None:

@@ -85,7 +85,9 @@ class Recommender:
                                  "guide serves from a history alone: train without them")
         try:
             # Personal vectors never leave their client, so serving uses the shared tower.
-            cfg = config_from_spec(TwoTowerConfig, {**spec, "personal_embedding": False},
+            # model.pt files written before model.history_items existed read id rows.
+            cfg = config_from_spec(TwoTowerConfig, {"history_items": "id", **spec,
+                                                    "personal_embedding": False},
                                    f"{path}: model_spec")
         except ConfigError as err:
             raise RecommendError(str(err)) from err

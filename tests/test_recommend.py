@@ -159,10 +159,43 @@ def test_a_crafted_checkpoint_is_refused_and_never_runs(tmp_path):
 
     marker = tmp_path / "ran"
     (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "config.yaml").write_text("model:\n  kind: two_tower\n")
     torch.save({"round": 1, "arrays": _Marker(marker)}, tmp_path / CHECKPOINT)
     with pytest.raises(ValueError, match="not a fedrec checkpoint"):
-        RunOutputs.resume(tmp_path, OmegaConf.create({}))
+        RunOutputs.resume(tmp_path, OmegaConf.create({"model": {"kind": "two_tower"}}))
     assert not marker.exists()
+
+
+def test_a_checkpoint_resumes_only_under_the_model_it_was_trained_as(tmp_path):
+    """The same shapes load under another model config, so a changed default or a forgotten
+    override would silently train another model: refused, naming the key."""
+    from omegaconf import OmegaConf
+
+    from fedrec.config import compose_config
+    from fedrec.outputs import CHECKPOINT, RunOutputs
+
+    stopped = compose_config(["model.history_items=id"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(stopped))
+    (tmp_path / "metrics.jsonl").write_text("")
+    torch.save({"round": 1}, tmp_path / CHECKPOINT)
+    with pytest.raises(ValueError, match=r"model\.history_items=id in the stopped run, "
+                                         r"id_and_attributes now"):
+        RunOutputs.resume(tmp_path, compose_config([]))
+    outputs, checkpoint = RunOutputs.resume(tmp_path, compose_config(["model.history_items=id"]))
+    assert checkpoint["round"] == 1 and outputs.path == tmp_path.resolve()
+    (tmp_path / "config.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config\.yaml does not exist"):
+        RunOutputs.resume(tmp_path, stopped)
+
+
+def test_a_model_file_from_before_history_items_is_served_as_it_was_trained(model_path,
+                                                                           tmp_path):
+    payload = torch.load(model_path, weights_only=True)
+    spec = dict(payload["model_spec"])
+    assert spec.pop("history_items") == "id_and_attributes"
+    torch.save({**payload, "model_spec": spec}, tmp_path / "old.pt")
+    assert Recommender.load(tmp_path / "old.pt").model.history_items == "id"
+    assert Recommender.load(model_path).model.history_items == "id_and_attributes"
 
 
 def test_serving_reads_a_plain_data_spec_and_never_resolves_it(model_path, tmp_path, capsys,
