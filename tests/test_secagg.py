@@ -15,8 +15,13 @@ from fedrec.config import ConfigError, compose_config, to_typed
 from fedrec.server.secagg import plan_secagg
 
 
-def _shared_state(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "model.pt", weights_only=True)["shared_state"]
+def _round_model(run: Path) -> dict[str, torch.Tensor]:
+    """The global model after the run's last round (checkpoint.pt), not model.pt's: a plain
+    run picks its round by validation and may keep the untrained round 0, a SecAgg+ run (no
+    validation) its last."""
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["round"] == 1
+    return checkpoint["arrays"]
 
 
 def _rounds(run: Path) -> list[dict]:
@@ -35,7 +40,7 @@ def test_secagg_aggregate_equals_the_plain_mean(flower, tmp_path):
         summary = flower(f"{overrides} wire_log={wire}", num_supernodes=3,
                          output_dir=tmp_path / mode)
         assert summary["privacy"]["secagg"] is (mode == "on")
-        runs[mode] = _shared_state(tmp_path / mode)
+        runs[mode] = _round_model(tmp_path / mode)
         layouts = assert_wire_contract(wire, overrides)
         if mode == "on":  # the count and loss do not leave a client in the clear
             results = [x["records"] for x in layouts
