@@ -28,6 +28,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from common import DEFAULT_DATA, local_superlink, run_row
@@ -78,9 +79,9 @@ def row(dataset: str, name: str, results: list[dict[str, Any] | str],
     hr = [run["metrics"]["sampled"]["hr@10"] for run in runs]
     spread = f" ({min(hr):.4f} to {max(hr):.4f})" if len(hr) > 1 else ""
     reference = mean_hr(centralized or [])
-    ratio = "-" if reference is None else f"{mean_hr(results) / reference:.3f}x"
-    ndcg = sum(run["metrics"]["sampled"]["ndcg@10"] for run in runs) / len(runs)
-    return (f"| {dataset} | {name} | {sum(hr) / len(hr):.4f}{spread} | {ndcg:.4f} | {ratio} | "
+    ratio = "-" if reference is None else f"{fmean(hr) / reference:.3f}x"
+    ndcg = fmean(run["metrics"]["sampled"]["ndcg@10"] for run in runs)
+    return (f"| {dataset} | {name} | {fmean(hr):.4f}{spread} | {ndcg:.4f} | {ratio} | "
             f"{', '.join(str(run['rounds']) for run in runs)} of {runs[0]['rounds_requested']} | "
             f"{', '.join(sorted({str(run.get('stopped_by')) for run in runs}))} | "
             f"{', '.join(str(run['selected_round']) for run in runs)} | "
@@ -89,10 +90,10 @@ def row(dataset: str, name: str, results: list[dict[str, Any] | str],
 
 def mean_hr(results: list[dict[str, Any] | str]) -> float | None:
     """A row's mean test HR@10 over its seeds; None without runs or when one failed."""
-    if not results or any(isinstance(result, str) for result in results):
+    runs = [result for result in results if isinstance(result, dict)]
+    if not runs or len(runs) < len(results):
         return None
-    return sum(r["metrics"]["sampled"]["hr@10"] for r in results  # type: ignore[index]
-               ) / len(results)
+    return fmean(run["metrics"]["sampled"]["hr@10"] for run in runs)
 
 
 def main() -> None:
