@@ -393,6 +393,11 @@ class StrategyConfig:
     # the share of clients that hold it, which is tiny when every shopper is a client; the dense
     # layers, which every client trains, keep the strategy's step.
     item_server_lr: float = MISSING
+    # Decoupled weight decay of the global item table, once a round after the step: the table
+    # becomes stepped - item_decay x (the round's global table), as AdamW decays after Adam's
+    # step. With Adam at the server, whose step is about as long for a rarely bought item's row
+    # as for a common one's, it holds every row at the same small norm, as AdamW does centrally.
+    item_decay: float = MISSING
 
     def __post_init__(self) -> None:
         _check(self.name in STRATEGIES, "strategy.name", self.name,
@@ -409,6 +414,10 @@ class StrategyConfig:
         # table afterwards would contradict.
         _check(self.item_server_lr == 1 or self.name != "fedavgm", "strategy.item_server_lr",
                self.item_server_lr, "1.0 with strategy=fedavgm (use its server_learning_rate)")
+        _check(0 <= self.item_decay < 1, "strategy.item_decay", self.item_decay,
+               "a number in [0, 1)")
+        _check(self.item_decay == 0 or self.name != "fedavgm", "strategy.item_decay",
+               self.item_decay, "0.0 with strategy=fedavgm, which keeps its own copy of the model")
 
 
 # ---------------------------------------------------------------------------------- privacy
@@ -720,6 +729,10 @@ class Config:
                "strategy.item_server_lr", self.strategy.item_server_lr,
                f"1.0 with secagg=on and strategy={self.strategy.name} (only fedavg and fedprox "
                "take a larger item-table step there)")
+        _check(self.strategy.item_decay == 0 or self.strategy.name in ("fedavg", "fedprox"),
+               "strategy.item_decay", self.strategy.item_decay,
+               f"0.0 with secagg=on and strategy={self.strategy.name} (only fedavg and fedprox "
+               "decay the item table there)")
         privacy = self.privacy
         if isinstance(privacy, CentralDpConfig):
             _check(privacy.side == "client", "privacy.side", privacy.side,

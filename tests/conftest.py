@@ -91,6 +91,15 @@ def wait_for_round(run: Path, server_round: int, runner: threading.Thread,
         time.sleep(0.05)
 
 
+def last_round_model(run: Path, rounds: int) -> dict[str, torch.Tensor]:
+    """The global model after the run's last round (checkpoint.pt), not model.pt's: a run
+    picks its round by validation and may keep the untrained round 0, a SecAgg+ run (no
+    validation) its last."""
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["round"] == rounds
+    return checkpoint["arrays"]
+
+
 def train_message(overrides: str, **config: Any) -> tuple[Message, Context]:
     """A train message for partition 0 of 3, as the server would send it, and its context."""
     # What Flower's runtime sets in a process before it builds messages for a run.

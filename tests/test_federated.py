@@ -14,6 +14,7 @@ import torch
 from conftest import (
     TINY,
     assert_wire_contract,
+    last_round_model,
     load_node,
     train_message,
     typed_config,
@@ -199,11 +200,12 @@ def test_client_lr_decays_with_the_run_round():
 
 
 @pytest.mark.slow  # starts the Flower runtime
-def test_item_server_lr_scales_only_the_item_table_step(flower, tmp_path):
-    """One real round with item_server_lr=3 against FedAvg of the same three replies computed
-    here: the item table moves three times as far, every other parameter as FedAvg moves it."""
+def test_item_server_lr_and_item_decay_act_on_the_item_table_alone(flower, tmp_path):
+    """One real round with item_server_lr=3 and item_decay=0.25 against FedAvg of the same three
+    replies computed here: the item table moves three times as far and loses a quarter of its
+    start, every other parameter moves as FedAvg moves it."""
     # client_seed: the clients' own sampling reproducible, so this test can replay it.
-    overrides = f"{TINY} strategy.item_server_lr=3.0 client_seed=3"
+    overrides = f"{TINY} strategy.item_server_lr=3.0 strategy.item_decay=0.25 client_seed=3"
     out = tmp_path / "item_step"
     flower(f"{overrides} num_rounds=1", num_supernodes=3, output_dir=out)
     cfg = typed_config(*overrides.split())
@@ -222,10 +224,11 @@ def test_item_server_lr_scales_only_the_item_table_step(flower, tmp_path):
     fedavg = {k: sum(w * s[k] for w, s in zip(weights, states, strict=True)) / sum(weights)
               for k in initial}
 
-    trained = torch.load(out / "model.pt", weights_only=True)["shared_state"]
+    trained = last_round_model(out, 1)
     for key, start in initial.items():
-        scale = 3.0 if key == ITEM_TABLE else 1.0
-        assert torch.allclose(trained[key] - start, scale * (fedavg[key] - start), atol=1e-5), key
+        scale, decay = (3.0, 0.25) if key == ITEM_TABLE else (1.0, 0.0)
+        assert torch.allclose(trained[key] - start, scale * (fedavg[key] - start) - decay * start,
+                              atol=1e-5), key
     assert (fedavg[ITEM_TABLE] - initial[ITEM_TABLE]).abs().max() > 1e-3  # it did move
 
 

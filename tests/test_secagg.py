@@ -9,19 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, assert_wire_contract
+from conftest import TINY, assert_wire_contract, last_round_model
 
 from fedrec.config import ConfigError, compose_config, to_typed
 from fedrec.server.secagg import plan_secagg
-
-
-def _round_model(run: Path) -> dict[str, torch.Tensor]:
-    """The global model after the run's last round (checkpoint.pt), not model.pt's: a plain
-    run picks its round by validation and may keep the untrained round 0, a SecAgg+ run (no
-    validation) its last."""
-    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert checkpoint["round"] == 1
-    return checkpoint["arrays"]
 
 
 def _rounds(run: Path) -> list[dict]:
@@ -31,16 +22,17 @@ def _rounds(run: Path) -> list[dict]:
 @pytest.mark.slow  # starts the Flower runtime
 def test_secagg_aggregate_equals_the_plain_mean(flower, tmp_path):
     """Same initial model, same data, one round: SecAgg+ reveals the same weighted mean as
-    plain FedAvg, up to its quantization, and both paths step the item table alike."""
+    plain FedAvg, up to its quantization, and both paths step and decay the item table alike."""
     runs = {}
     for mode in ("off", "on"):
         # client_seed: both runs' clients sample alike, so their updates are the same.
-        overrides = f"{TINY} num_rounds=1 secagg={mode} strategy.item_server_lr=2.0 client_seed=1"
+        overrides = (f"{TINY} num_rounds=1 secagg={mode} strategy.item_server_lr=2.0 "
+                     "strategy.item_decay=0.1 client_seed=1")
         wire = tmp_path / f"{mode}.wire.jsonl"
         summary = flower(f"{overrides} wire_log={wire}", num_supernodes=3,
                          output_dir=tmp_path / mode)
         assert summary["privacy"]["secagg"] is (mode == "on")
-        runs[mode] = _round_model(tmp_path / mode)
+        runs[mode] = last_round_model(tmp_path / mode, 1)
         layouts = assert_wire_contract(wire, overrides)
         if mode == "on":  # the count and loss do not leave a client in the clear
             results = [x["records"] for x in layouts
@@ -160,6 +152,7 @@ def test_secagg_runs_with_mean_based_strategies(flower, tmp_path, strategy):
     (["secagg=on", "strategy=fedmedian"], "strategy"),
     (["secagg=on", "secagg.num_shares=4"], "secagg.num_shares"),
     (["secagg=on", "strategy=fedadam", "strategy.item_server_lr=2"], "strategy.item_server_lr"),
+    (["secagg=on", "strategy=fedadam", "strategy.item_decay=0.1"], "strategy.item_decay"),
     (["secagg=on", "secagg.reconstruction_threshold=5"], "secagg.reconstruction_threshold"),
     (["secagg=on", "privacy=central_dp"], "privacy.side"),
     (["secagg=on", "privacy=central_dp", "privacy.side=client", "privacy.clipping=adaptive"],

@@ -170,6 +170,7 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
                            num_rounds=num_rounds, round_offset=done,
                            # with SecAgg+, the legacy strategy steps the item table
                            item_server_lr=1.0 if secagg else cfg.strategy.item_server_lr,
+                           item_decay=0.0 if secagg else cfg.strategy.item_decay,
                            cohorts=cohorts)
     return FederatedRun(cfg, composed, fed, dataset, model, outputs, resumed, metered,
                         train_config, population, num_rounds, central, secagg, privacy, rounds,

@@ -148,7 +148,7 @@ def run_secure_rounds(
         secure(grid, legacy_context)
         _, after = current(cast(LegacyContext, legacy_context))
         stepped = with_item_step(before.to_torch_state_dict(), after.to_torch_state_dict(),
-                                 strategy_cfg.item_server_lr)
+                                 strategy_cfg.item_server_lr, strategy_cfg.item_decay)
         legacy_context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             ndarrays_to_parameters([stepped[n].numpy() for n in names]), keep_input=True)
 

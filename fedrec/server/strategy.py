@@ -109,12 +109,13 @@ def build_legacy_strategy(cfg: StrategyConfig, *, initial: list[np.ndarray],
 
 
 def with_item_step(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
-                   item_server_lr: float) -> dict[str, torch.Tensor]:
-    """``after`` with the item table moved ``item_server_lr`` times as far from ``before``."""
-    if item_server_lr == 1:
+                   item_server_lr: float, item_decay: float) -> dict[str, torch.Tensor]:
+    """``after`` with the item table moved ``item_server_lr`` times as far from ``before``,
+    then decayed by ``item_decay`` times ``before`` (decoupled, as AdamW's)."""
+    if item_server_lr == 1 and item_decay == 0:
         return after
     step = after[ITEM_TABLE] - before[ITEM_TABLE]
-    return {**after, ITEM_TABLE: before[ITEM_TABLE] + item_server_lr * step}
+    return {**after, ITEM_TABLE: before[ITEM_TABLE] * (1 - item_decay) + item_server_lr * step}
 
 
 def _check_params(cfg: StrategyConfig, cls: type) -> None:
@@ -130,17 +131,18 @@ class RunStrategy(flwr_strategy.Strategy):
     """The strategy as a run drives it, outermost (so after any DP noise: post-processing).
     Federated evaluation only every ``eval_every`` rounds and after the last (``None``: never,
     as in a private run); the item table stepped ``item_server_lr`` times the wrapped
-    strategy's own step. ``round_offset``: rounds a resumed run did before (Flower counts from
-    1 again). Everything else is the wrapped strategy's."""
+    strategy's own step and decayed by ``item_decay``. ``round_offset``: rounds a resumed run
+    did before (Flower counts from 1 again). Everything else is the wrapped strategy's."""
 
     def __init__(self, strategy: flwr_strategy.Strategy, *, eval_every: int | None,
-                 num_rounds: int, round_offset: int, item_server_lr: float,
+                 num_rounds: int, round_offset: int, item_server_lr: float, item_decay: float,
                  cohorts: Cohorts | None = None) -> None:
         self.strategy = strategy
         self.eval_every = eval_every
         self.num_rounds = num_rounds
         self.round_offset = round_offset
         self.item_server_lr = item_server_lr
+        self.item_decay = item_decay
         self.cohorts = cohorts  # a pool of virtual shoppers: the round's cohort, by node
         self._sent = ArrayRecord()  # the global model of the round being trained
 
@@ -156,10 +158,10 @@ class RunStrategy(flwr_strategy.Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if arrays is None or self.item_server_lr == 1:
+        if arrays is None or (self.item_server_lr == 1 and self.item_decay == 0):
             return arrays, metrics
         stepped = with_item_step(self._sent.to_torch_state_dict(), arrays.to_torch_state_dict(),
-                                 self.item_server_lr)
+                                 self.item_server_lr, self.item_decay)
         return ArrayRecord(torch_state_dict=stepped), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
