@@ -689,8 +689,16 @@ class Config:
         """What needs each shopper's reply on its own, which a pool node's mean is not."""
         alone = "each shopper's update on its own, but a pool node replies with its shoppers'"
         fix = "mean: set partition.pool_nodes=null (one SuperNode per shopper)"
-        _check(self.privacy.mechanism != "central_dp", "privacy", self.privacy.mechanism,
-               f"not central_dp on a pool of nodes: DP-FedAvg clips {alone} {fix}")
+        if isinstance(self.privacy, CentralDpConfig):
+            # Each shopper's update is clipped on its pool node, as its device would clip it;
+            # the server only sees the nodes' means of clipped updates.
+            _check(self.privacy.side == "client", "privacy.side", self.privacy.side,
+                   f"client with privacy=central_dp on a pool of nodes: server-side clipping "
+                   f"needs {alone} {fix}")
+            _check(self.privacy.clipping == "fixed", "privacy.clipping", self.privacy.clipping,
+                   f"fixed with privacy=central_dp on a pool of nodes: adaptive clipping needs "
+                   f"each shopper's clipped-or-not bit, but a pool node replies with its "
+                   f"shoppers' {fix}")
         _check(not self.secagg.enabled, "secagg", "on",
                f"off on a pool of nodes: SecAgg+ would mask {alone} {fix}")
         _check(self.strategy.name in MEAN_STRATEGIES, "strategy", self.strategy.name,

@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -17,12 +18,20 @@ from conftest import (
     load_node,
     typed_config,
 )
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.accounting import dp_sgd_epsilon, plan_dp_sgd
 from fedrec.client import one_step
-from fedrec.client.app import PERSONAL_STATE
+from fedrec.client.app import PERSONAL_STATE, round_seed
 from fedrec.client.app import _model as node_model_with_state
 from fedrec.client.app import app as client_app
 from fedrec.client.one_step import one_step_shoppers, train_one_step_together
@@ -30,6 +39,8 @@ from fedrec.client.task import ShopperRows, TrainRequest, node_model, shopper_da
 from fedrec.config import ConfigError
 from fedrec.data.federation import build_federation
 from fedrec.server.cohort import Cohorts
+from fedrec.server.privacy import PoolNoise, _epsilon_after
+from fedrec.server.strategy import build_strategy, sum_metric_records
 
 SHOPPERS = 8
 POOL = (f"dataset.num_users={SHOPPERS} dataset.num_items=80 dataset.num_categories=3 "
@@ -216,8 +227,100 @@ def test_a_pool_node_refuses_a_shopper_it_does_not_own():
     assert reply.has_error() and "shoppers [1]" in reply.error.reason
 
 
+# User-level DP-FedAvg: each shopper's update clipped to a norm that binds, where it is trained.
+CENTRAL = ("privacy=central_dp privacy.side=client privacy.clipping_norm=0.05 "
+           "privacy.noise_multiplier=0.5 privacy.max_epsilon=1000")
+
+
+def test_a_pool_node_clips_each_shopper_update_before_the_mean():
+    """The node's reply under user-level DP-FedAvg is the mean of its shoppers' updates, each
+    clipped on its own, computed here by hand: not the clip of their mean."""
+    overrides = f"{POOL} partition.pool_nodes=2 {CENTRAL}"
+    node = load_node(overrides, 0, 2)
+    shoppers = node.users.tolist()[:3]
+    torch.manual_seed(0)
+    global_state = {k: v.clone() for k, v in node_model(node).shared_state().items()}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 5, 1
+    message = Message(RecordDict({
+        "arrays": ArrayRecord(torch_state_dict=global_state),
+        "config": ConfigRecord({"lr": 0.05, "lr-decay": 1.0, "local-epochs": 1,
+                                "batch-size": 8, "server-round": 1, "cohort": shoppers,
+                                "clipping_norm": 0.05})}),
+        dst_node_id=5, message_type=MessageType.TRAIN)
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config={"overrides": overrides})
+    reply = client_app(message, context)
+    assert not reply.has_error() and reply.content["metrics"]["unit-weight"] == 3
+    sent = reply.content["arrays"].to_torch_state_dict()
+    cfg = typed_config(*overrides.split())
+    names = list(global_state)
+    clipped, unclipped = [], []
+    for shopper in shoppers:
+        model = node_model(node)
+        model.load_shared_state(global_state)
+        train_round(shopper_data(node, shopper), model, lr=0.05, local_epochs=1, batch_size=8,
+                    proximal_mu=0.0, seed=round_seed(context, cfg, 1, shopper))
+        delta = torch.cat([(model.shared_state()[n] - global_state[n]).flatten() for n in names])
+        assert delta.norm() > 0.05  # the norm binds
+        unclipped.append(delta)
+        clipped.append(delta * 0.05 / delta.norm())
+    expected = torch.stack(clipped).mean(0)
+    got = torch.cat([(sent[n] - global_state[n]).flatten() for n in names])
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert got.norm() < 0.05 * 0.999  # the updates differ, so their mean is shorter
+    mean_then_clip = torch.stack(unclipped).mean(0)
+    assert not torch.allclose(got, mean_then_clip * 0.05 / mean_then_clip.norm(), atol=1e-4)
+
+
+@pytest.mark.slow  # two whole federations, in this process
+def test_user_level_dp_fedavg_on_a_pool_is_one_supernode_per_shoppers_run(tmp_path):
+    """Same cohorts, same server noise: the pool gives the global model of one SuperNode per
+    shopper, and states a shopper's epsilon over the cohort and the population."""
+    overrides = f"{POOL} strategy=fedavg num_rounds=3 eval.every=3 seed=3 {CENTRAL}"
+    runs = {}
+    for pool in (None, 2):
+        np.random.seed(0)  # the server's noise: Flower's function draws from numpy's generator
+        runs[pool] = federated_run_in_process(overrides, pool, tmp_path)
+    (one_each, per_shopper, _), (pooled_summary, pooled, _) = runs[None], runs[2]
+    torch.manual_seed(typed_config(*overrides.split()).seed)
+    initial = node_model(load_node(f"{overrides} partition.pool_nodes=2", 0, 2)).shared_state()
+    for name, value in per_shopper.items():
+        gap = (pooled[name].double() - value.double()).abs().max().item()
+        moved = (pooled[name].double() - initial[name].double()).abs().max().item()
+        assert gap < 1e-5 and gap < moved / 100, (name, gap, moved)
+    report = pooled_summary["privacy"]
+    assert (report["unit"], report["population"], report["sample_size"]) == ("shopper",
+                                                                           SHOPPERS, 4)
+    assert report["epsilon"] == pytest.approx(
+        _epsilon_after(0.5, 3, SHOPPERS, 4, report["delta"]))
+    assert report["delta"] <= SHOPPERS ** -1.1
+    assert one_each["privacy"]["epsilon"] == pytest.approx(report["epsilon"])
+
+
+def test_pool_noise_is_gaussian_over_the_cohort_not_the_replies():
+    """Two pool nodes reply for 3 and 1 shoppers with no update: what comes back is the noise
+    alone, whose spread is noise_multiplier x C / cohort (cohort 4, not 2 replies)."""
+    strategy = PoolNoise(build_strategy(typed_config(*POOL.split()).strategy,
+                                        train_metrics=sum_metric_records,
+                                        evaluate_metrics=sum_metric_records,
+                                        weighted_by_key="unit-weight"),
+                         noise_multiplier=2.0, clipping_norm=0.5, cohort=4)
+    zeros = ArrayRecord(torch_state_dict={"w": torch.zeros(200_000)})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    replies = []
+    for node, shoppers in ((5, 3), (6, 1)):
+        sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+        replies.append(Message(RecordDict({"arrays": zeros, "metrics": MetricRecord(
+            {"unit-weight": shoppers})}), reply_to=sent))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    noise = arrays.to_torch_state_dict()["w"]
+    assert noise.std().item() == pytest.approx(2.0 * 0.5 / 4, rel=0.02)
+    assert abs(noise.mean().item()) < 0.01
+
+
 @pytest.mark.parametrize(("override", "named"), [
-    ("privacy=central_dp", "privacy"),
+    ("privacy=central_dp", "privacy.side"),
+    ("privacy=central_dp privacy.side=client privacy.clipping=adaptive", "privacy.clipping"),
     ("secagg=on", "secagg"),
     ("strategy=krum", "strategy"),
     ("strategy.fraction_evaluate=0.5", "strategy.fraction_evaluate"),

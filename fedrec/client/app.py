@@ -23,6 +23,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from fedrec.client.dp_sgd import DpSgdLedger
 from fedrec.client.one_step import one_step_shoppers, train_one_step_together
@@ -166,6 +167,8 @@ def train(msg: Message, context: Context) -> Message:
             # on), as its own device would; the node's other shoppers train.
             refusals.append(refusal)
             continue
+        if client is not None and isinstance(node.cfg.privacy, CentralDpConfig):
+            state = clipped_update(state, global_state, node.cfg.privacy.clipping_norm)
         # A private run averages uniformly: a client's count is data no guarantee covers.
         mean.add(state, result.num_examples if weight_key == "num-examples" else 1, 1, result)
     if not mean.clients:
@@ -177,6 +180,20 @@ def train(msg: Message, context: Context) -> Message:
     reply = RecordDict({"arrays": ArrayRecord(torch_state_dict=mean.state()),
                         "metrics": metrics})
     return Message(content=reply, reply_to=msg)
+
+
+def clipped_update(state: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor],
+                   clipping_norm: float) -> dict[str, torch.Tensor]:
+    """A pool's shopper's model with its update clipped to ``clipping_norm``, as Flower's
+    fixedclipping_mod clips a device's reply (with its function), before it joins the node's
+    mean. The norm is the node's own config, never the server's request: user-level DP-FedAvg
+    on a pool (the mean of clipped updates has norm at most the norm, so the node's own
+    clipping mod leaves it unchanged)."""
+    names = list(global_state)
+    trained = [state[name].numpy().copy() for name in names]
+    compute_clip_model_update(trained, [global_state[name].numpy() for name in names],
+                              clipping_norm)
+    return {name: torch.from_numpy(array) for name, array in zip(names, trained, strict=True)}
 
 
 class WeightedMean:

@@ -9,7 +9,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.server import strategy as legacy_strategy
 from flwr.serverapp import Grid, RdpAccountant
 from flwr.serverapp.strategy import (
@@ -18,6 +19,11 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
+)
+from flwr.supercore.differential_privacy import (
+    KEY_CLIPPING_NORM,
+    add_gaussian_noise_inplace,
+    compute_stdv,
 )
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
@@ -180,7 +186,7 @@ class BudgetGuard(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        answered = sum(not r.has_error() for r in replies)
+        answered = replied_clients(replies)
         if answered and not self.central.release_fits(answered):
             log.warning("round %d: %d of %d sampled clients replied; releasing their mean would "
                         "take epsilon past privacy.max_epsilon=%s, so the round releases "
@@ -201,10 +207,68 @@ class BudgetGuard(Strategy):
         self.strategy.summary()
 
 
-def wrap_strategy(strategy: Strategy, central: CentralDp) -> Strategy:
-    """The configured strategy inside Flower's DP wrapper for the configured side and clipping.
-    Fedrec does the accounting (``CentralDp``), so the wrapper gets no accountant."""
+def replied_clients(replies: list[Message]) -> int:
+    """The clients whose clipped updates a round's replies hold: a pool node's reply stands for
+    the shoppers it trained (its unit-weight), any other reply for one client."""
+    return sum(int(next(iter(r.content.metric_records.values())).get("unit-weight", 1))
+               for r in replies if not r.has_error())
+
+
+class PoolNoise(Strategy):
+    """DP-FedAvg's server side on a pool of virtual shoppers (user-level DP). Each node clips
+    every shopper's update to C itself, as the shopper's device would
+    (``fedrec.client.app.clipped_update``), and replies with their mean and count; the weighted
+    mean of the replies is the mean over the cohort's clipped updates, to which this adds
+    Gaussian noise of standard deviation ``noise_multiplier x C / cohort`` once: what Flower's
+    client-side fixed-clipping wrapper adds to the mean of the cohort's own replies, with
+    Flower's functions. That wrapper would count the nodes' replies, not the shoppers, as the
+    sampled clients."""
+
+    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
+                 cohort: int) -> None:
+        self.strategy = strategy
+        self.noise_multiplier = noise_multiplier
+        self.clipping_norm = clipping_norm
+        self.cohort = cohort
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        # As Flower's wrapper does: the node's fixedclipping_mod reads it (and leaves the mean
+        # of updates its node clipped to its own norm unchanged).
+        config[KEY_CLIPPING_NORM] = self.clipping_norm
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        noised = arrays.to_numpy_ndarrays()
+        add_gaussian_noise_inplace(noised, compute_stdv(self.noise_multiplier,
+                                                        self.clipping_norm, self.cohort))
+        return ArrayRecord(dict(zip(arrays.keys(), (Array(np.asarray(a)) for a in noised),
+                                    strict=True))), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+def wrap_strategy(strategy: Strategy, central: CentralDp, *, pooled: bool = False) -> Strategy:
+    """The configured strategy inside Flower's DP wrapper for the configured side and clipping
+    (``pooled``, a pool of virtual shoppers: inside ``PoolNoise``). Fedrec does the accounting
+    (``CentralDp``), so the wrapper gets no accountant."""
     cfg = central.cfg
+    if pooled:  # the config refuses a pool with server-side or adaptive clipping
+        return BudgetGuard(PoolNoise(strategy, central.noise_multiplier, cfg.clipping_norm,
+                                     central.sample_size), central)
     if cfg.clipping == "fixed":
         cls = (DifferentialPrivacyServerSideFixedClipping if cfg.side == "server"
                else DifferentialPrivacyClientSideFixedClipping)
@@ -281,8 +345,9 @@ class PrivacyReport:
 
     def __init__(self, cfg: PrivacyConfig, *, central: CentralDp | None = None,
                  dp_sgd: DpSgdPlan | None = None, strategy: Strategy | None = None,
-                 secagg: dict[str, object] | None = None) -> None:
+                 secagg: dict[str, object] | None = None, client_unit: str = "client") -> None:
         self.cfg = cfg
+        self.client_unit = client_unit  # what DP-FedAvg protects: a shopper, a shop, a client
         self.central = central
         self.dp_sgd = dp_sgd
         self.strategy = strategy
@@ -384,7 +449,7 @@ class PrivacyReport:
             # Adaptive clipping moves the norm every round; the wrapper holds the current one.
             norm = getattr(self.strategy, "clipping_norm", cfg.clipping_norm)
             report.update(
-                unit="client", neighbouring=cfg.neighbouring, sampling=cfg.sampling,
+                unit=self.client_unit, neighbouring=cfg.neighbouring, sampling=cfg.sampling,
                 delta=central.delta, noise_multiplier=central.noise_multiplier,
                 accounted_noise_multiplier=accounted_noise(central.noise_multiplier),
                 clipping_norm=norm, max_epsilon=cfg.max_epsilon,

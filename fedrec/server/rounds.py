@@ -172,9 +172,9 @@ class RoundLog:
         """The round's mean training loss, where the clients send it (privacy=none without
         SecAgg+: fedrec.wire); the privacy accounting of the round's release."""
         metrics = [m for r in records for m in r.metric_records.values()]
-        self.privacy.trained(len(records))
         # A pool node's reply stands for the shoppers it trained (its unit-weight).
         cohort = sum(int(m.get("unit-weight", 1)) for m in metrics)  # type: ignore[arg-type]
+        self.privacy.trained(cohort)
         self._train = {"train_loss": None, "clients": len(records), "cohort": cohort}
         if metrics and all("train_loss" in m and weighting_key in m for m in metrics):
             weights = [float(m[weighting_key]) for m in metrics]  # type: ignore[arg-type]

@@ -148,8 +148,12 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
         largest = None if fed is None else float(fed.client_examples().max())
         secagg = plan_secagg(cfg.secagg, sample_size=sample_size,
                              largest_weight=1.0 if cfg.privacy.mechanism != "none" else largest)
+    # A deployment's SuperNode is whatever its operator runs: a device or a shop.
+    client_unit = ("shopper" if cfg.pooled else "client" if cfg.federation == "deployment"
+                   else "shop")
     privacy = PrivacyReport(cfg.privacy, central=central, dp_sgd=dp_sgd,
-                            secagg=None if secagg is None else dataclasses.asdict(secagg))
+                            secagg=None if secagg is None else dataclasses.asdict(secagg),
+                            client_unit=client_unit)
     if resumed is not None:
         privacy.resume(resumed.get("privacy_accountant"))
     server_side = fed is not None and (cfg.eval.server or not federated_evaluation)
@@ -165,7 +169,7 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
                               evaluate_metrics=rounds.aggregate_evaluate,
                               weighted_by_key=weighted_by_key)
     if central is not None and secagg is None:
-        strategy = privacy.strategy = wrap_strategy(strategy, central)
+        strategy = privacy.strategy = wrap_strategy(strategy, central, pooled=cohorts is not None)
     strategy = RunStrategy(strategy, eval_every=cfg.eval.every if federated_evaluation else None,
                            num_rounds=num_rounds, round_offset=done,
                            # with SecAgg+, the legacy strategy steps the item table
