@@ -167,17 +167,11 @@ def plan_central_dp(cfg: CentralDpConfig, *, population: int, sample_size: int,
                      _rdp_accountant(population, delta))
 
 
-class BudgetGuard(Strategy):
-    """The DP-FedAvg strategy, refusing a release that would pass max_epsilon: a round whose
-    replies are fewer than sampled (clients timed out) releases nothing when its real cost
-    does not fit. Everything else is the wrapped strategy's."""
+class _Wrapper(Strategy):
+    """A strategy around another, passing everything on unless a subclass says otherwise."""
 
-    def __init__(self, strategy: Strategy, central: CentralDp) -> None:
+    def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
-        self.central = central
-
-    def __getattr__(self, name: str) -> object:  # clipping_norm and the like, for the report
-        return getattr(self.__dict__["strategy"], name)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -185,14 +179,6 @@ class BudgetGuard(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        answered = replied_clients(replies)
-        if answered and not self.central.release_fits(answered):
-            log.warning("round %d: %d of %d sampled clients replied; releasing their mean would "
-                        "take epsilon past privacy.max_epsilon=%s, so the round releases "
-                        "nothing", server_round, answered, self.central.sample_size,
-                        self.central.cfg.max_epsilon)
-            return None, None
         return self.strategy.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -207,6 +193,31 @@ class BudgetGuard(Strategy):
         self.strategy.summary()
 
 
+class BudgetGuard(_Wrapper):
+    """The DP-FedAvg strategy, refusing a release that would pass max_epsilon: a round whose
+    replies are fewer than sampled (clients timed out) releases nothing when its real cost
+    does not fit. Everything else is the wrapped strategy's."""
+
+    def __init__(self, strategy: Strategy, central: CentralDp) -> None:
+        super().__init__(strategy)
+        self.central = central
+
+    def __getattr__(self, name: str) -> object:  # clipping_norm and the like, for the report
+        return getattr(self.__dict__["strategy"], name)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        answered = replied_clients(replies)
+        if answered and not self.central.release_fits(answered):
+            log.warning("round %d: %d of %d sampled clients replied; releasing their mean would "
+                        "take epsilon past privacy.max_epsilon=%s, so the round releases "
+                        "nothing", server_round, answered, self.central.sample_size,
+                        self.central.cfg.max_epsilon)
+            return None, None
+        return self.strategy.aggregate_train(server_round, replies)
+
+
 def replied_clients(replies: list[Message]) -> int:
     """The clients whose clipped updates a round's replies hold: a pool node's reply stands for
     the shoppers it trained (its unit-weight), any other reply for one client."""
@@ -214,7 +225,7 @@ def replied_clients(replies: list[Message]) -> int:
                for r in replies if not r.has_error())
 
 
-class PoolNoise(Strategy):
+class PoolNoise(_Wrapper):
     """DP-FedAvg's server side on a pool of virtual shoppers (user-level DP). Each node clips
     every shopper's update to C itself, as the shopper's device would
     (``fedrec.client.app.clipped_update``), and replies with their mean and count; the weighted
@@ -226,7 +237,7 @@ class PoolNoise(Strategy):
 
     def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
                  cohort: int) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.noise_multiplier = noise_multiplier
         self.clipping_norm = clipping_norm
         self.cohort = cohort
@@ -248,17 +259,6 @@ class PoolNoise(Strategy):
                                                         self.clipping_norm, self.cohort))
         return ArrayRecord(dict(zip(arrays.keys(), (Array(np.asarray(a)) for a in noised),
                                     strict=True))), metrics
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
 
 def wrap_strategy(strategy: Strategy, central: CentralDp, *, pooled: bool = False) -> Strategy:
