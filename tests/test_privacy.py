@@ -417,7 +417,7 @@ def test_central_dp_stops_at_its_budget_and_keeps_the_wire_contract(flower, tmp_
     privacy = summary["privacy"]
     assert privacy["mechanism"] == "central_dp" and privacy["noise_multiplier"] == 2.0
     assert (privacy["unit"], privacy["neighbouring"], privacy["sampling"]) == (
-        "shop", "replace_one", "fixed_size")
+        "client", "replace_one", "fixed_size")
     assert privacy["epsilon"] == pytest.approx(_epsilon_after(2.0, 2, 3, 3, delta))
     assert gaussian_composition_epsilon([1.0, 1.0], delta) <= privacy["epsilon"] <= budget
     assert privacy["delta"] == pytest.approx(delta)

@@ -347,7 +347,7 @@ class PrivacyReport:
                  dp_sgd: DpSgdPlan | None = None, strategy: Strategy | None = None,
                  secagg: dict[str, object] | None = None, client_unit: str = "client") -> None:
         self.cfg = cfg
-        self.client_unit = client_unit  # what DP-FedAvg protects: a shopper, a shop, a client
+        self.client_unit = client_unit  # what DP-FedAvg protects: a shopper, or a client
         self.central = central
         self.dp_sgd = dp_sgd
         self.strategy = strategy

@@ -148,9 +148,9 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
         largest = None if fed is None else float(fed.client_examples().max())
         secagg = plan_secagg(cfg.secagg, sample_size=sample_size,
                              largest_weight=1.0 if cfg.privacy.mechanism != "none" else largest)
-    # A deployment's SuperNode is whatever its operator runs: a device or a shop.
-    client_unit = ("shopper" if cfg.pooled else "client" if cfg.federation == "deployment"
-                   else "shop")
+    # DESIGN.md's report names the unit shopper or client: a client is a shop under
+    # partition=silo, and whatever its operator runs (a device or a shop) in a deployment.
+    client_unit = "shopper" if cfg.pooled else "client"
     privacy = PrivacyReport(cfg.privacy, central=central, dp_sgd=dp_sgd,
                             secagg=None if secagg is None else dataclasses.asdict(secagg),
                             client_unit=client_unit)
