@@ -30,6 +30,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.accounting import dp_sgd_epsilon, plan_dp_sgd
+from fedrec.client import app as pool_client
 from fedrec.client import one_step
 from fedrec.client.app import PERSONAL_STATE, round_seed
 from fedrec.client.app import _model as node_model_with_state
@@ -232,14 +233,9 @@ CENTRAL = ("privacy=central_dp privacy.side=client privacy.clipping_norm=0.05 "
            "privacy.noise_multiplier=0.5 privacy.max_epsilon=1000")
 
 
-def test_a_pool_node_clips_each_shopper_update_before_the_mean():
-    """The node's reply under user-level DP-FedAvg is the mean of its shoppers' updates, each
-    clipped on its own, computed here by hand: not the clip of their mean."""
-    overrides = f"{POOL} partition.pool_nodes=2 {CENTRAL}"
-    node = load_node(overrides, 0, 2)
-    shoppers = node.users.tolist()[:3]
-    torch.manual_seed(0)
-    global_state = {k: v.clone() for k, v in node_model(node).shared_state().items()}
+def _train_on_pool_node(overrides: str, shoppers: list[int],
+                        global_state: dict[str, torch.Tensor]) -> tuple[Message, Context]:
+    """Pool node 0 of 2's reply to one round's train message naming ``shoppers``."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 5, 1
     message = Message(RecordDict({
         "arrays": ArrayRecord(torch_state_dict=global_state),
@@ -249,27 +245,77 @@ def test_a_pool_node_clips_each_shopper_update_before_the_mean():
         dst_node_id=5, message_type=MessageType.TRAIN)
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config={"overrides": overrides})
-    reply = client_app(message, context)
-    assert not reply.has_error() and reply.content["metrics"]["unit-weight"] == 3
-    sent = reply.content["arrays"].to_torch_state_dict()
-    cfg = typed_config(*overrides.split())
-    names = list(global_state)
+    return client_app(message, context), context
+
+
+def _clipped_updates(overrides: str, shoppers: list[int], global_state: dict[str, torch.Tensor],
+                     context: Context) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each shopper's update trained here as its node would train it, clipped by hand to 0.05
+    and unclipped."""
+    node, cfg = load_node(overrides, 0, 2), typed_config(*overrides.split())
     clipped, unclipped = [], []
     for shopper in shoppers:
         model = node_model(node)
         model.load_shared_state(global_state)
         train_round(shopper_data(node, shopper), model, lr=0.05, local_epochs=1, batch_size=8,
                     proximal_mu=0.0, seed=round_seed(context, cfg, 1, shopper))
-        delta = torch.cat([(model.shared_state()[n] - global_state[n]).flatten() for n in names])
+        delta = _flat_update(model.shared_state(), global_state)
         assert delta.norm() > 0.05  # the norm binds
         unclipped.append(delta)
         clipped.append(delta * 0.05 / delta.norm())
-    expected = torch.stack(clipped).mean(0)
-    got = torch.cat([(sent[n] - global_state[n]).flatten() for n in names])
-    assert torch.allclose(got, expected, atol=1e-6)
+    return clipped, unclipped
+
+
+def _flat_update(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(state[name] - start[name]).flatten() for name in start])
+
+
+def test_a_pool_node_clips_each_shopper_update_before_the_mean():
+    """The node's reply under user-level DP-FedAvg is the mean of its shoppers' updates, each
+    clipped on its own, computed here by hand: not the clip of their mean."""
+    overrides = f"{POOL} partition.pool_nodes=2 {CENTRAL}"
+    node = load_node(overrides, 0, 2)
+    shoppers = node.users.tolist()[:3]
+    torch.manual_seed(0)
+    global_state = {k: v.clone() for k, v in node_model(node).shared_state().items()}
+    reply, context = _train_on_pool_node(overrides, shoppers, global_state)
+    assert not reply.has_error() and reply.content["metrics"]["unit-weight"] == 3
+    got = _flat_update(reply.content["arrays"].to_torch_state_dict(), global_state)
+    clipped, unclipped = _clipped_updates(overrides, shoppers, global_state, context)
+    assert torch.allclose(got, torch.stack(clipped).mean(0), atol=1e-6)
     assert got.norm() < 0.05 * 0.999  # the updates differ, so their mean is shorter
     mean_then_clip = torch.stack(unclipped).mean(0)
     assert not torch.allclose(got, mean_then_clip * 0.05 / mean_then_clip.norm(), atol=1e-4)
+
+
+def test_a_pool_shopper_without_data_adds_a_zero_update_under_user_level_dp(monkeypatch):
+    """The count of shoppers in the mean goes out with it: a shopper with nothing to train
+    counts, with no update, instead of leaving the count one short."""
+    overrides = f"{POOL} partition.pool_nodes=2 {CENTRAL}"
+    node = load_node(overrides, 0, 2)
+    shoppers = node.users.tolist()[:3]
+    empty = shoppers[1]
+
+    def without_data(node, shopper):
+        data = shopper_data(node, shopper)
+        if shopper != empty:
+            return data
+        examples = data.examples
+        return replace(data, examples=type(examples)(examples.history[:0], examples.target[:0],
+                                                     examples.user[:0]))
+
+    monkeypatch.setattr(pool_client, "shopper_data", without_data)
+    torch.manual_seed(0)
+    global_state = {k: v.clone() for k, v in node_model(node).shared_state().items()}
+    reply, context = _train_on_pool_node(overrides, shoppers, global_state)
+    assert not reply.has_error() and reply.content["metrics"]["unit-weight"] == 3
+    got = _flat_update(reply.content["arrays"].to_torch_state_dict(), global_state)
+    clipped, _ = _clipped_updates(overrides, [shoppers[0], shoppers[2]], global_state, context)
+    assert torch.allclose(got, torch.stack(clipped).sum(0) / 3, atol=1e-6)
+    # Without a privacy mechanism the shopper declines alone, as its device would.
+    plain = f"{POOL} partition.pool_nodes=2"
+    reply, _ = _train_on_pool_node(plain, shoppers, global_state)
+    assert reply.content["metrics"]["unit-weight"] == 2
 
 
 @pytest.mark.slow  # two whole federations, in this process

@@ -163,6 +163,13 @@ def train(msg: Message, context: Context) -> Message:
         try:
             state, result = _train_client(node, data, client, global_state, request, context)
         except Refusal as refusal:
+            if client is not None and refusal.code == NOTHING_TO_TRAIN and isinstance(
+                    node.cfg.privacy, CentralDpConfig):
+                # User-level DP-FedAvg releases how many shoppers its mean holds: a shopper
+                # without data sends the global model back (a zero update, within the clip), so
+                # that whether a shopper has data changes no count.
+                mean.add(global_state, 1, 1, TrainResult(loss=0.0, num_examples=0))
+                continue
             # A virtual shopper declines alone (its budget is spent, it has nothing to train
             # on), as its own device would; the node's other shoppers train.
             refusals.append(refusal)
