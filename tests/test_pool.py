@@ -28,6 +28,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
+from independent_accounting import replace_one_sampled_lower_bound
 
 from fedrec.accounting import dp_sgd_epsilon, plan_dp_sgd
 from fedrec.client import app as pool_client
@@ -323,10 +324,13 @@ def test_user_level_dp_fedavg_on_a_pool_is_one_supernode_per_shoppers_run(tmp_pa
     """Same cohorts, same server noise: the pool gives the global model of one SuperNode per
     shopper, and states a shopper's epsilon over the cohort and the population."""
     overrides = f"{POOL} strategy=fedavg num_rounds=3 eval.every=3 seed=3 {CENTRAL}"
-    runs = {}
+    runs, wire = {}, tmp_path / "wire.jsonl"
     for pool in (None, 2):
         np.random.seed(0)  # the server's noise: Flower's function draws from numpy's generator
-        runs[pool] = federated_run_in_process(overrides, pool, tmp_path)
+        logged = f"{overrides} wire_log={wire}" if pool else overrides
+        runs[pool] = federated_run_in_process(logged, pool, tmp_path)
+    # The pool's messages carry only what user-level DP-FedAvg's contract lists.
+    assert_wire_contract(wire, f"{overrides} partition.pool_nodes=2")
     (one_each, per_shopper, _), (pooled_summary, pooled, _) = runs[None], runs[2]
     torch.manual_seed(typed_config(*overrides.split()).seed)
     initial = node_model(load_node(f"{overrides} partition.pool_nodes=2", 0, 2)).shared_state()
@@ -339,6 +343,9 @@ def test_user_level_dp_fedavg_on_a_pool_is_one_supernode_per_shoppers_run(tmp_pa
                                                                            SHOPPERS, 4)
     assert report["epsilon"] == pytest.approx(
         _epsilon_after(0.5, 3, SHOPPERS, 4, report["delta"]))
+    # Checked apart from the accountant: one neighbouring pair's epsilon, integrated here.
+    bound = replace_one_sampled_lower_bound(0.5, 4, SHOPPERS, 3, report["delta"])
+    assert 0 < bound <= report["epsilon"]
     assert report["delta"] <= SHOPPERS ** -1.1
     assert one_each["privacy"]["epsilon"] == pytest.approx(report["epsilon"])
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.server import strategy as legacy_strategy
 from flwr.serverapp import Grid, RdpAccountant
 from flwr.serverapp.strategy import (
@@ -208,7 +208,7 @@ class BudgetGuard(_Wrapper):
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        answered = replied_clients(replies)
+        answered = clients_in(r.content for r in replies if not r.has_error())
         if answered and not self.central.release_fits(answered):
             log.warning("round %d: %d of %d sampled clients replied; releasing their mean would "
                         "take epsilon past privacy.max_epsilon=%s, so the round releases "
@@ -218,11 +218,11 @@ class BudgetGuard(_Wrapper):
         return self.strategy.aggregate_train(server_round, replies)
 
 
-def replied_clients(replies: list[Message]) -> int:
-    """The clients whose clipped updates a round's replies hold: a pool node's reply stands for
-    the shoppers it trained (its unit-weight), any other reply for one client."""
-    return sum(int(next(iter(r.content.metric_records.values())).get("unit-weight", 1))
-               for r in replies if not r.has_error())
+def clients_in(records: Iterable[RecordDict]) -> int:
+    """The clients whose updates a round's replies hold: a pool node's reply stands for the
+    shoppers it trained (its unit-weight), any other reply for one client."""
+    return sum(int(m.get("unit-weight", 1))  # type: ignore[arg-type]
+               for r in records for m in r.metric_records.values())
 
 
 class PoolNoise(_Wrapper):

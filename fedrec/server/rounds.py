@@ -21,7 +21,7 @@ from flwr.supercore.run import Run
 
 from fedrec.metrics import VALID_PREFIX, RankingSums
 from fedrec.outputs import RunOutputs
-from fedrec.server.privacy import PrivacyReport
+from fedrec.server.privacy import PrivacyReport, clients_in
 from fedrec.server.strategy import sum_metric_records
 from fedrec.wire import BUDGET_EXHAUSTED, message_layout, starts_round
 
@@ -172,8 +172,7 @@ class RoundLog:
         """The round's mean training loss, where the clients send it (privacy=none without
         SecAgg+: fedrec.wire); the privacy accounting of the round's release."""
         metrics = [m for r in records for m in r.metric_records.values()]
-        # A pool node's reply stands for the shoppers it trained (its unit-weight).
-        cohort = sum(int(m.get("unit-weight", 1)) for m in metrics)  # type: ignore[arg-type]
+        cohort = clients_in(records)
         self.privacy.trained(cohort)
         self._train = {"train_loss": None, "clients": len(records), "cohort": cohort}
         if metrics and all("train_loss" in m and weighting_key in m for m in metrics):
