@@ -5,6 +5,7 @@ through the real Flower runtime.
     python scripts/benchmark_scale.py                       # every row below
     python scripts/benchmark_scale.py --shoppers 1000 10000 --rounds 4 --real
     python scripts/benchmark_scale.py --shoppers --real beauty -- num_rounds=300
+    python scripts/benchmark_scale.py --shoppers --real ml-100k --seeds 0 1 2
 
 The synthetic table: seconds of round 1 (each node process's warm-up included) and per later
 training round (those without an evaluation: median and slowest), the round-0 evaluation of
@@ -15,9 +16,12 @@ as a device would; the pool's own messages carry a node's mean).
 The real-data table (``--real``; rows skip when ../shared/data lacks the dataset): the
 cross-device recipe against the centralized run of the same dataset and model, and round 0,
 the evaluation of every shopper (with each node's first loading of its data). Both report
-the test metrics of the round or epoch with the best validation HR@10. "pass" is the training
-time of one pass of every shopper (the median later training round x population / cohort)
-against one centralized epoch of training over the same examples, timed alone.
+the test metrics of the round or epoch with the best validation HR@10. With several
+``--seeds`` each dataset gets a pair of runs per seed and a row with the ratio of their means:
+one run's test HR@10 on ML-100K moves by about 0.01 between neighbouring evaluations. "pass"
+is the training time of one pass of every shopper (the median later training round x
+population / cohort) against one centralized epoch of training over the same examples, timed
+alone.
 """
 
 from __future__ import annotations
@@ -148,38 +152,58 @@ def real_rows(args: argparse.Namespace, out: Path) -> list[str]:
         if not Path(path).exists():
             rows.append(f"| {name} | skipped: {path} is absent (data/README.md) |")
             continue
-        print(f"{name}: centralized ...", flush=True)
-        reference = run_centralized(f"{data} output_dir={out}/{name}-central")
         epoch = centralized_epoch_seconds(data)
-        overrides = [*data.split(), *recipe.split(), f"partition.pool_nodes={args.pool}",
-                     "guide_example=false", *args.overrides]
-        fed = load_federation(" ".join(overrides))
-        print(f"{name}: cross-device, {fed.num_clients} shoppers on {fed.num_nodes} SuperNodes "
-              f"(log: {out}/{name}.flwr.log) ...", flush=True)
-        started = time.perf_counter()
-        try:
-            summary = run_federated(overrides, num_supernodes=fed.num_nodes,
-                                    output_dir=out / name, log_path=out / f"{name}.flwr.log",
-                                    timeout=3 * 3600)
-        except Exception as err:  # a failed run is a row of the table, not the end of it
-            rows.append(f"| {name} | failed: {str(err).splitlines()[0][:200]} |")
+        ratios: list[tuple[float, float]] = []  # (cross-device, centralized) HR@10 by seed
+        for seed in args.seeds:
+            row = real_row(args, out, name, data, recipe, seed, epoch)
+            rows.append(row if isinstance(row, str) else row[0])
+            print(rows[-1], flush=True)  # each row as it lands: a later failure keeps it
+            if not isinstance(row, str):
+                ratios.append(row[1])
+        if len(ratios) > 1:
+            each = [hr / central for hr, central in ratios]
+            hr, central = (statistics.mean(column) for column in zip(*ratios, strict=True))
+            rows.append(f"| {name} | mean of {len(ratios)} seeds | | | | {hr:.4f} | | "
+                        f"{central:.4f} | **{hr / central:.3f}x** (seeds {min(each):.3f}x to "
+                        f"{max(each):.3f}x) | | | | | | |")
             print(rows[-1], flush=True)
-            continue
-        wall = time.perf_counter() - started
-        lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text()
-                 .splitlines()]
-        cohort = lines[1]["cohort"]
-        per_pass = training_seconds(lines)[1] * fed.num_clients / cohort
-        hr = summary["metrics"]["sampled"]["hr@10"]
-        central_hr = reference["metrics"]["sampled"]["hr@10"]
-        rows.append(f"| {name} | {fed.num_clients:,} | {cohort} | `{recipe}` | "
-                    f"{summary['selected_round']} of {summary['rounds']} | {hr:.4f} | "
-                    f"{summary['metrics']['sampled']['ndcg@10']:.4f} | {central_hr:.4f} | "
-                    f"{hr / central_hr:.3f}x | {wall:.0f} | {reference['wall_seconds']:.0f} | "
-                    f"{lines[0]['seconds']:.1f} | {per_pass:.1f} | {epoch:.1f} | "
-                    f"{per_pass / epoch:.2f}x |")
-        print(rows[-1], flush=True)
     return rows
+
+
+def real_row(args: argparse.Namespace, out: Path, name: str, data: str, recipe: str,
+             seed: int, epoch: float) -> str | tuple[str, tuple[float, float]]:
+    """One seed of a dataset: the table row and its (cross-device, centralized) test HR@10, or
+    a row saying why the run failed."""
+    data = f"{data} seed={seed}"
+    print(f"{name}, seed {seed}: centralized ...", flush=True)
+    reference = run_centralized(f"{data} output_dir={out}/{name}-central-{seed}")
+    overrides = [*data.split(), *recipe.split(), f"partition.pool_nodes={args.pool}",
+                 "guide_example=false", *args.overrides]
+    fed = load_federation(" ".join(overrides))
+    log_path = out / f"{name}-{seed}.flwr.log"
+    print(f"{name}, seed {seed}: cross-device, {fed.num_clients} shoppers on {fed.num_nodes} "
+          f"SuperNodes (log: {log_path}) ...", flush=True)
+    started = time.perf_counter()
+    try:
+        summary = run_federated(overrides, num_supernodes=fed.num_nodes,
+                                output_dir=out / f"{name}-{seed}", log_path=log_path,
+                                timeout=3 * 3600)
+    except Exception as err:  # a failed run is a row of the table, not the end of it
+        return f"| {name} | seed {seed} failed: {str(err).splitlines()[0][:200]} |"
+    wall = time.perf_counter() - started
+    lines = [json.loads(line) for line in (out / f"{name}-{seed}" / "metrics.jsonl").read_text()
+             .splitlines()]
+    cohort = lines[1]["cohort"]
+    per_pass = training_seconds(lines)[1] * fed.num_clients / cohort
+    hr = summary["metrics"]["sampled"]["hr@10"]
+    central_hr = reference["metrics"]["sampled"]["hr@10"]
+    row = (f"| {name} | {fed.num_clients:,} | {cohort} | `{recipe} seed={seed}` | "
+           f"{summary['selected_round']} of {summary['rounds']} | {hr:.4f} | "
+           f"{summary['metrics']['sampled']['ndcg@10']:.4f} | {central_hr:.4f} | "
+           f"{hr / central_hr:.3f}x | {wall:.0f} | {reference['wall_seconds']:.0f} | "
+           f"{lines[0]['seconds']:.1f} | {per_pass:.1f} | {epoch:.1f} | "
+           f"{per_pass / epoch:.2f}x |")
+    return row, (hr, central_hr)
 
 
 def main() -> None:
@@ -192,6 +216,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="of each synthetic run")
     parser.add_argument("--real", nargs="*", default=list(REAL), choices=list(REAL),
                         help="real datasets, cross-device against centralized (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="seeds of each real dataset's pair of runs; several add a row "
+                             "with the ratio of their mean HR@10s")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="folder holding the datasets (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None)
