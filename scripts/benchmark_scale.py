@@ -164,7 +164,7 @@ def real_rows(args: argparse.Namespace, out: Path) -> list[str]:
             each = [hr / central for hr, central in ratios]
             hr, central = (statistics.mean(column) for column in zip(*ratios, strict=True))
             rows.append(f"| {name} | mean of {len(ratios)} seeds | | | | {hr:.4f} | | "
-                        f"{central:.4f} | **{hr / central:.3f}x** (seeds {min(each):.3f}x to "
+                        f"{central:.4f} | **{hr / central:.4f}x** (seeds {min(each):.3f}x to "
                         f"{max(each):.3f}x) | | | | | | |")
             print(rows[-1], flush=True)
     return rows
