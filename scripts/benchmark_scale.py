@@ -155,11 +155,11 @@ def real_rows(args: argparse.Namespace, out: Path) -> list[str]:
         epoch = centralized_epoch_seconds(data)
         ratios: list[tuple[float, float]] = []  # (cross-device, centralized) HR@10 by seed
         for seed in args.seeds:
-            row = real_row(args, out, name, data, recipe, seed, epoch)
-            rows.append(row if isinstance(row, str) else row[0])
-            print(rows[-1], flush=True)  # each row as it lands: a later failure keeps it
-            if not isinstance(row, str):
-                ratios.append(row[1])
+            row, result = real_row(args, out, name, data, recipe, seed, epoch)
+            rows.append(row)
+            print(row, flush=True)  # each row as it lands: a later failure keeps it
+            if result is not None:
+                ratios.append(result)
         if len(ratios) > 1:
             each = [hr / central for hr, central in ratios]
             hr, central = (statistics.mean(column) for column in zip(*ratios, strict=True))
@@ -171,9 +171,9 @@ def real_rows(args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def real_row(args: argparse.Namespace, out: Path, name: str, data: str, recipe: str,
-             seed: int, epoch: float) -> str | tuple[str, tuple[float, float]]:
-    """One seed of a dataset: the table row and its (cross-device, centralized) test HR@10, or
-    a row saying why the run failed."""
+             seed: int, epoch: float) -> tuple[str, tuple[float, float] | None]:
+    """One seed of a dataset: the table row and its (cross-device, centralized) test HR@10;
+    a failed run's row says why, with no figures."""
     data = f"{data} seed={seed}"
     print(f"{name}, seed {seed}: centralized ...", flush=True)
     reference = run_centralized(f"{data} output_dir={out}/{name}-central-{seed}")
@@ -189,7 +189,7 @@ def real_row(args: argparse.Namespace, out: Path, name: str, data: str, recipe: 
                                 output_dir=out / f"{name}-{seed}", log_path=log_path,
                                 timeout=3 * 3600)
     except Exception as err:  # a failed run is a row of the table, not the end of it
-        return f"| {name} | seed {seed} failed: {str(err).splitlines()[0][:200]} |"
+        return f"| {name} | seed {seed} failed: {str(err).splitlines()[0][:200]} |", None
     wall = time.perf_counter() - started
     lines = [json.loads(line) for line in (out / f"{name}-{seed}" / "metrics.jsonl").read_text()
              .splitlines()]

@@ -221,8 +221,9 @@ class BudgetGuard(_Wrapper):
 def clients_in(records: Iterable[RecordDict]) -> int:
     """The clients whose updates a round's replies hold: a pool node's reply stands for the
     shoppers it trained (its unit-weight), any other reply for one client."""
-    return sum(int(m.get("unit-weight", 1))  # type: ignore[arg-type]
-               for r in records for m in r.metric_records.values())
+    weights = (next((m["unit-weight"] for m in r.metric_records.values() if "unit-weight" in m),
+                    1) for r in records)
+    return sum(int(w) for w in weights)  # type: ignore[arg-type]
 
 
 class PoolNoise(_Wrapper):
