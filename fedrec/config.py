@@ -189,6 +189,11 @@ class TwoTowerConfig(ModelConfig):
     # row, so a rarely bought item still says what it is, and the user tower learns nothing
     # from the private id table).
     history_items: str = MISSING
+    # In training, each history item's id row is dropped (zeroed, the kept rows scaled by
+    # 1 / (1 - p)) with this probability, so the user tower learns to read an item from its
+    # attributes too: a rarely bought item's id row has seen few shoppers. Serving reads every
+    # row. Needs history_items=id_and_attributes, the one reading with both.
+    history_id_dropout: float = MISSING
     attention_layers: int = MISSING
     attention_heads: int = MISSING
 
@@ -202,6 +207,12 @@ class TwoTowerConfig(ModelConfig):
                f"one of {', '.join(USER_TOWERS)}")
         _check(self.history_items in HISTORY_ITEMS, "model.history_items", self.history_items,
                f"one of {', '.join(HISTORY_ITEMS)}")
+        _check(0 <= self.history_id_dropout < 1, "model.history_id_dropout",
+               self.history_id_dropout, "a number in [0, 1)")
+        _check(self.history_id_dropout == 0 or self.history_items == "id_and_attributes",
+               "model.history_id_dropout", self.history_id_dropout,
+               f"0 with model.history_items={self.history_items} (only id_and_attributes reads "
+               "both an id row and attributes)")
         _check(self.embedding_dim % self.attention_heads == 0, "model.attention_heads",
                self.attention_heads, f"a divisor of model.embedding_dim={self.embedding_dim}")
         _check(self.temperature > 0, "model.temperature", self.temperature, "a number > 0")

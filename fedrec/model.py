@@ -36,6 +36,7 @@ class TwoTower(nn.Module):
         self.max_history = cfg.max_history
         self.temperature = cfg.temperature
         self.history_items = cfg.history_items
+        self.history_id_dropout = cfg.history_id_dropout
         # Row num_items is the padding item: it has no attributes and a zero id embedding.
         attrs = np.vstack([item_attributes, np.zeros((1, item_attributes.shape[1]), np.int64)])
         self.register_buffer("item_attributes", torch.as_tensor(attrs, dtype=torch.long))
@@ -114,7 +115,14 @@ class TwoTower(nn.Module):
         return self.item_embedding(items), _masked_mean(self.attribute_embedding(attrs), attrs)
 
     def _history_read(self, embedded: torch.Tensor, attr_mean: torch.Tensor) -> torch.Tensor:
-        return attr_mean if self.history_items == "attributes" else embedded + attr_mean
+        if self.history_items == "attributes":
+            return attr_mean
+        if self.training and self.history_id_dropout > 0:
+            # One draw per row, not per coordinate: the item is read from its attributes alone.
+            kept = torch.rand((*embedded.shape[:-1], 1), device=embedded.device)
+            embedded = embedded * (kept >= self.history_id_dropout) / (
+                1 - self.history_id_dropout)
+        return embedded + attr_mean
 
     def user_vectors(self, history: torch.Tensor,
                      users: torch.Tensor | None = None) -> torch.Tensor:

@@ -85,8 +85,10 @@ class Recommender:
                                  "guide serves from a history alone: train without them")
         try:
             # Personal vectors never leave their client, so serving uses the shared tower.
-            # model.pt files written before model.history_items existed read id rows.
-            cfg = config_from_spec(TwoTowerConfig, {"history_items": "id", **spec,
+            # model.pt files written before model.history_items existed read id rows; the
+            # history id dropout acts in training only, so files from before it serve as 0.
+            cfg = config_from_spec(TwoTowerConfig, {"history_items": "id",
+                                                    "history_id_dropout": 0.0, **spec,
                                                     "personal_embedding": False},
                                    f"{path}: model_spec")
         except ConfigError as err:

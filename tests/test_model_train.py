@@ -8,6 +8,7 @@ from conftest import TINY, load_node, typed_config
 from opacus.data_loader import DPDataLoader
 
 from fedrec.client.task import node_model, train_round
+from fedrec.config import ConfigError
 from fedrec.data.sequences import heldout_cases, training_examples
 from fedrec.data.split import split_dataset
 from fedrec.metrics import evaluate_model, evaluate_popularity
@@ -61,6 +62,35 @@ def test_the_user_tower_reads_what_history_items_names(tiny_shop, history_items,
     after_attributes = model.user_vectors(history)
     assert (not torch.allclose(before, after_ids)) == reads_ids
     assert (not torch.allclose(after_ids, after_attributes)) == reads_attributes
+
+
+def test_history_id_dropout_drops_whole_id_rows_in_training_only(tiny_shop):
+    _, model = build(tiny_shop, "model.history_id_dropout=0.5")
+    _, plain = build(tiny_shop)
+    plain.load_shared_state(model.shared_state())
+    items = torch.arange(tiny_shop.num_items).repeat(20)
+    embedded, attr_mean = model._item_parts(items)
+    model.train()
+    read = model._history_read(embedded, attr_mean)
+    # Each row is its attributes alone, or its id row scaled by 1 / (1 - p) plus its attributes.
+    dropped = torch.isclose(read, attr_mean, atol=1e-6).all(-1)
+    kept = torch.isclose(read, 2 * embedded + attr_mean, atol=1e-6).all(-1)
+    assert bool((dropped ^ kept).all())
+    assert 0.4 < dropped.float().mean().item() < 0.6
+    model.eval()
+    plain.eval()
+    history = torch.tensor([[tiny_shop.num_items, 1, 2], [3, 4, 5]])
+    assert torch.equal(model.user_vectors(history), plain.user_vectors(history))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.history_id_dropout=1.0"], r"model\.history_id_dropout=1\.0.*\[0, 1\)"),
+    (["model.history_items=attributes", "model.history_id_dropout=0.5"],
+     r"model\.history_id_dropout=0\.5.*0 with model\.history_items=attributes"),
+])
+def test_history_id_dropout_refuses_what_it_cannot_do(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        typed_config(*overrides)
 
 
 def test_personal_embedding_is_not_shared(tiny_shop):

@@ -193,6 +193,7 @@ def test_a_model_file_from_before_history_items_is_served_as_it_was_trained(mode
     payload = torch.load(model_path, weights_only=True)
     spec = dict(payload["model_spec"])
     assert spec.pop("history_items") == "id_and_attributes"
+    spec.pop("history_id_dropout")
     torch.save({**payload, "model_spec": spec}, tmp_path / "old.pt")
     assert Recommender.load(tmp_path / "old.pt").model.history_items == "id"
     assert Recommender.load(model_path).model.history_items == "id_and_attributes"
