@@ -150,6 +150,9 @@ def test_only_shoppers_of_one_plain_sgd_step_train_together():
     assert alone == [s for s in shoppers if sizes[s] > min(sizes.values())] != []
     adam = load_node(f"{POOL} partition.pool_nodes=2", 0, 2)
     assert one_step_shoppers(adam, shoppers, request) == ([], shoppers)
+    dropping = load_node(f"{POOL} partition.pool_nodes=2 {ONE_STEP} model.history_id_dropout=0.5",
+                         0, 2)
+    assert one_step_shoppers(dropping, shoppers, request) == ([], shoppers)
 
 
 @pytest.mark.slow  # two whole federations, in this process

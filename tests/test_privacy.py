@@ -356,7 +356,7 @@ def test_central_dp_round_with_failed_clients_costs_its_real_strength():
 @pytest.mark.slow  # starts the Flower runtime
 def test_dp_sgd_run_states_its_guarantee_and_keeps_the_wire_contract(flower, tmp_path):
     out, wire = tmp_path / "dp_sgd", tmp_path / "wire.jsonl"
-    overrides = f"{DP} num_rounds=3"
+    overrides = f"{DP} num_rounds=3 eval.every=2"
     summary = flower(f"{overrides} wire_log={wire}", num_supernodes=3, output_dir=out)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     spent = [line["epsilon"] for line in lines]
@@ -377,6 +377,8 @@ def test_dp_sgd_run_states_its_guarantee_and_keeps_the_wire_contract(flower, tmp
     # A private run reports the server's own evaluation of its last round, labelled so.
     assert summary["metrics_source"] == "server" and summary["selected_round"] == 3
     assert summary["metrics"] == lines[3]["server"]["test"] and "test" not in lines[3]
+    # The server evaluates as eval.every says, and always the last round.
+    assert ["server" in line for line in lines] == [True, False, True, True]
     layouts = assert_wire_contract(wire, overrides)
     assert not [x for x in layouts if x["type"] == "evaluate"]  # none asked for
     replies = [x for x in layouts if x["direction"] == "up"]

@@ -9,7 +9,8 @@ So the node takes that step once, with one forward and backward pass over all it
 rows, instead of a model reset, a dense item-table gradient and an optimizer step per shopper.
 Weight decay and FedProx's proximal step are linear in the step, so they carry over.
 
-Nothing else is batched this way: Adam's first step, several steps, dropout and DP-SGD's
+Nothing else is batched this way: Adam's first step, several steps, dropout (of either kind:
+its masks come from the node's generator, not from each shopper's seed) and DP-SGD's
 clipping are not linear in one shopper's gradient, so those shoppers train one at a time.
 """
 
@@ -35,7 +36,8 @@ def one_step_shoppers(node: NodeData, shoppers: list[int],
     # train.weight_decay=null: each shopper picks their own decay, so their steps differ.
     linear = (cfg.train.optimizer == "sgd" and cfg.train.weight_decay is not None
               and cfg.train.loss == "sampled_softmax"
-              and cfg.model.dropout == 0 and request.local_epochs == 1
+              and cfg.model.dropout == 0 and cfg.model.history_id_dropout == 0
+              and request.local_epochs == 1
               and cfg.privacy.mechanism == "none" and not cfg.model.personal_embedding)
     if not linear:
         return [], list(shoppers)

@@ -141,19 +141,23 @@ class RoundLog:
     def __init__(self, outputs: RunOutputs, grid: MeteredGrid, num_rounds: int,
                  server_evaluation: ServerEvaluation | None, privacy: PrivacyReport,
                  select_by: str, resumed: dict[str, Any] | None = None, *,
-                 federated_evaluation: bool = True, patience: int | None = None) -> None:
+                 federated_evaluation: bool = True, patience: int | None = None,
+                 eval_every: int = 1) -> None:
         """``select_by``: the validation metric (protocol.metric) whose best evaluated round
         the run reports; ``resumed``: the checkpoint a resumed run starts from; Flower numbers
         the resumed rounds from 1 again, and the log adds the rounds done before.
         ``federated_evaluation``: False when the clients send no evaluation figures (a private
         run): the run then reports its last round, chosen by nothing private. ``patience``:
-        stop after that many evaluated rounds in a row without a better ``select_by``."""
+        stop after that many evaluated rounds in a row without a better ``select_by``.
+        ``eval_every``: the server evaluates round 0, every eval_every-th round and the run's
+        last, as the clients do (evaluating all of Beauty's shoppers costs more than a round)."""
         self.outputs = outputs
         self.done = 0 if resumed is None else int(resumed["round"])
         self.privacy = privacy
         self.grid = grid
         self.num_rounds = num_rounds
         self.server_evaluation = server_evaluation
+        self.eval_every = eval_every
         self.select_by = select_by
         self.federated_evaluation = federated_evaluation
         self._round_began = time.perf_counter()
@@ -211,7 +215,8 @@ class RoundLog:
                 record["valid"] = self._valid.means()
             record["test"] = self._federated.means()
             record["evaluated_users"] = self._federated.counts["full"]
-        if self.server_evaluation is not None:
+        last = server_round >= self.num_rounds or self.privacy.stop_before_next_round()
+        if self.server_evaluation is not None and (server_round % self.eval_every == 0 or last):
             valid, test = self.server_evaluation(arrays)
             record["server"] = {**({"valid": valid.means()} if valid.counts["sampled"] else {}),
                                 "test": test.means()}

@@ -164,7 +164,8 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
     rounds = RoundLog(outputs, metered, num_rounds,
                       _server_evaluation(fed, model) if server_side else None,
                       privacy, cfg.eval.select_by, resumed,
-                      federated_evaluation=federated_evaluation, patience=cfg.eval.patience)
+                      federated_evaluation=federated_evaluation, patience=cfg.eval.patience,
+                      eval_every=cfg.eval.every)
     strategy = build_strategy(strategy_cfg or cfg.strategy, train_metrics=rounds.aggregate_train,
                               evaluate_metrics=rounds.aggregate_evaluate,
                               weighted_by_key=weighted_by_key)
