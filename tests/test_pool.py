@@ -27,6 +27,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.supercore.differential_privacy import compute_clip_model_update
 from flwr.supercore.task_identity import TaskIdentity
 from independent_accounting import replace_one_sampled_lower_bound
 
@@ -272,6 +273,22 @@ def _clipped_updates(overrides: str, shoppers: list[int], global_state: dict[str
 
 def _flat_update(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([(state[name] - start[name]).flatten() for name in start])
+
+
+@pytest.mark.parametrize("clipping_norm", [0.5, 100.0])  # binding, and not
+def test_a_pool_shopper_is_clipped_as_flowers_clipping_mod_clips_a_device(clipping_norm):
+    generator = torch.Generator().manual_seed(0)
+    start = {"a": torch.randn(30, 4, generator=generator), "b": torch.randn(7, generator=generator)}
+    trained = {name: value + 0.1 * torch.randn(value.shape, generator=generator)
+               for name, value in start.items()}
+    flowers = [trained[name].numpy().copy() for name in start]
+    compute_clip_model_update(flowers, [start[name].numpy() for name in start], clipping_norm)
+    ours = pool_client.clipped_update(trained, start, clipping_norm)
+    for name, expected in zip(start, flowers, strict=True):
+        assert torch.allclose(ours[name], torch.from_numpy(expected), atol=1e-6)
+    unclipped = float(_flat_update(trained, start).norm())
+    assert float(_flat_update(ours, start).norm()) == pytest.approx(min(unclipped, clipping_norm),
+                                                             rel=1e-5)
 
 
 def test_a_pool_node_clips_each_shopper_update_before_the_mean():

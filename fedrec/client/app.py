@@ -23,7 +23,6 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from fedrec.client.dp_sgd import DpSgdLedger
 from fedrec.client.one_step import one_step_shoppers, train_one_step_together
@@ -192,15 +191,17 @@ def train(msg: Message, context: Context) -> Message:
 def clipped_update(state: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor],
                    clipping_norm: float) -> dict[str, torch.Tensor]:
     """A pool's shopper's model with its update clipped to ``clipping_norm``, as Flower's
-    fixedclipping_mod clips a device's reply (with its function), before it joins the node's
-    mean. The norm is the node's own config, never the server's request: user-level DP-FedAvg
-    on a pool (the mean of clipped updates has norm at most the norm, so the node's own
-    clipping mod leaves it unchanged)."""
-    names = list(global_state)
-    trained = [state[name].numpy().copy() for name in names]
-    compute_clip_model_update(trained, [global_state[name].numpy() for name in names],
-                              clipping_norm)
-    return {name: torch.from_numpy(array) for name, array in zip(names, trained, strict=True)}
+    fixedclipping_mod clips a device's reply (``compute_clip_model_update``: the update scaled
+    by min(1, norm / its L2 norm over every array)), before it joins the node's mean. In torch,
+    not with Flower's numpy function, which took 6 of the 7 ms a Beauty shopper's clip cost.
+    The norm is the node's own config, never the server's request: user-level DP-FedAvg on a
+    pool (the mean of clipped updates has norm at most the norm, so the node's own clipping mod
+    leaves it unchanged)."""
+    update = {name: state[name] - start for name, start in global_state.items()}
+    norm = float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(u, dtype=torch.float64) for u in update.values()])))
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    return {name: global_state[name] + scale * u for name, u in update.items()}
 
 
 class WeightedMean:
