@@ -387,6 +387,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"
               "fedtrimmedavg", "fedmedian", "krum", "multikrum")
 # Strategies whose aggregate is a weighted mean of the updates (the rest pick or trim updates).
 MEAN_STRATEGIES = STRATEGIES[:6]
+# Strategies whose aggregate is the weighted mean itself, with no server optimizer after it.
+NOISED_MEAN_STRATEGIES = STRATEGIES[:2]
 
 
 @dataclass
@@ -653,10 +655,15 @@ class Config:
         _check(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
         if self.privacy.mechanism == "central_dp":
-            # The noise covers a mean of clipped updates, not a pick or a trim of them.
-            _check(self.strategy.name in MEAN_STRATEGIES, "strategy", self.strategy.name,
-                   f"with privacy=central_dp, a strategy that averages the updates: one of "
-                   f"{', '.join(MEAN_STRATEGIES)}")
+            # The noise is calibrated to a mean of clipped updates, and Flower's DP wrappers
+            # (and PoolNoise) add it to what the wrapped strategy returns. That is the mean
+            # only for FedAvg and FedProx (whose term acts on the clients). A server optimizer
+            # (FedAdam, FedYogi, FedAdagrad, FedAvgM) returns its step, in which one client's
+            # update can move a coordinate by the whole server lr: the noise would not cover it.
+            _check(self.strategy.name in NOISED_MEAN_STRATEGIES, "strategy", self.strategy.name,
+                   "with privacy=central_dp, a strategy whose aggregate is the mean the noise "
+                   f"is calibrated to: one of {', '.join(NOISED_MEAN_STRATEGIES)} (a server "
+                   "optimizer's step is not covered by noise added after it)")
         if self.secagg.enabled:
             self._check_secagg()
         _check(self.federation in ("simulation", "deployment"), "federation", self.federation,

@@ -254,6 +254,9 @@ def test_client_side_clipping_bounds_the_update_it_sends():
     ("privacy=central_dp privacy.sampling=poisson", "privacy.sampling"),
     ("privacy=central_dp privacy.neighbouring=add_remove", "privacy.neighbouring"),
     ("privacy=dp_sgd privacy.unit=interaction", "privacy.unit"),
+    ("privacy=central_dp privacy.side=client strategy=fedadam", "strategy"),
+    ("privacy=central_dp privacy.side=client strategy=fedavgm", "strategy"),
+    ("privacy=central_dp privacy.side=client strategy=fedyogi secagg=on", "strategy"),
 ])
 def test_guarantees_that_cannot_hold_are_refused_at_composition(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
