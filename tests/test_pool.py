@@ -38,6 +38,7 @@ from fedrec.client.app import PERSONAL_STATE, round_seed
 from fedrec.client.app import _model as node_model_with_state
 from fedrec.client.app import app as client_app
 from fedrec.client.one_step import one_step_shoppers, train_one_step_together
+from fedrec.client.shopper_update import moves_only_rows_read
 from fedrec.client.task import ShopperRows, TrainRequest, node_model, shopper_data, train_round
 from fedrec.config import ConfigError
 from fedrec.data.federation import build_federation
@@ -53,6 +54,9 @@ POOL = (f"dataset.num_users={SHOPPERS} dataset.num_items=80 dataset.num_categori
 # Each shopper's round is one plain SGD step (its examples fit one batch): a pool node trains its
 # shoppers together (fedrec.client.one_step).
 ONE_STEP = "train.optimizer=sgd train.lr=0.5 train.batch_size=64 train.weight_decay=0.01"
+# Plain SGD without decay: a shopper's round moves only the item rows it reads, and a pool node
+# keeps just those (fedrec.client.shopper_update). Several steps per shopper (8 examples a batch).
+ROWS_READ = "train.optimizer=sgd train.weight_decay=0.0"
 # Each shopper keeps a personal vector, which never leaves its device (or its pool node).
 PERSONAL = "model.personal_embedding=true"
 DP = ("privacy=dp_sgd privacy.target_epsilon=50 privacy.planned_rounds=3 "
@@ -61,8 +65,9 @@ DP = ("privacy=dp_sgd privacy.target_epsilon=50 privacy.planned_rounds=3 "
 
 
 @pytest.mark.slow  # twelve whole federations, in this process
-@pytest.mark.parametrize("privacy", ["", DP, ONE_STEP, PERSONAL],
-                         ids=["no privacy", "dp_sgd", "one step", "personal vectors"])
+@pytest.mark.parametrize("privacy", ["", DP, ONE_STEP, PERSONAL, ROWS_READ],
+                         ids=["no privacy", "dp_sgd", "one step", "personal vectors",
+                              "rows read"])
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_a_pool_gives_the_global_model_of_one_supernode_per_shopper(strategy, privacy,
                                                                      tmp_path):
@@ -291,12 +296,14 @@ def test_a_pool_shopper_is_clipped_as_flowers_clipping_mod_clips_a_device(clippi
                                                              rel=1e-5)
 
 
-def test_a_pool_node_clips_each_shopper_update_before_the_mean():
+@pytest.mark.parametrize("training", ["", ROWS_READ], ids=["whole model", "rows read"])
+def test_a_pool_node_clips_each_shopper_update_before_the_mean(training):
     """The node's reply under user-level DP-FedAvg is the mean of its shoppers' updates, each
     clipped on its own, computed here by hand: not the clip of their mean."""
-    overrides = f"{POOL} partition.pool_nodes=2 {CENTRAL}"
+    overrides = f"{POOL} partition.pool_nodes=2 {CENTRAL} {training}"
     node = load_node(overrides, 0, 2)
     shoppers = node.users.tolist()[:3]
+    assert all(moves_only_rows_read(shopper_data(node, s)) == bool(training) for s in shoppers)
     torch.manual_seed(0)
     global_state = {k: v.clone() for k, v in node_model(node).shared_state().items()}
     reply, context = _train_on_pool_node(overrides, shoppers, global_state)
@@ -340,10 +347,11 @@ def test_a_pool_shopper_without_data_adds_a_zero_update_under_user_level_dp(monk
 
 
 @pytest.mark.slow  # two whole federations, in this process
-def test_user_level_dp_fedavg_on_a_pool_is_one_supernode_per_shoppers_run(tmp_path):
+@pytest.mark.parametrize("training", ["", ROWS_READ], ids=["whole model", "rows read"])
+def test_user_level_dp_fedavg_on_a_pool_is_one_supernode_per_shoppers_run(training, tmp_path):
     """Same cohorts, same server noise: the pool gives the global model of one SuperNode per
     shopper, and states a shopper's epsilon over the cohort and the population."""
-    overrides = f"{POOL} strategy=fedavg num_rounds=3 eval.every=3 seed=3 {CENTRAL}"
+    overrides = f"{POOL} strategy=fedavg num_rounds=3 eval.every=3 seed=3 {CENTRAL} {training}"
     runs, wire = {}, tmp_path / "wire.jsonl"
     for pool in (None, 2):
         np.random.seed(0)  # the server's noise: Flower's function draws from numpy's generator

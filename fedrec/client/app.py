@@ -9,6 +9,7 @@ enabled, lives in Context.state and never enters a reply.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 from flwr.app import (
@@ -27,6 +28,12 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedrec.client.dp_sgd import DpSgdLedger
 from fedrec.client.one_step import one_step_shoppers, train_one_step_together
 from fedrec.client.secagg import secure_aggregation_mod
+from fedrec.client.shopper_update import (
+    ITEM_TABLE,
+    ShopperUpdate,
+    moves_only_rows_read,
+    train_for_update,
+)
 from fedrec.client.task import (
     NodeData,
     NodeHolder,
@@ -148,7 +155,7 @@ def train(msg: Message, context: Context) -> Message:
     global_state = msg.content["arrays"].to_torch_state_dict()
     together, alone = ([], [None]) if shoppers is None else one_step_shoppers(node, shoppers,
                                                                               request)
-    mean = WeightedMean()
+    mean = WeightedMean(global_state)
     if together:
         model = NODES.shopper_model(node)
         model.load_shared_state(global_state)
@@ -157,9 +164,27 @@ def train(msg: Message, context: Context) -> Message:
                                                 proximal_mu=request.proximal_mu)
         mean.add(state, result.num_examples, len(together), result)
     refusals = []
+    holds_global = False  # whether the pool's shopper model holds the global model
     for client in alone:
         data = node if client is None else shopper_data(node, client)
         try:
+            if client is not None and moves_only_rows_read(data):
+                if len(data.examples) == 0:
+                    raise Refusal(NOTHING_TO_TRAIN, f"shopper {client} has no training example")
+                model = NODES.shopper_model(node)
+                if not holds_global:
+                    model.load_shared_state(global_state)
+                    holds_global = True
+                update, result = train_for_update(model, global_state, partial(
+                    train_round, data, model, lr=request.lr, local_epochs=request.local_epochs,
+                    batch_size=request.batch_size, proximal_mu=request.proximal_mu,
+                    seed=round_seed(context, data.cfg, request.run_round, client)))
+                if isinstance(node.cfg.privacy, CentralDpConfig):
+                    update = update.clipped(node.cfg.privacy.clipping_norm)
+                mean.add_update(update, result.num_examples if weight_key == "num-examples"
+                                else 1, result)
+                continue
+            holds_global = False
             state, result = _train_client(node, data, client, global_state, request, context)
         except Refusal as refusal:
             if client is not None and refusal.code == NOTHING_TO_TRAIN and isinstance(
@@ -206,32 +231,58 @@ def clipped_update(state: dict[str, torch.Tensor], global_state: dict[str, torch
 
 class WeightedMean:
     """The weighted mean of the models a node's clients trained, summed as each one finishes:
-    a pool's shoppers share one model object, which the next shopper overwrites."""
+    a pool's shoppers share one model object, which the next shopper overwrites. Whole models
+    (``add``) are summed as they are; a shopper's update (``add_update``) as its change from
+    the global model, so that it costs the rows it moved, not the whole item table."""
 
-    def __init__(self) -> None:
+    def __init__(self, global_state: dict[str, torch.Tensor]) -> None:
+        self.global_state = global_state
         self.clients, self.weight, self.loss_sum = 0, 0, 0.0
         self._first: dict[str, torch.Tensor] = {}  # sent as trained when it is the only one
-        self._sum: dict[str, torch.Tensor] = {}  # float64, weighted, once a second one comes
+        self._first_weight = 0
+        self._sum: dict[str, torch.Tensor] = {}  # float64: weighted whole models, and changes
+        self._update_weight = 0  # the weight of the updates, whose start is the global model
 
     def add(self, state: dict[str, torch.Tensor], weight: int, clients: int,
             result: TrainResult) -> None:
         """``state``: the mean of ``clients`` clients' models, of total ``weight``."""
         if not self.clients:
             self._first = {name: value.clone() for name, value in state.items()}
+            self._first_weight = weight
         else:
-            if not self._sum:
-                self._sum = {name: self.weight * value.double()
-                             for name, value in self._first.items()}
+            self._fold_first()
             for name, value in state.items():
                 self._sum[name] += weight * value.double()
+        self._count(weight, clients, result)
+
+    def add_update(self, update: ShopperUpdate, weight: int, result: TrainResult) -> None:
+        """One shopper's update, of ``weight``."""
+        self._fold_first()
+        self._sum[ITEM_TABLE].index_add_(0, update.rows, update.table.double(), alpha=weight)
+        for name, change in update.dense.items():
+            self._sum[name] += weight * change.double()
+        self._update_weight += weight
+        self._count(weight, 1, result)
+
+    def _count(self, weight: int, clients: int, result: TrainResult) -> None:
         self.clients, self.weight = self.clients + clients, self.weight + weight
         self.loss_sum += result.loss * result.num_examples
 
-    def state(self) -> dict[str, torch.Tensor]:
+    def _fold_first(self) -> None:
         if not self._sum:
+            self._sum = {name: torch.zeros_like(value, dtype=torch.float64)
+                         for name, value in self.global_state.items()}
+        if self._first:
+            for name, value in self._first.items():
+                self._sum[name] += self._first_weight * value.double()
+            self._first = {}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self._first:  # the only one
             return self._first
-        return {name: (value / max(self.weight, 1e-12)).float()
-                for name, value in self._sum.items()}
+        total = max(self.weight, 1e-12)
+        return {name: ((self._sum[name] + self._update_weight * start.double()) / total).float()
+                for name, start in self.global_state.items()}
 
 
 def _train_client(node: NodeData, data: TrainingData, client: int | None,
