@@ -189,10 +189,13 @@ class TwoTowerConfig(ModelConfig):
     # row, so a rarely bought item still says what it is, and the user tower learns nothing
     # from the private id table).
     history_items: str = MISSING
-    # In training, each history item's id row is dropped (zeroed, the kept rows scaled by
+    # In training, a history item's id row is dropped (zeroed, the kept rows scaled by
     # 1 / (1 - p)) with this probability, so the user tower learns to read an item from its
     # attributes too: a rarely bought item's id row has seen few shoppers. Serving reads every
-    # row. Needs history_items=id_and_attributes, the one reading with both.
+    # row. Needs history_items=id_and_attributes, the one reading with both. With the sampled
+    # softmax (shared negatives) the user tower reads each distinct item of a batch once, so
+    # the draw is per distinct item of the batch; with per-example candidates (BPR, DP-SGD),
+    # per history entry. The measured figures (docs/configuration.md) are of the first.
     history_id_dropout: float = MISSING
     attention_layers: int = MISSING
     attention_heads: int = MISSING

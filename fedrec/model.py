@@ -119,6 +119,7 @@ class TwoTower(nn.Module):
             return attr_mean
         if self.training and self.history_id_dropout > 0:
             # One draw per row, not per coordinate: the item is read from its attributes alone.
+            # user_vectors reads each distinct item once: one draw for all its entries.
             kept = torch.rand((*embedded.shape[:-1], 1), device=embedded.device)
             embedded = embedded * (kept >= self.history_id_dropout) / (
                 1 - self.history_id_dropout)
