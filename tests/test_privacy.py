@@ -40,7 +40,12 @@ from fedrec.client.app import app as client_app
 from fedrec.client.dp_sgd import DpSgdLedger, embedding_norm_sample, train_dp_sgd
 from fedrec.client.task import node_model, protected_units, train_round
 from fedrec.config import ConfigError
-from fedrec.server.privacy import _epsilon_after, accounted_noise, plan_central_dp
+from fedrec.server.privacy import (
+    _epsilon_after,
+    _rdp_accountant,
+    accounted_noise,
+    plan_central_dp,
+)
 from fedrec.wire import BUDGET_EXHAUSTED, NOT_COVERED, OUTSIDE_PLAN
 
 DP = f"{TINY} privacy=dp_sgd_eps4 privacy.negatives_per_example=8"
@@ -500,6 +505,23 @@ def test_central_dp_refuses_a_short_release_that_would_pass_the_budget():
                               sample_size=3, num_rounds=2)
     central.compose_round(3)
     assert central.release_fits(3) and not central.release_fits(2)
+
+
+def test_central_dp_release_check_composes_the_ledger_as_a_replay_does():
+    """The check composes each distinct release once with its count; Flower's ledger replay,
+    one release at a time, must give the same answer on both sides of the budget."""
+    cfg = typed_config("privacy=central_dp", "privacy.noise_multiplier=1.0").privacy
+    central = plan_central_dp(dataclasses.replace(cfg, max_epsilon=1e9), population=50,
+                              sample_size=10, num_rounds=8)
+    for replies in (10, 7, 10, 10, 7, 9):
+        central.compose_round(replies)
+    replay = _rdp_accountant(50, central.delta)
+    replay.load_state_dict(central.accountant.state_dict())
+    replay.compose(central._event(8))
+    exact = replay.get_epsilon(central.delta)
+    for budget, fits in ((exact * 1.001, True), (exact * 0.999, False)):
+        central.cfg = dataclasses.replace(cfg, max_epsilon=budget)
+        assert central.release_fits(8) == fits
 
 
 def test_dp_sgd_refuses_a_deployment_without_delta():

@@ -6,6 +6,7 @@ RdpAccountant (``CentralDp``), and the run's privacy report for either mechanism
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -87,10 +88,22 @@ class CentralDp:
 
     def release_fits(self, replies: int) -> bool:
         """Whether releasing the noised mean of ``replies`` updates keeps epsilon within
-        max_epsilon (fewer replies than sampled cost more than a planned round)."""
+        max_epsilon (fewer replies than sampled cost more than a planned round).
+
+        The trial composes each distinct mechanism once, with its count: RDP adds up, so the
+        order of releases does not matter. Replaying the ledger one release at a time, as
+        Flower's load_state_dict does, cost a round 0.3 s more each round on Beauty (the RDP
+        of sampling 1,118 of 22,363 without replacement): round 36 took 34 s."""
+        counts: Counter[tuple[float, int, int]] = Counter()
+        for entry in self.accountant.state_dict()["compositions"]:  # type: ignore[union-attr]
+            event = entry["event"]
+            counts[(event["noise_multiplier"], event["sample_size"],
+                    event["population_size"])] += entry["count"]
+        event = self._event(replies)
+        counts[(event.noise_multiplier, event.sample_size, event.population_size)] += 1
         trial = _rdp_accountant(self.population, self.delta)
-        trial.load_state_dict(self.accountant.state_dict())
-        trial.compose(self._event(replies))
+        for (noise, sample_size, population), count in counts.items():
+            trial.compose(GaussianPrivacyEvent(noise, sample_size, population), count)
         return trial.get_epsilon(self.delta) <= self.cfg.max_epsilon * (1 + 1e-9)
 
     def _event(self, replies: int) -> GaussianPrivacyEvent:
