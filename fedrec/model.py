@@ -18,6 +18,9 @@ from fedrec.config import TwoTowerConfig
 from fedrec.data.dataset import Dataset
 
 PERSONAL_PREFIX = "personal"
+# The item id table's name in the shared state: the parameter the server steps apart
+# (strategy.item_server_lr) and a pool node keeps row by row (fedrec.client.shopper_update).
+ITEM_TABLE = "item_embedding.weight"
 
 
 class TwoTower(nn.Module):

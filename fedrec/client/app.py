@@ -29,8 +29,8 @@ from fedrec.client.dp_sgd import DpSgdLedger
 from fedrec.client.one_step import one_step_shoppers, train_one_step_together
 from fedrec.client.secagg import secure_aggregation_mod
 from fedrec.client.shopper_update import (
-    ITEM_TABLE,
     ShopperUpdate,
+    clip_scale,
     moves_only_rows_read,
     train_for_update,
 )
@@ -49,7 +49,7 @@ from fedrec.client.task import (
 )
 from fedrec.config import CentralDpConfig, Config, DpSgdConfig
 from fedrec.metrics import VALID_PREFIX
-from fedrec.model import PERSONAL_PREFIX, TwoTower
+from fedrec.model import ITEM_TABLE, PERSONAL_PREFIX, TwoTower
 from fedrec.train import TrainResult
 from fedrec.wire import BUDGET_EXHAUSTED, NOT_COVERED, NOTHING_TO_TRAIN, OUTSIDE_PLAN, starts_round
 
@@ -223,9 +223,7 @@ def clipped_update(state: dict[str, torch.Tensor], global_state: dict[str, torch
     pool (the mean of clipped updates has norm at most the norm, so the node's own clipping mod
     leaves it unchanged)."""
     update = {name: state[name] - start for name, start in global_state.items()}
-    norm = float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(u, dtype=torch.float64) for u in update.values()])))
-    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    scale = clip_scale(list(update.values()), clipping_norm)
     return {name: global_state[name] + scale * u for name, u in update.items()}
 
 

@@ -19,10 +19,8 @@ import torch
 
 from fedrec.client.task import TrainingData
 from fedrec.config import DpSgdConfig
-from fedrec.model import PERSONAL_PREFIX, TwoTower
+from fedrec.model import ITEM_TABLE, PERSONAL_PREFIX, TwoTower
 from fedrec.train import TrainResult
-
-ITEM_TABLE = "item_embedding.weight"
 
 
 def moves_only_rows_read(data: TrainingData) -> bool:
@@ -42,19 +40,20 @@ class ShopperUpdate:
     table: torch.Tensor  # their change, one row each
     dense: dict[str, torch.Tensor]  # every other shared parameter's change
 
-    def norm(self) -> float:
-        """The L2 norm over every shared parameter, as the whole model's difference has."""
-        parts = [torch.linalg.vector_norm(self.table, dtype=torch.float64)]
-        parts += [torch.linalg.vector_norm(d, dtype=torch.float64) for d in self.dense.values()]
-        return float(torch.linalg.vector_norm(torch.stack(parts)))
-
     def clipped(self, clipping_norm: float) -> ShopperUpdate:
-        """Scaled by min(1, clipping_norm / norm), as Flower's fixedclipping_mod scales a
-        device's update (``fedrec.client.app.clipped_update`` on the whole model)."""
-        norm = self.norm()
-        scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+        """Clipped as ``fedrec.client.app.clipped_update`` clips the whole model's difference:
+        the rows left out did not move, so they add nothing to the norm."""
+        scale = clip_scale([self.table, *self.dense.values()], clipping_norm)
         return ShopperUpdate(self.rows, self.table * scale,
                              {name: d * scale for name, d in self.dense.items()})
+
+
+def clip_scale(update: list[torch.Tensor], clipping_norm: float) -> float:
+    """min(1, clipping_norm / the L2 norm over every array of ``update``): the factor Flower's
+    fixedclipping_mod scales a device's update by (``compute_clip_model_update``)."""
+    norm = float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(u, dtype=torch.float64) for u in update])))
+    return min(1.0, clipping_norm / norm) if norm > 0 else 1.0
 
 
 def train_for_update(model: TwoTower, global_state: dict[str, torch.Tensor],

@@ -215,7 +215,9 @@ class RoundLog:
                 record["valid"] = self._valid.means()
             record["test"] = self._federated.means()
             record["evaluated_users"] = self._federated.counts["full"]
-        last = server_round >= self.num_rounds or self.privacy.stop_before_next_round()
+        # Asked once a round: each check composes the accountant's ledger (0.55 s on Beauty).
+        out_of_budget = server_round < self.num_rounds and self.privacy.stop_before_next_round()
+        last = server_round >= self.num_rounds or out_of_budget
         if self.server_evaluation is not None and (server_round % self.eval_every == 0 or last):
             valid, test = self.server_evaluation(arrays)
             record["server"] = {**({"valid": valid.means()} if valid.counts["sampled"] else {}),
@@ -260,7 +262,7 @@ class RoundLog:
                  self._eta(server_round))
         if server_round >= self.num_rounds:
             return None
-        if self.privacy.stop_before_next_round():
+        if out_of_budget:
             log.warning("privacy: round %d cost more than planned (clients failed), and another "
                         "round would take epsilon past privacy.max_epsilon=%s: the run stops "
                         "here", server_round, self.privacy.cfg.max_epsilon)  # type: ignore[attr-defined]

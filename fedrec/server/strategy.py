@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
 from fedrec.config import ConfigError, StrategyConfig
+from fedrec.model import ITEM_TABLE
 from fedrec.server.cohort import Cohorts, with_cohort
 
 STRATEGY_CLASSES: dict[str, type[flwr_strategy.Strategy]] = {
@@ -48,8 +49,6 @@ LEGACY_STRATEGY_CLASSES: dict[str, type[legacy_strategy.Strategy]] = {
     "fedadagrad": legacy_strategy.FedAdagrad,
     "fedavgm": legacy_strategy.FedAvgM,
 }
-# The shared parameter that strategy.item_server_lr steps: the item id embeddings.
-ITEM_TABLE = "item_embedding.weight"
 # Keys every strategy takes from the top of its config group, not from params.
 COMMON_KEYS = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
                "min_available_nodes")
