@@ -392,6 +392,10 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"
 MEAN_STRATEGIES = STRATEGIES[:6]
 # Strategies whose aggregate is the weighted mean itself, with no server optimizer after it.
 NOISED_MEAN_STRATEGIES = STRATEGIES[:2]
+# Server optimizers that read the sent model afresh each round (Flower's FedOpt family), so the
+# item table may take another step after theirs.
+SERVER_OPTIMIZER_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")
+ITEM_OPTIMIZERS = ("strategy", "sgd")
 
 
 @dataclass
@@ -414,6 +418,12 @@ class StrategyConfig:
     # step. With Adam at the server, whose step is about as long for a rarely bought item's row
     # as for a common one's, it holds every row at the same small norm, as AdamW does centrally.
     item_decay: float = MISSING
+    # What steps the item table: "strategy", the strategy's own step (times item_server_lr);
+    # "sgd", plain SGD on the replies' weighted mean (current + item_server_lr x (mean -
+    # current)) while a server optimizer steps the dense layers. Adam's per-coordinate scaling
+    # suits the attention blocks, which every shopper trains, but not an item row, which few
+    # shoppers move and whose mean the server lr already rescales.
+    item_optimizer: str = MISSING
 
     def __post_init__(self) -> None:
         _check(self.name in STRATEGIES, "strategy.name", self.name,
@@ -434,6 +444,14 @@ class StrategyConfig:
                "a number in [0, 1)")
         _check(self.item_decay == 0 or self.name != "fedavgm", "strategy.item_decay",
                self.item_decay, "0.0 with strategy=fedavgm, which keeps its own copy of the model")
+        _check(self.item_optimizer in ITEM_OPTIMIZERS, "strategy.item_optimizer",
+               self.item_optimizer, f"one of {', '.join(ITEM_OPTIMIZERS)}")
+        _check(self.item_optimizer == "strategy" or self.name in SERVER_OPTIMIZER_STRATEGIES,
+               "strategy.item_optimizer", self.item_optimizer,
+               f"strategy with strategy={self.name}: sgd replaces the step of a server optimizer "
+               f"that reads the sent model afresh each round, one of "
+               f"{', '.join(SERVER_OPTIMIZER_STRATEGIES)} (FedAvg's step already is SGD on the "
+               f"mean; FedAvgM keeps its own copy of the model)")
 
 
 # ---------------------------------------------------------------------------------- privacy
@@ -762,6 +780,9 @@ class Config:
                "strategy.item_decay", self.strategy.item_decay,
                f"0.0 with secagg=on and strategy={self.strategy.name} (only fedavg and fedprox "
                "decay the item table there)")
+        _check(self.strategy.item_optimizer == "strategy", "strategy.item_optimizer",
+               self.strategy.item_optimizer,
+               "strategy with secagg=on: Flower's legacy server optimizers step every parameter")
         privacy = self.privacy
         if isinstance(privacy, CentralDpConfig):
             _check(privacy.side == "client", "privacy.side", privacy.side,

@@ -153,6 +153,8 @@ def test_secagg_runs_with_mean_based_strategies(flower, tmp_path, strategy):
     (["secagg=on", "secagg.num_shares=4"], "secagg.num_shares"),
     (["secagg=on", "strategy=fedadam", "strategy.item_server_lr=2"], "strategy.item_server_lr"),
     (["secagg=on", "strategy=fedadam", "strategy.item_decay=0.1"], "strategy.item_decay"),
+    (["secagg=on", "strategy=fedadam", "strategy.item_optimizer=sgd"],
+     "strategy.item_optimizer"),
     (["secagg=on", "secagg.reconstruction_threshold=5"], "secagg.reconstruction_threshold"),
     (["secagg=on", "privacy=central_dp"], "privacy.side"),
     (["secagg=on", "privacy=central_dp", "privacy.side=client", "privacy.clipping=adaptive"],

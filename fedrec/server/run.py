@@ -176,6 +176,8 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
                            # with SecAgg+, the legacy strategy steps the item table
                            item_server_lr=1.0 if secagg else cfg.strategy.item_server_lr,
                            item_decay=0.0 if secagg else cfg.strategy.item_decay,
+                           item_optimizer=cfg.strategy.item_optimizer,
+                           weighted_by_key=weighted_by_key,
                            cohorts=cohorts)
     return FederatedRun(cfg, composed, fed, dataset, model, outputs, resumed, metered,
                         train_config, population, num_rounds, central, secagg, privacy, rounds,

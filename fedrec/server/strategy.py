@@ -21,6 +21,7 @@ from flwr.common.logger import log
 from flwr.server import strategy as legacy_strategy
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedrec.config import ConfigError, StrategyConfig
 from fedrec.model import ITEM_TABLE
@@ -130,11 +131,14 @@ class RunStrategy(flwr_strategy.Strategy):
     """The strategy as a run drives it, outermost (so after any DP noise: post-processing).
     Federated evaluation only every ``eval_every`` rounds and after the last (``None``: never,
     as in a private run); the item table stepped ``item_server_lr`` times the wrapped
-    strategy's own step and decayed by ``item_decay``. ``round_offset``: rounds a resumed run
-    did before (Flower counts from 1 again). Everything else is the wrapped strategy's."""
+    strategy's own step (``item_optimizer="strategy"``) or the replies' weighted mean's
+    (``"sgd"``, weighted by ``weighted_by_key``), and decayed by ``item_decay``.
+    ``round_offset``: rounds a resumed run did before (Flower counts from 1 again). Everything
+    else is the wrapped strategy's."""
 
     def __init__(self, strategy: flwr_strategy.Strategy, *, eval_every: int | None,
                  num_rounds: int, round_offset: int, item_server_lr: float, item_decay: float,
+                 item_optimizer: str, weighted_by_key: str,
                  cohorts: Cohorts | None = None) -> None:
         self.strategy = strategy
         self.eval_every = eval_every
@@ -142,8 +146,11 @@ class RunStrategy(flwr_strategy.Strategy):
         self.round_offset = round_offset
         self.item_server_lr = item_server_lr
         self.item_decay = item_decay
+        self.item_optimizer = item_optimizer
+        self.weighted_by_key = weighted_by_key
         self.cohorts = cohorts  # a pool of virtual shoppers: the round's cohort, by node
         self._sent = ArrayRecord()  # the global model of the round being trained
+        self._dtypes: dict[str, torch.dtype] = {}  # the first sent model's, kept all run
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -156,12 +163,23 @@ class RunStrategy(flwr_strategy.Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if arrays is None or (self.item_server_lr == 1 and self.item_decay == 0):
+        if arrays is None:
             return arrays, metrics
-        stepped = with_item_step(self._sent.to_torch_state_dict(), arrays.to_torch_state_dict(),
-                                 self.item_server_lr, self.item_decay)
-        return ArrayRecord(torch_state_dict=stepped), metrics
+        after = arrays.to_torch_state_dict()
+        if self.item_optimizer == "sgd":
+            # The wrapped strategy accepted these replies, so they agree on keys and weights.
+            mean = aggregate_arrayrecords([reply.content for reply in replies
+                                           if not reply.has_error()], self.weighted_by_key)
+            after[ITEM_TABLE] = torch.from_numpy(mean[ITEM_TABLE].numpy())
+        before = self._sent.to_torch_state_dict()
+        stepped = with_item_step(before, after, self.item_server_lr, self.item_decay)
+        # Flower's server optimizers return float64 under NumPy 2 (a float64 scalar times a
+        # float32 array), which would double every later round's traffic: keep the model's types.
+        self._dtypes = self._dtypes or {key: value.dtype for key, value in before.items()}
+        return ArrayRecord(torch_state_dict={key: value.to(self._dtypes[key])
+                                             for key, value in stepped.items()}), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
