@@ -25,6 +25,7 @@ from conftest import (
     typed_config,
 )
 from flwr.app import ConfigRecord
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from independent_accounting import (
     gaussian_composition_epsilon,
     poisson_gaussian_pld_epsilon,
@@ -508,16 +509,20 @@ def test_central_dp_refuses_a_short_release_that_would_pass_the_budget():
 
 
 def test_central_dp_release_check_composes_the_ledger_as_a_replay_does():
-    """The check composes each distinct release once with its count; Flower's ledger replay,
-    one release at a time, must give the same answer on both sides of the budget."""
+    """The ledger sums each distinct release's RDP curve, computed once; Flower's
+    RdpAccountant, composing one release at a time, must give the same epsilon, and the same
+    answer on both sides of the budget."""
     cfg = typed_config("privacy=central_dp", "privacy.noise_multiplier=1.0").privacy
     central = plan_central_dp(dataclasses.replace(cfg, max_epsilon=1e9), population=50,
                               sample_size=10, num_rounds=8)
+    replay = _rdp_accountant(50, central.delta)
     for replies in (10, 7, 10, 10, 7, 9):
         central.compose_round(replies)
-    replay = _rdp_accountant(50, central.delta)
-    replay.load_state_dict(central.accountant.state_dict())
-    replay.compose(central._event(8))
+        replay.compose(GaussianPrivacyEvent(accounted_noise(central.noise_multiplier) * replies
+                                            / 10, 10, 50))
+        assert central.epsilon() == pytest.approx(replay.get_epsilon(central.delta), rel=1e-12)
+    replay.compose(GaussianPrivacyEvent(accounted_noise(central.noise_multiplier) * 8 / 10,
+                                        10, 50))
     exact = replay.get_epsilon(central.delta)
     for budget, fits in ((exact * 1.001, True), (exact * 0.999, False)):
         central.cfg = dataclasses.replace(cfg, max_epsilon=budget)
@@ -564,3 +569,14 @@ def test_a_resumed_dp_fedavg_run_keeps_its_accountant_or_is_refused():
     with pytest.raises(ConfigError, match="leaves no room"):
         PrivacyReport(spent, central=plan_central_dp(spent, population=3, sample_size=3,
                                                      num_rounds=1)).resume(report.state())
+    # A checkpoint written before the ledger (2026-12-02) holds Flower's accountant state.
+    flower_state = _rdp_accountant(3, first.delta)
+    for replies in (3, 2):
+        flower_state.compose(GaussianPrivacyEvent(
+            accounted_noise(first.noise_multiplier) * replies / 3, 3, 3))
+    old = PrivacyReport(cfg, central=plan_central_dp(cfg, population=3, sample_size=3,
+                                                     num_rounds=5))
+    old.resume(flower_state.state_dict())
+    assert old.epsilon == pytest.approx(first.epsilon())
+    with pytest.raises(ConfigError, match="population of 3"):
+        plan_central_dp(cfg, population=4, sample_size=3, num_rounds=5).load(report.state())
