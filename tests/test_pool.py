@@ -37,7 +37,11 @@ from fedrec.client import one_step
 from fedrec.client.app import PERSONAL_STATE, round_seed
 from fedrec.client.app import _model as node_model_with_state
 from fedrec.client.app import app as client_app
-from fedrec.client.one_step import one_step_shoppers, train_one_step_together
+from fedrec.client.one_step import (
+    one_step_shoppers,
+    train_one_step_clipped,
+    train_one_step_together,
+)
 from fedrec.client.shopper_update import moves_only_rows_read
 from fedrec.client.task import ShopperRows, TrainRequest, node_model, shopper_data, train_round
 from fedrec.config import ConfigError
@@ -142,6 +146,54 @@ def test_shoppers_of_one_sgd_step_train_together_as_each_would_alone(proximal_mu
         gap = (mean[name].double() - value / total).abs().max().item()
         # float32 rounding, summed in another order; far below the step itself
         assert gap < 1e-5 and gap < moved / 1000, (name, gap, moved)
+
+
+@pytest.mark.parametrize("model", ["", "model.user_tower=attention", "model.history_items=id"])
+@pytest.mark.parametrize("clipping_norm", [0.05, 1e6], ids=["binding", "not binding"])
+def test_shoppers_of_one_sgd_step_are_clipped_together_as_each_alone(clipping_norm, model,
+                                                                     monkeypatch):
+    """Under user-level DP-FedAvg the one-step shoppers' mean is of updates each clipped on its
+    own: here each shopper trains alone through the one training loop and is clipped by hand."""
+    overrides = (f"{POOL} partition.pool_nodes=2 {CENTRAL} train.optimizer=sgd "
+                 f"train.weight_decay=0.0 {model}")
+    node = load_node(overrides, 0, 2)
+    target = node.examples.target.clone()  # a shopper who bought one item again (logQ)
+    again = (node.examples.user == node.users[0]).nonzero().squeeze(1)[:2]
+    target[again[1]] = target[again[0]]
+    node = replace(node, examples=replace(node.examples, target=target))
+    shoppers = node.users.tolist()
+    request = TrainRequest(run_round=1, lr=0.5, local_epochs=1, batch_size=64, proximal_mu=0.0,
+                           dp_steps_per_epoch=None, dp_delta=None, dp_planned_rounds=None,
+                           cohort=tuple(shoppers))
+    assert one_step_shoppers(node, shoppers, request) == (shoppers, [])
+    seeds = {shopper: 100 + shopper for shopper in shoppers}
+    torch.manual_seed(0)
+    global_state = {k: v.clone() for k, v in node_model(node).shared_state().items()}
+    model_ = node_model(node)
+    model_.load_shared_state(global_state)
+    monkeypatch.setattr(one_step, "CHUNK_ROWS", 5)  # several chunks
+    mean, result = train_one_step_clipped(node, model_, seeds, lr=0.5,
+                                          clipping_norm=clipping_norm)
+    assert all(torch.equal(v, global_state[k]) for k, v in model_.shared_state().items())
+    updates, losses, total = [], 0.0, 0
+    for shopper in shoppers:
+        alone = node_model(node)
+        alone.load_shared_state(global_state)
+        trained = train_round(shopper_data(node, shopper), alone, lr=0.5, local_epochs=1,
+                              batch_size=64, proximal_mu=0.0, seed=seeds[shopper])
+        clipped = pool_client.clipped_update(alone.shared_state(), global_state, clipping_norm)
+        updates.append(_flat_update(clipped, global_state))
+        losses += trained.loss * trained.num_examples
+        total += trained.num_examples
+    norms = torch.stack([u.norm() for u in updates])
+    assert (norms < clipping_norm * 1.0001).all()
+    assert (norms > clipping_norm * 0.999).all() if clipping_norm < 1 else (norms > 0).all()
+    assert result.num_examples == total
+    assert result.loss == pytest.approx(losses / total, rel=1e-5)
+    got = _flat_update(mean, global_state)
+    expected = torch.stack(updates).mean(0)
+    assert (got - expected).abs().max() < 1e-6 + 1e-4 * expected.abs().max(), (
+        (got - expected).abs().max(), expected.abs().max())
 
 
 def test_only_shoppers_of_one_plain_sgd_step_train_together():

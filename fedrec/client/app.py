@@ -26,7 +26,11 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedrec.client.dp_sgd import DpSgdLedger
-from fedrec.client.one_step import one_step_shoppers, train_one_step_together
+from fedrec.client.one_step import (
+    one_step_shoppers,
+    train_one_step_clipped,
+    train_one_step_together,
+)
 from fedrec.client.secagg import secure_aggregation_mod
 from fedrec.client.shopper_update import (
     ShopperUpdate,
@@ -160,9 +164,14 @@ def train(msg: Message, context: Context) -> Message:
         model = NODES.shopper_model(node)
         model.load_shared_state(global_state)
         seeds = {s: round_seed(context, node.cfg, request.run_round, s) for s in together}
-        state, result = train_one_step_together(node, model, seeds, lr=request.lr,
-                                                proximal_mu=request.proximal_mu)
-        mean.add(state, result.num_examples, len(together), result)
+        if isinstance(node.cfg.privacy, CentralDpConfig):  # each shopper clipped, weighing 1
+            state, result = train_one_step_clipped(node, model, seeds, lr=request.lr,
+                                                   clipping_norm=node.cfg.privacy.clipping_norm)
+            mean.add(state, len(together), len(together), result)
+        else:
+            state, result = train_one_step_together(node, model, seeds, lr=request.lr,
+                                                    proximal_mu=request.proximal_mu)
+            mean.add(state, result.num_examples, len(together), result)
     refusals = []
     holds_global = False  # whether the pool's shopper model holds the global model
     for client in alone:

@@ -9,9 +9,16 @@ So the node takes that step once, with one forward and backward pass over all it
 rows, instead of a model reset, a dense item-table gradient and an optimizer step per shopper.
 Weight decay and FedProx's proximal step are linear in the step, so they carry over.
 
+Under user-level DP-FedAvg each shopper's update is clipped before the sum, which is not
+linear in its gradient: ``train_one_step_clipped`` takes each shopper's gradient apart with
+``torch.func.vmap``, over the item rows that shopper reads (not the whole table) and the dense
+layers, clips it, and adds the clipped steps. Without weight decay or a proximal term, the step
+is -lr times the gradient, so its norm is lr times the gradient's.
+
 Nothing else is batched this way: Adam's first step, several steps, dropout (of either kind:
 its masks come from the node's generator, not from each shopper's seed) and DP-SGD's
-clipping are not linear in one shopper's gradient, so those shoppers train one at a time.
+clipping per example are not linear in one shopper's gradient, so those shoppers train one at
+a time.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fedrec.client.task import NodeData, TrainRequest, proximal_step
-from fedrec.model import TwoTower
+from fedrec.config import CentralDpConfig
+from fedrec.model import ITEM_TABLE, PERSONAL_PREFIX, TwoTower, _masked_mean
 from fedrec.train import TrainResult, make_optimizer
 
 # Rows of one forward pass, which holds a (shoppers x their most rows x negatives) product.
@@ -33,13 +42,18 @@ def one_step_shoppers(node: NodeData, shoppers: list[int],
                       request: TrainRequest) -> tuple[list[int], list[int]]:
     """``shoppers`` split into those whose round is one plain SGD step, and the others."""
     cfg = node.cfg
+    # Clipped one by one: the step must be -lr times the gradient, for the norm to be lr times
+    # the gradient's.
+    clipped = (isinstance(cfg.privacy, CentralDpConfig) and cfg.train.weight_decay == 0
+               and request.proximal_mu == 0)
     # train.weight_decay=null: each shopper picks their own decay, so their steps differ.
-    linear = (cfg.train.optimizer == "sgd" and cfg.train.weight_decay is not None
-              and cfg.train.loss == "sampled_softmax"
-              and cfg.model.dropout == 0 and cfg.model.history_id_dropout == 0
-              and request.local_epochs == 1
-              and cfg.privacy.mechanism == "none" and not cfg.model.personal_embedding)
-    if not linear:
+    one_step = (cfg.train.optimizer == "sgd" and cfg.train.weight_decay is not None
+                and cfg.train.loss == "sampled_softmax"
+                and cfg.model.dropout == 0 and cfg.model.history_id_dropout == 0
+                and request.local_epochs == 1
+                and (cfg.privacy.mechanism == "none" or clipped)
+                and not cfg.model.personal_embedding)
+    if not one_step:
         return [], list(shoppers)
     counts = node.shopper_rows.count(shoppers)
     together = [s for s, n in zip(shoppers, counts, strict=True) if 0 < n <= request.batch_size]
@@ -70,11 +84,7 @@ def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, in
     total_loss, first = 0.0, 0
     for chunk in _chunks(sizes, CHUNK_ROWS):
         count = int(sizes[chunk].sum())
-        # Each shopper's negatives, drawn as its own round draws them: first, from its seed.
-        negatives = torch.stack([
-            torch.randint(0, model.num_items, (cfg.train.num_negatives,),
-                          generator=torch.Generator().manual_seed(seeds[int(s)]))
-            for s in shoppers[chunk]])
+        negatives = _negatives(model, node, shoppers[chunk], seeds)
         loss = _summed_loss(model, node, rows[first:first + count], sizes[chunk], negatives)
         (loss / len(rows)).backward()  # gradients add up over the chunks
         total_loss += float(loss.detach()) / len(rows)
@@ -85,6 +95,150 @@ def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, in
     if after_step is not None:
         after_step()
     return model.shared_state(), TrainResult(loss=total_loss, num_examples=len(rows))
+
+
+def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int], *,
+                           lr: float, clipping_norm: float) -> tuple[dict[str, torch.Tensor],
+                                                                     TrainResult]:
+    """The mean of the updates the shoppers in ``seeds`` (shopper: the seed of its round) would
+    each send after its one step from ``model``'s state, the global model, each clipped to
+    ``clipping_norm`` as ``fedrec.client.app.clipped_update`` clips it, added to that model;
+    and their mean loss over their rows. ``model`` is left unchanged."""
+    asked = sorted(seeds)
+    counts = torch.tensor(node.shopper_rows.count(asked))
+    order = torch.argsort(counts, stable=True)
+    order = order[counts[order] > 0]
+    shoppers, sizes = torch.tensor(asked)[order], counts[order]
+    rows = node.shopper_rows.rows(shoppers.tolist())
+    model.train()
+    table = model.item_embedding.weight.detach()
+    dense = {name: p.detach() for name, p in model.named_parameters()
+             if name != ITEM_TABLE and not name.startswith(PERSONAL_PREFIX)}
+    objective = _ShopperObjective(model, node)
+    per_shopper = torch.func.vmap(torch.func.grad_and_value(objective.loss, argnums=(0, 1)),
+                                  in_dims=(None, 0, 0))
+    step = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in dense.items()}
+    step[ITEM_TABLE] = torch.zeros_like(table, dtype=torch.float64)
+    total_loss, first = 0.0, 0
+    for chunk in _chunks(sizes, CHUNK_ROWS):
+        count = int(sizes[chunk].sum())
+        batch = objective.batch(rows[first:first + count], sizes[chunk],
+                                _negatives(model, node, shoppers[chunk], seeds))
+        (dense_grads, row_grads), losses = per_shopper(dense, table[batch["items"]], batch)
+        norms = torch.sqrt(sum(g.double().pow(2).flatten(1).sum(1) for g in dense_grads.values())
+                           + row_grads.double().pow(2).flatten(1).sum(1))
+        update_norms = lr * norms
+        scale = torch.where(update_norms > 0, (clipping_norm / update_norms).clamp(max=1.0), 1.0)
+        for name, grads in dense_grads.items():
+            step[name] -= lr * torch.einsum("s,s...->...", scale, grads.double())
+        step[ITEM_TABLE].index_add_(0, batch["items"].flatten(),
+                                    (-lr * scale[:, None, None] * row_grads.double()).flatten(0, 1))
+        total_loss += float((losses.double() * sizes[chunk]).sum())
+        first += count
+    if not math.isfinite(total_loss):
+        raise FloatingPointError(f"training loss became {total_loss}: lower train.lr")
+    start = model.shared_state()
+    mean = {name: (start[name].double() + step[name] / len(shoppers)).to(start[name].dtype)
+            for name in start}
+    return mean, TrainResult(loss=total_loss / len(rows), num_examples=len(rows))
+
+
+class _ShopperObjective(nn.Module):
+    """One shopper's mean loss over its rows, as its own batch computes it
+    (``fedrec.train.Objective``), as a function of the dense parameters and of the item rows
+    that shopper reads; ``batch`` lays a chunk of shoppers out one per slot for ``vmap``."""
+
+    def __init__(self, model: TwoTower, node: NodeData) -> None:
+        super().__init__()
+        self.model = model
+        self.node = node
+
+    def loss(self, dense: dict[str, torch.Tensor], read_rows: torch.Tensor,
+             shopper: dict[str, torch.Tensor]) -> torch.Tensor:
+        params = {f"model.{name}": value for name, value in dense.items()}
+        return torch.func.functional_call(self, params, (read_rows, shopper))
+
+    def forward(self, read_rows: torch.Tensor, shopper: dict[str, torch.Tensor]) -> torch.Tensor:
+        model = self.model
+        attrs = model.item_attributes[shopper["items"]]
+        attr_mean = _masked_mean(model.attribute_embedding(attrs), attrs)
+        vectors = model._vector(read_rows, attr_mean)
+        read = read_rows if model.history_items == "id" else model._history_read(read_rows,
+                                                                                  attr_mean)
+        user = model._user_from_embedded(shopper["history"], read[shopper["history_at"]],
+                                         shopper["user"])
+        logits = torch.cat([(user * vectors[shopper["target_at"]]).sum(-1, keepdim=True),
+                            user @ vectors[shopper["negatives_at"]].T], dim=1) / model.temperature
+        logits = (logits - shopper["log_expected"]).masked_fill(shopper["sampled"], -math.inf)
+        losses = F.cross_entropy(logits, torch.zeros_like(shopper["target_at"]),
+                                 reduction="none")
+        return (losses * shopper["real"]).sum() / shopper["real"].sum()
+
+    def batch(self, rows: torch.Tensor, sizes: torch.Tensor,
+              negatives: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each shopper's rows padded to the chunk's most, and the distinct items it reads
+        (history items, targets, negatives), padded with the padding item, which no row
+        reads; every row's items as places among its shopper's."""
+        examples, num_items = self.node.examples, self.model.num_items
+        history, target, user = examples.history[rows], examples.target[rows], examples.user[rows]
+        shoppers, width = len(sizes), int(sizes.max())
+        slot = torch.repeat_interleave(torch.arange(shoppers), sizes)
+        place = torch.arange(len(rows)) - (torch.cumsum(sizes, 0) - sizes)[slot]
+        # Each (shopper, item) once: the shopper's gradient on an item row is one row.
+        span = num_items + 1
+        keys = torch.cat([(slot.unsqueeze(1) * span + history).flatten(), slot * span + target,
+                          (torch.arange(shoppers).unsqueeze(1) * span + negatives).flatten()])
+        distinct, at = torch.unique(keys, return_inverse=True)
+        owner = distinct // span
+        owned = torch.bincount(owner, minlength=shoppers)
+        local = torch.arange(len(distinct)) - (torch.cumsum(owned, 0) - owned)[owner]
+        items = torch.full((shoppers, int(owned.max())), num_items)
+        items[owner, local] = distinct % span
+        at = local[at]
+        history_at, target_at, negatives_at = at.split(
+            [history.numel(), len(target), negatives.numel()])
+        # A shopper's slots past its rows repeat its first row, which then counts for nothing:
+        # a real row's inputs keep every layer finite (an all-padding history need not).
+        first = torch.cumsum(sizes, 0) - sizes
+        source = first.unsqueeze(1).repeat(1, width)
+        source[slot, place] = torch.arange(len(rows))
+        real = torch.zeros(shoppers, width)
+        real[slot, place] = 1.0
+
+        candidates = torch.cat([target.unsqueeze(1), negatives[slot]], dim=1)
+        sampled = torch.cat([torch.zeros_like(target, dtype=torch.bool).unsqueeze(1),
+                             negatives[slot] == target.unsqueeze(1)], dim=1)
+        log_expected = _log_expected(self.node, slot, target, candidates, num_items,
+                                     negatives.shape[1])
+        return {"items": items, "history": history[source],
+                "history_at": history_at.view(history.shape)[source], "user": user[source],
+                "target_at": target_at[source], "negatives_at": negatives_at.view(negatives.shape),
+                "log_expected": log_expected[source].float(), "sampled": sampled[source],
+                "real": real}
+
+
+def _negatives(model: TwoTower, node: NodeData, shoppers: torch.Tensor,
+               seeds: dict[int, int]) -> torch.Tensor:
+    """Each shopper's negatives, drawn as its own round draws them: first, from its seed."""
+    return torch.stack([
+        torch.randint(0, model.num_items, (node.cfg.train.num_negatives,),
+                      generator=torch.Generator().manual_seed(seeds[int(s)]))
+        for s in shoppers])
+
+
+def _log_expected(node: NodeData, slot: torch.Tensor, target: torch.Tensor,
+                  candidates: torch.Tensor, num_items: int, num_negatives: int) -> torch.Tensor:
+    """logQ: an item is a candidate of a shopper's batch max(its count there, 1) + N/V times in
+    expectation, Objective's B x share + N/V with the shopper's own shares; 0 without the
+    correction."""
+    if not node.cfg.train.logq_correction:
+        return torch.zeros(candidates.shape)
+    pair = slot * num_items + target
+    pairs, counts = torch.unique(pair, return_counts=True)
+    asked = slot.unsqueeze(1) * num_items + candidates
+    found = torch.searchsorted(pairs, asked).clamp(max=len(pairs) - 1)
+    count = torch.where(pairs[found] == asked, counts[found], 1).float()
+    return torch.log(count + num_negatives / num_items)
 
 
 def _chunks(sizes: torch.Tensor, rows: int) -> list[slice]:
@@ -129,15 +283,8 @@ def _summed_loss(model: TwoTower, node: NodeData, rows: torch.Tensor, sizes: tor
                         negative_scores.view(len(sizes) * width, -1)[slot * width + place]],
                        dim=1) / model.temperature
     candidates = torch.cat([target.unsqueeze(1), negatives[slot]], dim=1)
-    if node.cfg.train.logq_correction:
-        # An item is a candidate of a shopper's batch max(its count there, 1) + N/V times in
-        # expectation: Objective's B x share + N/V with the shopper's own shares.
-        pair = slot * num_items + target
-        pairs, counts = torch.unique(pair, return_counts=True)
-        asked = slot.unsqueeze(1) * num_items + candidates
-        found = torch.searchsorted(pairs, asked).clamp(max=len(pairs) - 1)
-        count = torch.where(pairs[found] == asked, counts[found], 1).float()
-        logits = logits - torch.log(count + negatives.shape[1] / num_items)
+    logits = logits - _log_expected(node, slot, target, candidates, num_items,
+                                    negatives.shape[1])
     sampled = torch.cat([torch.zeros_like(target, dtype=torch.bool).unsqueeze(1),
                          negatives[slot] == target.unsqueeze(1)], dim=1)
     logits = logits.masked_fill(sampled, -math.inf)
