@@ -148,7 +148,8 @@ def test_shoppers_of_one_sgd_step_train_together_as_each_would_alone(proximal_mu
         assert gap < 1e-5 and gap < moved / 1000, (name, gap, moved)
 
 
-@pytest.mark.parametrize("model", ["", "model.user_tower=attention", "model.history_items=id"])
+@pytest.mark.parametrize("model", ["", "model.history_items=id",
+                                   "model.history_items=attributes"])
 @pytest.mark.parametrize("clipping_norm", [0.05, 1e6], ids=["binding", "not binding"])
 def test_shoppers_of_one_sgd_step_are_clipped_together_as_each_alone(clipping_norm, model,
                                                                      monkeypatch):
@@ -171,7 +172,7 @@ def test_shoppers_of_one_sgd_step_are_clipped_together_as_each_alone(clipping_no
     global_state = {k: v.clone() for k, v in node_model(node).shared_state().items()}
     model_ = node_model(node)
     model_.load_shared_state(global_state)
-    monkeypatch.setattr(one_step, "CHUNK_ROWS", 5)  # several chunks
+    monkeypatch.setattr(one_step, "CLIPPED_CHUNK_ROWS", 5)  # several chunks
     mean, result = train_one_step_clipped(node, model_, seeds, lr=0.5,
                                           clipping_norm=clipping_norm)
     assert all(torch.equal(v, global_state[k]) for k, v in model_.shared_state().items())
@@ -208,6 +209,15 @@ def test_only_shoppers_of_one_plain_sgd_step_train_together():
     assert alone == [s for s in shoppers if sizes[s] > min(sizes.values())] != []
     adam = load_node(f"{POOL} partition.pool_nodes=2", 0, 2)
     assert one_step_shoppers(adam, shoppers, request) == ([], shoppers)
+    # User-level DP-FedAvg: together only when the step is -lr times the gradient.
+    private = f"{POOL} partition.pool_nodes=2 {ONE_STEP} {CENTRAL}"
+    for refused in ("train.weight_decay=0.01", "model.user_tower=attention"):
+        assert one_step_shoppers(load_node(f"{private} {refused}", 0, 2), shoppers,
+                                 request) == ([], shoppers)
+    clipped = load_node(f"{private} train.weight_decay=0.0", 0, 2)
+    assert one_step_shoppers(clipped, shoppers, request)[0] == together
+    assert one_step_shoppers(clipped, shoppers, replace(request, proximal_mu=0.1)) == (
+        [], shoppers)
     dropping = load_node(f"{POOL} partition.pool_nodes=2 {ONE_STEP} model.history_id_dropout=0.5",
                          0, 2)
     assert one_step_shoppers(dropping, shoppers, request) == ([], shoppers)
@@ -399,7 +409,8 @@ def test_a_pool_shopper_without_data_adds_a_zero_update_under_user_level_dp(monk
 
 
 @pytest.mark.slow  # two whole federations, in this process
-@pytest.mark.parametrize("training", ["", ROWS_READ], ids=["whole model", "rows read"])
+@pytest.mark.parametrize("training", ["", ROWS_READ, f"{ROWS_READ} train.batch_size=64"],
+                         ids=["whole model", "rows read", "one step, clipped together"])
 def test_user_level_dp_fedavg_on_a_pool_is_one_supernode_per_shoppers_run(training, tmp_path):
     """Same cohorts, same server noise: the pool gives the global model of one SuperNode per
     shopper, and states a shopper's epsilon over the cohort and the population."""
