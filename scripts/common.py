@@ -34,11 +34,21 @@ def run_row(overrides: str, output_dir: Path) -> dict[str, Any] | str:
         return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
 
+# A benchmark dataset: its overrides, given the folder that holds the licensed data.
+DATASETS = {
+    "ml-100k": "dataset=movielens_100k dataset.path={data}/ml-100k",
+    "beauty": "dataset=sequence dataset.name=beauty "
+              "dataset.path={data}/amazon-beauty/Beauty.txt",
+}
+
+
 def partition_parser(description: str, recipes: dict[str, str]) -> argparse.ArgumentParser:
-    """Arguments of a benchmark that runs ML-100K under one recipe per partition."""
+    """Arguments of a benchmark that runs one dataset under one recipe per partition."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="folder holding ml-100k/ (default: %(default)s)")
+                        help="folder holding ml-100k/ and amazon-beauty/ (default: %(default)s)")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="ml-100k",
+                        help="(default: %(default)s)")
     parser.add_argument("--partition", nargs="+", default=list(recipes), choices=list(recipes),
                         help="partitions to run (default: all)")
     for name, recipe in recipes.items():
@@ -53,7 +63,7 @@ def partition_runs(args: argparse.Namespace, prefix: str) -> Iterator[tuple[str,
     """(partition, its overrides, the folder its runs write under), with the SuperLink managed."""
     logging.basicConfig(level=logging.WARNING)
     out = (args.out or Path(tempfile.mkdtemp(prefix=f"fedrec-{prefix}-"))).resolve()
-    data = f"dataset=movielens_100k dataset.path={args.data.resolve()}/ml-100k"
+    data = DATASETS[args.dataset].format(data=args.data.resolve())
     with local_superlink():
         for partition in args.partition:
             yield partition, f"{data} {getattr(args, partition)} {' '.join(args.overrides)}", out
