@@ -74,13 +74,7 @@ def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, in
     seed of its round) would each send after its one step from ``model``'s state, the global
     model; and their mean loss. ``model`` is left holding that mean."""
     cfg = node.cfg
-    asked = sorted(seeds)
-    counts = torch.tensor(node.shopper_rows.count(asked))
-    # Shoppers of about the same number of rows side by side, so a chunk pads little.
-    order = torch.argsort(counts, stable=True)
-    order = order[counts[order] > 0]
-    shoppers, sizes = torch.tensor(asked)[order], counts[order]
-    rows = node.shopper_rows.rows(shoppers.tolist())
+    shoppers, sizes, rows = _by_size(node, seeds)
     model.train()
     assert cfg.train.weight_decay is not None  # one_step_shoppers: a decay all of them share
     optimizer = make_optimizer(model.parameters(), cfg.train.optimizer, lr=lr,
@@ -110,12 +104,7 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
     each send after its one step from ``model``'s state, the global model, each clipped to
     ``clipping_norm`` as ``fedrec.client.app.clipped_update`` clips it, added to that model;
     and their mean loss over their rows. ``model`` is left unchanged."""
-    asked = sorted(seeds)
-    counts = torch.tensor(node.shopper_rows.count(asked))
-    order = torch.argsort(counts, stable=True)
-    order = order[counts[order] > 0]
-    shoppers, sizes = torch.tensor(asked)[order], counts[order]
-    rows = node.shopper_rows.rows(shoppers.tolist())
+    shoppers, sizes, rows = _by_size(node, seeds)
     model.train()
     table = model.item_embedding.weight.detach()
     dense = {name: p.detach() for name, p in model.named_parameters()
@@ -224,6 +213,18 @@ class _ShopperObjective(nn.Module):
                 "target_at": target_at[source], "negatives_at": negatives_at.view(negatives.shape),
                 "log_expected": log_expected[source].float(), "sampled": sampled[source],
                 "real": real}
+
+
+def _by_size(node: NodeData, seeds: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]:
+    """The shoppers of ``seeds`` that have rows, by their number of rows (so a chunk pads
+    little); each one's number of rows; and their rows, shopper after shopper."""
+    asked = sorted(seeds)
+    counts = torch.tensor(node.shopper_rows.count(asked))
+    order = torch.argsort(counts, stable=True)
+    order = order[counts[order] > 0]
+    shoppers, sizes = torch.tensor(asked)[order], counts[order]
+    return shoppers, sizes, node.shopper_rows.rows(shoppers.tolist())
 
 
 def _negatives(model: TwoTower, node: NodeData, shoppers: torch.Tensor,
