@@ -45,7 +45,12 @@ class TwoTower(nn.Module):
         self.register_buffer("item_attributes", torch.as_tensor(attrs, dtype=torch.long))
         self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=num_items)
         self.attribute_embedding = nn.Embedding(num_attributes, dim, padding_idx=0)
-        self.item_mlp = _mlp(2 * dim, cfg.hidden_dim, dim, cfg.dropout)
+        self.item_vectors_read = cfg.item_vectors
+        if cfg.item_vectors == "attributes" and num_attributes <= 1:
+            raise ValueError("model.item_vectors=attributes but the items have no attributes "
+                             "(only the padding one): use model.item_vectors=id_and_attributes")
+        self.item_mlp = _mlp((1 if cfg.item_vectors == "attributes" else 2) * dim,
+                             cfg.hidden_dim, dim, cfg.dropout)
 
         self.feature_embedding: nn.Embedding | None = None
         if cfg.use_user_features:
@@ -179,7 +184,9 @@ class TwoTower(nn.Module):
         return self._vector(embedded, _masked_mean(self.attribute_embedding(attrs), attrs))
 
     def _vector(self, embedded: torch.Tensor, attr_mean: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.item_mlp(torch.cat([embedded, attr_mean], dim=-1)), dim=-1)
+        read = attr_mean if self.item_vectors_read == "attributes" else torch.cat(
+            [embedded, attr_mean], dim=-1)
+        return F.normalize(self.item_mlp(read), dim=-1)
 
     def personal_slot(self, user: int) -> int:
         """The row of ``user``'s personal vector."""

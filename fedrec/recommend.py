@@ -86,9 +86,11 @@ class Recommender:
         try:
             # Personal vectors never leave their client, so serving uses the shared tower.
             # model.pt files written before model.history_items existed read id rows; the
-            # history id dropout acts in training only, so files from before it serve as 0.
+            # history id dropout acts in training only, so files from before it serve as 0;
+            # files from before model.item_vectors read both.
             cfg = config_from_spec(TwoTowerConfig, {"history_items": "id",
-                                                    "history_id_dropout": 0.0, **spec,
+                                                    "history_id_dropout": 0.0,
+                                                    "item_vectors": "id_and_attributes", **spec,
                                                     "personal_embedding": False},
                                    f"{path}: model_spec")
         except ConfigError as err:

@@ -35,6 +35,7 @@ def test_override_string_is_split_like_a_shell():
         ("strategy.item_server_lr=0", "strategy.item_server_lr"),
         ("strategy=fedavgm strategy.item_server_lr=2", "strategy.item_server_lr"),
         ("strategy.item_decay=1", "strategy.item_decay"),
+        ("model.item_vectors=id", "model.item_vectors"),
         ("strategy.item_decay=-0.1", "strategy.item_decay"),
         ("strategy=fedavgm strategy.item_decay=0.1", "strategy.item_decay"),
         ("strategy=fedadam strategy.item_optimizer=adam", "strategy.item_optimizer"),

@@ -64,6 +64,40 @@ def test_the_user_tower_reads_what_history_items_names(tiny_shop, history_items,
     assert (not torch.allclose(after_ids, after_attributes)) == reads_attributes
 
 
+@pytest.mark.parametrize(("item_vectors", "reads_ids"), [("id_and_attributes", True),
+                                                         ("attributes", False)])
+def test_the_item_tower_reads_what_item_vectors_names(tiny_shop, item_vectors, reads_ids):
+    _, model = build(tiny_shop, f"model.item_vectors={item_vectors}")
+    model.eval()
+    items = torch.arange(6)
+    before = model.item_vectors(items)
+    with torch.no_grad():
+        model.item_embedding.weight[:6] += 1.0
+    after_ids = model.item_vectors(items)
+    with torch.no_grad():
+        model.attribute_embedding.weight[1:] += 1.0
+    assert (not torch.allclose(before, after_ids)) == reads_ids
+    assert not torch.allclose(after_ids, model.item_vectors(items))
+    # Items with the same attributes get the same vector when ids are not read.
+    attributes = model.item_attributes[:-1]
+    same = [(i, j) for i in range(len(attributes)) for j in range(i)
+            if torch.equal(attributes[i], attributes[j])]
+    assert same
+    i, j = same[0]
+    vectors = model.item_vectors(torch.tensor([i, j]))
+    assert torch.allclose(vectors[0], vectors[1]) == (not reads_ids)
+
+
+def test_item_vectors_from_attributes_need_attributes(tiny_shop):
+    import dataclasses
+
+    cfg = typed_config("model.item_vectors=attributes")
+    bare = dataclasses.replace(tiny_shop, item_attributes=np.zeros_like(tiny_shop.item_attributes),
+                               attribute_names=tiny_shop.attribute_names[:1])
+    with pytest.raises(ValueError, match=r"model\.item_vectors=attributes"):
+        TwoTower.for_dataset(cfg.model, bare)
+
+
 def test_history_id_dropout_drops_whole_id_rows_in_training_only(tiny_shop):
     _, model = build(tiny_shop, "model.history_id_dropout=0.5")
     _, plain = build(tiny_shop)

@@ -149,7 +149,7 @@ def test_shoppers_of_one_sgd_step_train_together_as_each_would_alone(proximal_mu
 
 
 @pytest.mark.parametrize("model", ["", "model.history_items=id",
-                                   "model.history_items=attributes"])
+                                   "model.history_items=attributes model.item_vectors=attributes"])
 @pytest.mark.parametrize("clipping_norm", [0.05, 1e6], ids=["binding", "not binding"])
 def test_shoppers_of_one_sgd_step_are_clipped_together_as_each_alone(clipping_norm, model,
                                                                      monkeypatch):
