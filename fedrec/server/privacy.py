@@ -86,7 +86,7 @@ class CentralDp:
     delta: float
     rounds: int  # rounds the budget allows, at most the num_rounds asked for
     ledger: Counter[Release] = field(default_factory=Counter)
-    _curves: dict[Release, np.ndarray] = field(default_factory=dict)
+    _curves: dict[Release, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def compose_round(self, replies: int | None = None) -> None:
         """A round released a noised mean of ``replies`` clipped updates (all sampled when
