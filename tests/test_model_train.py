@@ -51,33 +51,31 @@ def test_shapes_and_one_score_path(tiny_shop, history_items):
 def test_the_user_tower_reads_what_history_items_names(tiny_shop, history_items, reads_ids,
                                                         reads_attributes):
     _, model = build(tiny_shop, f"model.history_items={history_items}")
-    model.eval()
     history = torch.tensor([[tiny_shop.num_items, 1, 2], [3, 4, 5]])
-    before = model.user_vectors(history)
+    assert _moved_by_ids_then_attributes(model, lambda: model.user_vectors(history)) == (
+        reads_ids, reads_attributes)
+
+
+def _moved_by_ids_then_attributes(model: TwoTower, vectors) -> tuple[bool, bool]:
+    """Whether ``vectors()`` moves when items 0 to 5's id rows move, then when every attribute
+    row moves."""
+    model.eval()
+    before = vectors()
     with torch.no_grad():
         model.item_embedding.weight[:6] += 1.0
-    after_ids = model.user_vectors(history)
+    after_ids = vectors()
     with torch.no_grad():
         model.attribute_embedding.weight[1:] += 1.0
-    after_attributes = model.user_vectors(history)
-    assert (not torch.allclose(before, after_ids)) == reads_ids
-    assert (not torch.allclose(after_ids, after_attributes)) == reads_attributes
+    return not torch.allclose(before, after_ids), not torch.allclose(after_ids, vectors())
 
 
 @pytest.mark.parametrize(("item_vectors", "reads_ids"), [("id_and_attributes", True),
                                                          ("attributes", False)])
 def test_the_item_tower_reads_what_item_vectors_names(tiny_shop, item_vectors, reads_ids):
     _, model = build(tiny_shop, f"model.item_vectors={item_vectors}")
-    model.eval()
     items = torch.arange(6)
-    before = model.item_vectors(items)
-    with torch.no_grad():
-        model.item_embedding.weight[:6] += 1.0
-    after_ids = model.item_vectors(items)
-    with torch.no_grad():
-        model.attribute_embedding.weight[1:] += 1.0
-    assert (not torch.allclose(before, after_ids)) == reads_ids
-    assert not torch.allclose(after_ids, model.item_vectors(items))
+    assert _moved_by_ids_then_attributes(model, lambda: model.item_vectors(items)) == (
+        reads_ids, True)
     # Items with the same attributes get the same vector when ids are not read.
     attributes = model.item_attributes[:-1]
     same = [(i, j) for i in range(len(attributes)) for j in range(i)
