@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, load_federation, local_superlink
+from common import DATASETS, DEFAULT_DATA, load_federation, local_superlink
 
 from fedrec.centralized import run as run_centralized
 from fedrec.data.sequences import training_examples
@@ -46,9 +46,8 @@ from fedrec.train import Objective, choose_weight_decay, make_loader, make_optim
 
 # name: (the dataset with its centralized model, the cross-device recipe for its kind of data).
 REAL = {
-    "beauty": ("dataset=sequence dataset.name=beauty dataset.path={data}/amazon-beauty/Beauty.txt",
-               "experiment=cross_device_sparse"),
-    "ml-100k": ("dataset=movielens_100k model.user_tower=attention dataset.path={data}/ml-100k",
+    "beauty": (DATASETS["beauty"], "experiment=cross_device_sparse"),
+    "ml-100k": (f"{DATASETS['ml-100k']} model.user_tower=attention",
                 "experiment=cross_device_attention"),
 }
 

@@ -215,7 +215,6 @@ class RoundLog:
                 record["valid"] = self._valid.means()
             record["test"] = self._federated.means()
             record["evaluated_users"] = self._federated.counts["full"]
-        # Asked once a round: each check composes the accountant's ledger (0.55 s on Beauty).
         out_of_budget = server_round < self.num_rounds and self.privacy.stop_before_next_round()
         last = server_round >= self.num_rounds or out_of_budget
         if self.server_evaluation is not None and (server_round % self.eval_every == 0 or last):

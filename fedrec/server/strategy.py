@@ -150,7 +150,6 @@ class RunStrategy(flwr_strategy.Strategy):
         self.weighted_by_key = weighted_by_key
         self.cohorts = cohorts  # a pool of virtual shoppers: the round's cohort, by node
         self._sent = ArrayRecord()  # the global model of the round being trained
-        self._dtypes: dict[str, torch.dtype] = {}  # the first sent model's, kept all run
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -176,9 +175,8 @@ class RunStrategy(flwr_strategy.Strategy):
         before = self._sent.to_torch_state_dict()
         stepped = with_item_step(before, after, self.item_server_lr, self.item_decay)
         # Flower's server optimizers return float64 under NumPy 2 (a float64 scalar times a
-        # float32 array), which would double every later round's traffic: keep the model's types.
-        self._dtypes = self._dtypes or {key: value.dtype for key, value in before.items()}
-        return ArrayRecord(torch_state_dict={key: value.to(self._dtypes[key])
+        # float32 array), which would double every later round's traffic: keep the sent types.
+        return ArrayRecord(torch_state_dict={key: value.to(before[key].dtype)
                                              for key, value in stepped.items()}), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
