@@ -1,7 +1,10 @@
-"""Privacy-utility table on ML-100K (or Amazon Beauty): a non-private federated run and each DP
-mechanism at each budget, through the real Flower runtime.
+"""Privacy-utility table: a non-private federated run and each DP mechanism at each budget.
 
-    python scripts/benchmark_privacy.py [--data ../shared/data] [--dataset ml-100k|beauty]
+On ML-100K, Amazon Beauty or the synthetic shop at 100,000 shoppers, through the real Flower
+runtime:
+
+    python scripts/benchmark_privacy.py [--data ../shared/data]
+        [--dataset ml-100k|beauty|synthetic-100k]
         [--partition silo user]
         [--epsilons 8 4 1] [--mechanisms dp_sgd central_dp] [--user "..."] [--silo "..."]
         [overrides...]

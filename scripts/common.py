@@ -39,6 +39,8 @@ DATASETS = {
     "ml-100k": "dataset=movielens_100k dataset.path={data}/ml-100k",
     "beauty": "dataset=sequence dataset.name=beauty "
               "dataset.path={data}/amazon-beauty/Beauty.txt",
+    # The built-in shop at a real shop's population; needs no licensed data.
+    "synthetic-100k": "dataset=synthetic dataset.num_users=100000",
 }
 
 
