@@ -140,6 +140,23 @@ def test_a_shopper_is_clipped_as_one_unit():
     assert unclipped > 10 * clip
 
 
+@pytest.mark.parametrize("unit", ["shopper", "example"])
+def test_dp_sgd_leaves_an_id_table_nothing_reads_alone(unit):
+    """Item vectors and histories read from the public attributes alone: nothing reads the id
+    table, so DP-SGD neither steps it nor noises it, and the item tower still trains."""
+    overrides = (f"{DP} privacy.unit={unit} model.item_vectors=attributes "
+                 "model.history_items=attributes")
+    node = load_node(overrides, 0, 3)
+    torch.manual_seed(0)
+    model = node_model(node)
+    table = model.item_embedding.weight.detach().clone()
+    item_layer = model.item_mlp[0].weight.detach().clone()
+    train_round(node, model, lr=0.01, local_epochs=1, batch_size=0, proximal_mu=0.0, seed=0,
+                ledger=_ledger(overrides, planned_rounds=3))
+    assert torch.equal(model.item_embedding.weight, table)
+    assert not torch.equal(model.item_mlp[0].weight, item_layer)
+
+
 def test_opacus_sees_each_example_alone_and_clips_it():
     """privacy.unit=example: per-example candidates keep the batch axis through the model, so
     Opacus' per-sample gradients are each example's own, and clipping bounds what one adds."""

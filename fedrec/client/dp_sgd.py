@@ -155,7 +155,8 @@ def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
     order = torch.argsort(examples.user, stable=True)
     shoppers, counts = torch.unique_consecutive(examples.user[order], return_counts=True)
     rows_of = torch.split(order, counts.tolist())
-    params = [p for group in shared_optimizer.param_groups for p in group["params"]]
+    params = [p for group in shared_optimizer.param_groups for p in group["params"]
+              if p.requires_grad]  # as DPOptimizer reads its groups
     optimizer = DPOptimizer(
         shared_optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=1, generator=torch.Generator().manual_seed(_draw_seed(noise_seed, 1)))
