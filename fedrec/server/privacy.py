@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import dp_accounting
@@ -175,6 +175,22 @@ def _rdp_curve(noise: float, sample_size: int, population: int) -> np.ndarray:
     return accountant.rdp
 
 
+def least_noise(epsilon_of: Callable[[float], float], max_epsilon: float, *,
+                tolerance: float) -> float | None:
+    """The least noise multiplier, to ``tolerance`` relative, at which ``epsilon_of`` is at
+    most ``max_epsilon`` (epsilon falls as the noise grows): doubling, then bisection. None
+    when even a multiplier of 10^6 does not fit."""
+    low, high = 0.0, 1.0
+    while epsilon_of(high) > max_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            return None
+    while high - low > tolerance * high:
+        middle = (low + high) / 2
+        low, high = (low, middle) if epsilon_of(middle) <= max_epsilon else (middle, high)
+    return high
+
+
 def plan_central_dp(cfg: CentralDpConfig, *, population: int, sample_size: int,
                     num_rounds: int) -> CentralDp:
     if cfg.delta is None:
@@ -184,17 +200,12 @@ def plan_central_dp(cfg: CentralDpConfig, *, population: int, sample_size: int,
         check_delta(delta, population, "clients")
     noise = cfg.noise_multiplier
     if noise is None:  # the least noise with which all num_rounds fit in max_epsilon
-        low, high = 0.0, 1.0
-        while _epsilon_after(high, num_rounds, population, sample_size, delta) > cfg.max_epsilon:
-            low, high = high, 2 * high
-            if high > 1e6:
-                raise ConfigError(f"privacy.max_epsilon={cfg.max_epsilon} cannot be met in "
-                                 f"{num_rounds} rounds of {sample_size} of {population} clients")
-        while high - low > 1e-2 * high:
-            middle = (low + high) / 2
-            fits = _epsilon_after(middle, num_rounds, population, sample_size, delta)
-            low, high = (low, middle) if fits <= cfg.max_epsilon else (middle, high)
-        noise = high
+        noise = least_noise(
+            lambda z: _epsilon_after(z, num_rounds, population, sample_size, delta),
+            cfg.max_epsilon, tolerance=1e-2)
+        if noise is None:
+            raise ConfigError(f"privacy.max_epsilon={cfg.max_epsilon} cannot be met in "
+                              f"{num_rounds} rounds of {sample_size} of {population} clients")
     def fits(rounds: int) -> bool:
         return _epsilon_after(noise, rounds, population, sample_size, delta) <= cfg.max_epsilon
 
