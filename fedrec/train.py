@@ -205,3 +205,17 @@ def train(
         if not math.isfinite(last_loss):
             raise FloatingPointError(f"training loss became {last_loss}: lower train.lr")
     return TrainResult(loss=last_loss, num_examples=num_examples)
+
+
+def row_chunks(sizes: torch.Tensor, rows: int) -> list[slice]:
+    """Consecutive shoppers (``sizes``: each one's rows) in chunks of at least ``rows`` rows (the
+    last one: what is left): what one pass over several shoppers' rows holds."""
+    chunks, start, filled = [], 0, 0
+    for end, size in enumerate(sizes.tolist(), 1):
+        filled += size
+        if filled >= rows:
+            chunks.append(slice(start, end))
+            start, filled = end, 0
+    if start < len(sizes):
+        chunks.append(slice(start, len(sizes)))
+    return chunks

@@ -38,7 +38,13 @@ from opacus.optimizers import DPOptimizer
 from fedrec.accounting import DpSgdPlan, default_delta, dp_sgd_epsilon, plan_dp_sgd
 from fedrec.client.app import DP_SGD_STATE
 from fedrec.client.app import app as client_app
-from fedrec.client.dp_sgd import DpSgdLedger, embedding_norm_sample, train_dp_sgd
+from fedrec.client.dp_sgd import (
+    DpSgdLedger,
+    embedding_norm_sample,
+    shopper_gradients,
+    shopper_term,
+    train_dp_sgd,
+)
 from fedrec.client.task import node_model, protected_units, train_round
 from fedrec.config import ConfigError
 from fedrec.server.privacy import (
@@ -138,6 +144,45 @@ def test_a_shopper_is_clipped_as_one_unit():
     assert (step(node.examples, clip) - step(without, clip)).norm() <= clip * (1 + 1e-4)
     unclipped = (step(node.examples, 1e6) - step(without, 1e6)).norm()
     assert unclipped > 10 * clip
+
+
+@pytest.mark.parametrize("model", ["", "model.user_tower=attention",
+                                   "model.item_vectors=attributes model.history_items=attributes"])
+def test_shopper_gradients_are_each_shoppers_own(model):
+    """DP-SGD by shopper takes the sampled shoppers' gradients apart in one vmap pass, shoppers
+    of different sizes padded together: each equals that shopper's gradient of the per-example
+    loss (``Objective``) computed on their examples alone, and so does their loss."""
+    node = load_node(f"{DP} {model}", 0, 3)
+    torch.manual_seed(0)
+    net = node_model(node)
+    net.train()
+    params = {name: p for name, p in net.named_parameters() if p.requires_grad}
+    users = node.examples.user
+    shoppers = torch.unique(users)[:7]
+    cap = int(torch.bincount(users)[shoppers].median())  # some shoppers capped, some not
+    terms, references = [], []
+    for shopper in shoppers.tolist():
+        rows = (users == shopper).nonzero().flatten()
+        term = shopper_term(node.examples, rows, node.objective, cap,
+                            torch.Generator().manual_seed(shopper))
+        terms.append(term)
+        generator = torch.Generator().manual_seed(shopper)
+        if len(rows) > cap:
+            rows = rows[torch.randperm(len(rows), generator=generator)[:cap]]
+        batch = (node.examples.history[rows], node.examples.target[rows], users[rows])
+        loss = node.objective(net, batch, generator)
+        references.append((torch.autograd.grad(loss, list(params.values())),
+                           float(loss.detach())))
+    assert len({len(term.target) for term in terms}) > 1  # the padding is exercised
+    by_size = sorted(range(len(terms)), key=lambda i: len(terms[i].target))
+    chunks = list(shopper_gradients(net, params, terms))
+    grads = {name: torch.cat([g[name] for g, _ in chunks]) for name in params}
+    losses = torch.cat([loss for _, loss in chunks])
+    for slot, index in enumerate(by_size):
+        expected, expected_loss = references[index]
+        assert float(losses[slot]) == pytest.approx(expected_loss, rel=1e-5)
+        for name, want in zip(params, expected, strict=True):
+            torch.testing.assert_close(grads[name][slot], want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("unit", ["shopper", "example"])

@@ -32,7 +32,7 @@ from torch import nn
 from fedrec.client.task import NodeData, TrainRequest, proximal_step
 from fedrec.config import CentralDpConfig
 from fedrec.model import ITEM_TABLE, PERSONAL_PREFIX, TwoTower, _masked_mean
-from fedrec.train import TrainResult, make_optimizer
+from fedrec.train import TrainResult, make_optimizer, row_chunks
 
 # Rows of one forward pass, which holds a (shoppers x their most rows x negatives) product.
 CHUNK_ROWS = 2048
@@ -82,7 +82,7 @@ def train_one_step_together(node: NodeData, model: TwoTower, seeds: dict[int, in
     after_step = proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
     optimizer.zero_grad(set_to_none=True)
     total_loss, first = 0.0, 0
-    for chunk in _chunks(sizes, CHUNK_ROWS):
+    for chunk in row_chunks(sizes, CHUNK_ROWS):
         count = int(sizes[chunk].sum())
         negatives = _negatives(model, node, shoppers[chunk], seeds)
         loss = _summed_loss(model, node, rows[first:first + count], sizes[chunk], negatives)
@@ -115,7 +115,7 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
     step = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in dense.items()}
     step[ITEM_TABLE] = torch.zeros_like(table, dtype=torch.float64)
     total_loss, first = 0.0, 0
-    for chunk in _chunks(sizes, CLIPPED_CHUNK_ROWS):
+    for chunk in row_chunks(sizes, CLIPPED_CHUNK_ROWS):
         count = int(sizes[chunk].sum())
         batch = objective.batch(rows[first:first + count], sizes[chunk],
                                 _negatives(model, node, shoppers[chunk], seeds))
@@ -249,19 +249,6 @@ def _log_expected(node: NodeData, slot: torch.Tensor, target: torch.Tensor,
     found = torch.searchsorted(pairs, asked).clamp(max=len(pairs) - 1)
     count = torch.where(pairs[found] == asked, counts[found], 1).float()
     return torch.log(count + num_negatives / num_items)
-
-
-def _chunks(sizes: torch.Tensor, rows: int) -> list[slice]:
-    """Consecutive shoppers in chunks of at least ``rows`` rows (the last one: what is left)."""
-    chunks, start, filled = [], 0, 0
-    for end, size in enumerate(sizes.tolist(), 1):
-        filled += size
-        if filled >= rows:
-            chunks.append(slice(start, end))
-            start, filled = end, 0
-    if start < len(sizes):
-        chunks.append(slice(start, len(sizes)))
-    return chunks
 
 
 def _summed_loss(model: TwoTower, node: NodeData, rows: torch.Tensor, sizes: torch.Tensor,
