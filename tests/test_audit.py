@@ -1,0 +1,86 @@
+"""The audit's statistics, on hand-made score lists, against computations that share no code
+with them: pairwise counts, binomial sums from math.comb, and closed forms."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from fedrec.audit.attack_metrics import auc, precision_at_k, tpr_at_fpr
+from fedrec.audit.one_run import audit_canaries, epsilon_lower_bound, p_value
+
+
+def test_auc_counts_member_over_non_member_pairs_ties_half():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, size=40).astype(float)  # many ties
+    members = rng.random(40) < 0.4
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0)
+             for a, b in itertools.product(scores[members], scores[~members])]
+    assert auc(scores, members) == pytest.approx(sum(pairs) / len(pairs))
+    assert auc(-scores, members) == pytest.approx(1 - sum(pairs) / len(pairs))
+
+
+def test_tpr_at_fpr_and_precision_on_a_hand_made_list():
+    scores = np.array([0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    members = np.array([1, 0, 1, 1, 0, 0, 1, 0, 0, 0], dtype=bool)
+    # No non-member flagged: only 0.9 (1 of 4 members). One of six flagged (<= 1/6): down to 0.7.
+    assert tpr_at_fpr(scores, members, 0.0) == pytest.approx(0.25)
+    assert tpr_at_fpr(scores, members, 0.17) == pytest.approx(0.75)
+    assert tpr_at_fpr(scores, members, 0.5) == pytest.approx(1.0)
+    assert precision_at_k(scores, members, 4) == pytest.approx(0.75)
+    # Ties at the cut share their members out: the top two are a member and a non-member tied.
+    tied = np.array([1.0, 1.0, 0.5, 0.2])
+    assert precision_at_k(tied, np.array([1, 0, 1, 0], dtype=bool), 1) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="both members and non-members"):
+        auc(scores, np.ones(10, dtype=bool))
+
+
+def _binomial_tail(r: int, q: float, v: int) -> float:
+    return sum(math.comb(r, j) * q ** j * (1 - q) ** (r - j) for j in range(v, r + 1))
+
+
+def test_p_value_is_the_binomial_tail_and_the_delta_term():
+    for r, v, eps in [(20, 15, 1.0), (50, 30, 0.3), (7, 7, 2.0)]:
+        q = math.exp(eps) / (1 + math.exp(eps))
+        assert p_value(100, r, v, eps, 0.0) == pytest.approx(_binomial_tail(r, q, v))
+        slack = max((_binomial_tail(r, q, v - i) - _binomial_tail(r, q, v)) / i
+                    for i in range(1, v + 1))
+        assert p_value(100, r, v, eps, 1e-4) == pytest.approx(
+            min(1.0, _binomial_tail(r, q, v) + 2 * 100 * 1e-4 * slack))
+
+
+def test_every_guess_right_gives_the_closed_form_bound():
+    """delta 0, v = r: P[Bin(r, q) >= r] = q^r = beta, so epsilon = logit(beta^(1/r))."""
+    for r in (10, 40, 100):
+        q = 0.05 ** (1 / r)
+        assert epsilon_lower_bound(1000, r, r, 0.0, 0.05) == pytest.approx(
+            math.log(q / (1 - q)), rel=1e-9)
+    # delta only weakens what the same guesses prove
+    assert epsilon_lower_bound(1000, 40, 40, 1e-5, 0.05) < epsilon_lower_bound(
+        1000, 40, 40, 0.0, 0.05)
+    assert epsilon_lower_bound(1000, 40, 20, 0.0, 0.05) == 0.0  # chance level proves nothing
+
+
+def test_canaries_perfectly_separated_reach_the_bound_of_every_guess_right():
+    """100 canaries, 50 in, scored so that every member outscores every non-member: the best
+    guess takes the top and bottom half (100 guesses, all right), tested at 0.05 over the
+    pairs tried."""
+    included = np.zeros(100, dtype=bool)
+    included[::2] = True
+    scores = np.where(included, 1.0, 0.0) + np.linspace(0, 0.1, 100)
+    audit = audit_canaries(scores, included, delta=0.0)
+    q = (0.05 / audit.pairs_tried) ** (1 / 100)
+    assert (audit.guesses_in, audit.guesses_out, audit.correct) == (50, 50, 100)
+    assert audit.epsilon == pytest.approx(math.log(q / (1 - q)), rel=1e-9)
+
+
+def test_scores_that_ignore_the_canaries_prove_nothing_but_by_chance():
+    """Under epsilon 0 (scores independent of inclusion) the bound is above 0 in at most a
+    beta share of runs: the Bonferroni correction over the guesses tried keeps it sound."""
+    rng = np.random.default_rng(1)
+    positive = sum(audit_canaries(rng.random(200), rng.random(200) < 0.5,
+                                  delta=1e-5).epsilon > 0 for _ in range(300))
+    assert positive / 300 <= 0.05 + 0.03  # 0.05 plus three standard errors of 300 trials
