@@ -1,5 +1,6 @@
-"""The audit's statistics, on hand-made score lists, against computations that share no code
-with them: pairwise counts, binomial sums from math.comb, and closed forms."""
+"""The audit: its statistics, on hand-made score lists, against computations that share no code
+with them (pairwise counts, binomial sums from math.comb, closed forms); and its attacks, on
+tiny data through the real ClientApp."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from conftest import typed_config
 
 from fedrec.audit.attack_metrics import auc, precision_at_k, tpr_at_fpr
 from fedrec.audit.one_run import audit_canaries, epsilon_lower_bound, p_value
+from fedrec.audit.update_inference import item_scores, pool_node, round_reply, score_target
+from fedrec.data.federation import build_federation
+from fedrec.model import TwoTower
 
 
 def test_auc_counts_member_over_non_member_pairs_ties_half():
@@ -84,3 +90,35 @@ def test_scores_that_ignore_the_canaries_prove_nothing_but_by_chance():
     positive = sum(audit_canaries(rng.random(200), rng.random(200) < 0.5,
                                   delta=1e-5).epsilon > 0 for _ in range(300))
     assert positive / 300 <= 0.05 + 0.03  # 0.05 plus three standard errors of 300 trials
+
+
+SHOP = ("dataset.num_users=60 dataset.num_items=120 dataset.num_categories=4 "
+        "partition=user partition.pool_nodes=1 train.num_negatives=8 eval.num_negatives=20 "
+        "model.embedding_dim=16 model.hidden_dim=32 client_seed=3")
+
+
+def test_update_inference_reads_a_shoppers_items_from_their_reply_not_from_a_cohorts_sum():
+    """The server ranks items by how far their rows moved. From one shopper's plaintext reply
+    it finds that shopper's training items; from the sum of the whole shop's replies (what
+    SecAgg+ shows it) it does far worse, and little better for a shopper who was in the cohort
+    than for one who was not."""
+    cfg = typed_config(*SHOP.split())
+    fed = build_federation(cfg)
+    torch.manual_seed(cfg.seed)
+    model = TwoTower.for_dataset(cfg.model, fed.dataset)
+    start = model.shared_state()
+    node = pool_node(SHOP)
+    train = fed.split.train
+    bought = {s: np.unique(train.loc[train.user == s, "item"].to_numpy()) for s in range(12)}
+    alone = [score_target(item_scores(model, start, round_reply(node, cfg, start, [s], 1)),
+                          bought[s], s, 1) for s in range(6)]
+    assert np.mean([a.auc for a in alone]) >= 0.9
+    assert np.mean([a.precision_at_10 for a in alone]) >= 0.4  # chance: about 0.12
+    cohort = list(range(6)) + list(range(12, 60))  # shoppers 6..11 are not in it
+    scores = item_scores(model, start, round_reply(node, cfg, start, cohort, 1))
+    inside = np.mean([score_target(scores, bought[s], s, len(cohort)).auc for s in range(6)])
+    outside = np.mean([score_target(scores, bought[s], s, 0).auc for s in range(6, 12)])
+    # Measured: 0.97 alone; 0.63 inside the cohort of 54, 0.55 outside it (the sum still
+    # says which items are popular, and a little of each of its 54 shoppers).
+    assert inside <= 0.7 and inside - outside < 0.15
+    assert inside < np.mean([a.auc for a in alone]) - 0.25

@@ -97,10 +97,7 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
     done = 0 if resumed is None else int(resumed["round"])
 
     metered = MeteredGrid(grid, cfg.wire_log)
-    # No seed goes down: each client samples from its own secret (client.app.round_seed).
-    train_config = ConfigRecord({"lr": cfg.train.lr, "lr-decay": cfg.train.round_lr_decay,
-                                 "local-epochs": cfg.train.local_epochs,
-                                 "batch-size": cfg.train.batch_size, "round-offset": done})
+    train_config = train_request(cfg, done)
     population, sample_size = _round_sample(
         cfg, metered, cfg.strategy.min_available_nodes if fed is None else
         min(cfg.strategy.min_available_nodes, fed.num_nodes))
@@ -182,6 +179,15 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
     return FederatedRun(cfg, composed, fed, dataset, model, outputs, resumed, metered,
                         train_config, population, num_rounds, central, secagg, privacy, rounds,
                         strategy, weighted_by_key, started, cohorts)
+
+
+def train_request(cfg: Config, done: int) -> ConfigRecord:
+    """What every train message asks of a client, before privacy adds its plan's keys, in a run
+    that resumes after round ``done``. No seed goes down: each client samples from its own
+    secret (``fedrec.client.app.round_seed``)."""
+    return ConfigRecord({"lr": cfg.train.lr, "lr-decay": cfg.train.round_lr_decay,
+                         "local-epochs": cfg.train.local_epochs,
+                         "batch-size": cfg.train.batch_size, "round-offset": done})
 
 
 def start(run: FederatedRun, context: Context) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""Update inference: what an honest-but-curious server learns of a shopper's items from what a
+round shows it.
+
+The server sent the global model and gets back, without SecAgg+, each client's reply; with
+SecAgg+, only the sum of the cohort's replies and of their weights (so their weighted mean);
+under central DP, a noised aggregate. An item's id row moves when the round reads it (a history
+item, a target, a sampled negative), and a shopper's own items are read in every example, so
+the server ranks items by how far their rows moved and guesses the top ones were bought.
+
+The views are made by the real ClientApp (``fedrec.client.app``), called in this process on a
+pool node that holds every shopper: a message naming one shopper gets exactly the reply that
+shopper's device would send, and one naming a cohort gets their weighted mean, the figure the
+SecAgg+ sum and total weight reveal (less SecAgg+'s quantization, which only blurs it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedrec.audit.attack_metrics import auc, precision_at_k
+from fedrec.client.app import app as client_app
+from fedrec.config import Config
+from fedrec.model import ITEM_TABLE, TwoTower
+from fedrec.server.run import train_request
+
+# The node the audit's messages go to; Flower's runtime names the task it runs before a ClientApp
+# handles a message, and the audit, which calls the ClientApp itself, must do the same.
+AUDIT_NODE = 1
+
+
+def pool_node(overrides: str) -> Context:
+    """A pool node of one that holds every shopper of the run ``overrides`` describes, with a
+    fresh state (its own secret seeds: the server never learns them)."""
+    return Context(run_id=1, node_id=AUDIT_NODE, state=RecordDict(),
+                   run_config={"overrides": f"{overrides} partition=user partition.pool_nodes=1"},
+                   node_config={"partition-id": 0, "num-partitions": 1})
+
+
+def round_reply(node: Context, cfg: Config, global_state: dict[str, torch.Tensor],
+                shoppers: list[int], server_round: int) -> dict[str, torch.Tensor]:
+    """The model ``node`` sends back when the server asks ``shoppers`` to train round
+    ``server_round`` from ``global_state`` with the run's own train request."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, AUDIT_NODE, server_round
+    config = ConfigRecord({**train_request(cfg, 0), "server-round": server_round,
+                           "cohort": [int(s) for s in shoppers]})
+    message = Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=global_state),
+                                  "config": config}),
+                      dst_node_id=AUDIT_NODE, message_type=MessageType.TRAIN)
+    reply = client_app(message, node)
+    if reply.has_error():
+        raise RuntimeError(f"the client refused the audit's round: {reply.error.reason}")
+    return reply.content["arrays"].to_torch_state_dict()
+
+
+def item_scores(model: TwoTower, before: dict[str, torch.Tensor],
+                after: dict[str, torch.Tensor]) -> np.ndarray:
+    """Each item's score: how far its id row moved, less the part every row shares (weight
+    decay shrinks every row towards zero in proportion to itself, which the server knows from
+    the config; it is fitted here, over all rows, as one factor). With no id row in the model's
+    update (item vectors from public attributes alone), how far the item's vector moved."""
+    if ITEM_TABLE in before and not torch.equal(before[ITEM_TABLE], after[ITEM_TABLE]):
+        start = before[ITEM_TABLE][:-1].double()  # the last row: the padding item
+        moved = after[ITEM_TABLE][:-1].double() - start
+        shared = float((moved * start).sum() / (start * start).sum().clamp(min=1e-30))
+        return (moved - shared * start).norm(dim=1).numpy()
+    vectors = []
+    with torch.no_grad():
+        for state in (before, after):
+            model.load_shared_state(state)
+            vectors.append(model.item_vectors().double())
+    return (vectors[1] - vectors[0]).norm(dim=1).numpy()
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How well the scores of one view pick out one target shopper's training items."""
+
+    shopper: int
+    cohort: int
+    auc: float
+    precision_at_10: float
+
+
+def score_target(scores: np.ndarray, bought: np.ndarray, shopper: int, cohort: int) -> Inference:
+    """``bought``: the items of the target's training history."""
+    members = np.zeros(len(scores), dtype=bool)
+    members[bought] = True
+    return Inference(shopper, cohort, auc(scores, members), precision_at_k(scores, members, 10))
+
+
+def cohort_with(target: int, population: int, size: int, seed: int) -> list[int]:
+    """A cohort of ``size`` shoppers that holds ``target``, the others drawn at random."""
+    rng = np.random.default_rng([seed, target])
+    others = np.setdiff1d(np.arange(population), [target])
+    return sorted([target, *rng.choice(others, size - 1, replace=False).tolist()])
