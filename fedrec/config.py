@@ -394,6 +394,32 @@ class AutoRoundsConfig:
                    "an integer >= 1")
 
 
+@dataclass
+class AuditConfig:
+    """What ``python -m fedrec.audit`` puts into the audited run and attacks; every run ignores
+    it."""
+
+    canaries: int = MISSING
+    canary_length: int = MISSING
+    shoppers: int = MISSING
+    targets: int = MISSING
+    cohorts: list[int] = MISSING
+    confidence: float = MISSING
+    seed: int = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.canaries >= 2, "audit.canaries", self.canaries, "an integer >= 2")
+        _check(self.canary_length >= 3, "audit.canary_length", self.canary_length,
+               "an integer >= 3 (the split keeps a shopper's last two items for validation and "
+               "test)")
+        _check(self.shoppers >= 1, "audit.shoppers", self.shoppers, "an integer >= 1")
+        _check(self.targets >= 1, "audit.targets", self.targets, "an integer >= 1")
+        _check(len(self.cohorts) >= 1 and all(c >= 1 for c in self.cohorts), "audit.cohorts",
+               self.cohorts, "a non-empty list of cohort sizes >= 1 (1: a shopper's own reply)")
+        _check(0 < self.confidence < 1, "audit.confidence", self.confidence,
+               "a probability in (0, 1), such as 0.95")
+
+
 # --------------------------------------------------------------------------------- strategy
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
               "fedtrimmedavg", "fedmedian", "krum", "multikrum")
@@ -670,6 +696,8 @@ class Config:
     # Federated rounds; null: auto_rounds' count for the run's kind (see stops_on_validation).
     num_rounds: int | None = MISSING
     auto_rounds: AutoRoundsConfig = MISSING
+    # What python -m fedrec.audit attacks; every run ignores it.
+    audit: AuditConfig = MISSING
     name: str = MISSING
     # Where a run writes config.yaml, metrics.jsonl, summary.json and model.pt.
     output_dir: str = MISSING

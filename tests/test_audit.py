@@ -13,9 +13,18 @@ import torch
 from conftest import typed_config
 
 from fedrec.audit.attack_metrics import auc, precision_at_k, tpr_at_fpr
+from fedrec.audit.audited_data import CANARY_PREFIX, write_audited_data
 from fedrec.audit.one_run import audit_canaries, epsilon_lower_bound, p_value
-from fedrec.audit.update_inference import item_scores, pool_node, round_reply, score_target
+from fedrec.audit.update_inference import (
+    item_scores,
+    pool_node,
+    round_reply,
+    score_target,
+    server_train_request,
+)
+from fedrec.config import parse_overrides
 from fedrec.data.federation import build_federation
+from fedrec.data.loaders import load_dataset
 from fedrec.model import TwoTower
 
 
@@ -108,17 +117,48 @@ def test_update_inference_reads_a_shoppers_items_from_their_reply_not_from_a_coh
     model = TwoTower.for_dataset(cfg.model, fed.dataset)
     start = model.shared_state()
     node = pool_node(SHOP)
+    request = server_train_request(cfg, fed)
     train = fed.split.train
     bought = {s: np.unique(train.loc[train.user == s, "item"].to_numpy()) for s in range(12)}
-    alone = [score_target(item_scores(model, start, round_reply(node, cfg, start, [s], 1)),
+    alone = [score_target(item_scores(model, start, round_reply(node, request, start, 1, [s])),
                           bought[s], s, 1) for s in range(6)]
     assert np.mean([a.auc for a in alone]) >= 0.9
     assert np.mean([a.precision_at_10 for a in alone]) >= 0.4  # chance: about 0.12
     cohort = list(range(6)) + list(range(12, 60))  # shoppers 6..11 are not in it
-    scores = item_scores(model, start, round_reply(node, cfg, start, cohort, 1))
+    scores = item_scores(model, start, round_reply(node, request, start, 1, cohort))
     inside = np.mean([score_target(scores, bought[s], s, len(cohort)).auc for s in range(6)])
     outside = np.mean([score_target(scores, bought[s], s, 0).auc for s in range(6, 12)])
     # Measured: 0.97 alone; 0.63 inside the cohort of 54, 0.55 outside it (the sum still
     # says which items are popular, and a little of each of its 54 shoppers).
     assert inside <= 0.7 and inside - outside < 0.15
     assert inside < np.mean([a.auc for a in alone]) - 0.25
+
+
+def test_the_audited_data_holds_the_included_canaries_and_lacks_the_held_out_pairs(tmp_path):
+    """Written as the generic CSV format and read back by the product's own loader: every
+    included canary and no other, the members kept and the non-members gone, and every other
+    interaction as it was, with its items' attributes."""
+    cfg = typed_config(*SHOP.split())
+    dataset = build_federation(cfg).dataset
+    data = write_audited_data(dataset, tmp_path, canaries=20, canary_length=6, shoppers=10,
+                              seed=4)
+    assert 0 < data.included.sum() < 20
+    read = load_dataset(typed_config(*parse_overrides(data.overrides("audited"))).dataset)
+    frame = read.interactions
+    users, items = read.user_ids[frame["user"]], read.item_ids[frame["item"]]
+    pairs = set(zip(users.astype(str), items.astype(str), strict=True))
+    canaries = {u for u in users if str(u).startswith(CANARY_PREFIX)}
+    assert canaries == {f"{CANARY_PREFIX}{k}" for k in np.flatnonzero(data.included)}
+    for k in np.flatnonzero(data.included):
+        assert read.history(list(read.user_ids).index(f"{CANARY_PREFIX}{k}")) == data.canaries[k]
+    assert all((u, i) in pairs for u, i in data.members.itertuples(index=False))
+    assert not any((u, i) in pairs for u, i in data.non_members.itertuples(index=False))
+    canary_rows = sum(len(data.canaries[k]) for k in np.flatnonzero(data.included))
+    assert len(frame) == len(dataset.interactions) - len(data.non_members) + canary_rows
+    item = str(dataset.item_ids[0])
+    assert _attributes(read, item) == _attributes(dataset, item)
+
+
+def _attributes(dataset, item: str) -> set[str]:
+    row = dataset.item_attributes[list(dataset.item_ids).index(item)]
+    return {str(dataset.attribute_names[a]) for a in row if a}

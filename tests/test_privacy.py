@@ -592,11 +592,11 @@ def test_central_dp_release_check_composes_the_ledger_as_a_replay_does():
 
 
 def test_dp_sgd_refuses_a_deployment_without_delta():
-    from fedrec.server.run import _plan_privacy
+    from fedrec.server.run import plan_privacy
 
     cfg = typed_config("privacy=dp_sgd")
     with pytest.raises(ConfigError, match=r"privacy\.delta=null"):
-        _plan_privacy(cfg, None, 10, 10, ConfigRecord())
+        plan_privacy(cfg, None, 10, 10, ConfigRecord())
 
 
 def test_protected_units_count_shoppers_or_examples():

@@ -25,29 +25,47 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedrec.audit.attack_metrics import auc, precision_at_k
 from fedrec.client.app import app as client_app
 from fedrec.config import Config
+from fedrec.data.federation import Federation
 from fedrec.model import ITEM_TABLE, TwoTower
-from fedrec.server.run import train_request
+from fedrec.server.cohort import cohort_size
+from fedrec.server.run import plan_privacy, train_request
 
 # The node the audit's messages go to; Flower's runtime names the task it runs before a ClientApp
 # handles a message, and the audit, which calls the ClientApp itself, must do the same.
 AUDIT_NODE = 1
 
 
-def pool_node(overrides: str) -> Context:
-    """A pool node of one that holds every shopper of the run ``overrides`` describes, with a
-    fresh state (its own secret seeds: the server never learns them)."""
+def node_context(overrides: str, partition_id: int, num_partitions: int) -> Context:
+    """A simulated node of the run ``overrides`` describes (a shop, or a pool node of
+    shoppers), with a fresh state: its own secret seeds, which the server never learns."""
     return Context(run_id=1, node_id=AUDIT_NODE, state=RecordDict(),
-                   run_config={"overrides": f"{overrides} partition=user partition.pool_nodes=1"},
-                   node_config={"partition-id": 0, "num-partitions": 1})
+                   run_config={"overrides": overrides},
+                   node_config={"partition-id": partition_id, "num-partitions": num_partitions})
 
 
-def round_reply(node: Context, cfg: Config, global_state: dict[str, torch.Tensor],
-                shoppers: list[int], server_round: int) -> dict[str, torch.Tensor]:
-    """The model ``node`` sends back when the server asks ``shoppers`` to train round
-    ``server_round`` from ``global_state`` with the run's own train request."""
+def pool_node(overrides: str) -> Context:
+    """One pool node that holds every shopper of the run ``overrides`` describes."""
+    return node_context(f"{overrides} partition=user partition.pool_nodes=1", 0, 1)
+
+
+def server_train_request(cfg: Config, fed: Federation) -> ConfigRecord:
+    """The train request the run's server sends every round, its privacy plan's keys included
+    (for a run that starts afresh)."""
+    request = train_request(cfg, 0)
+    population = fed.num_clients if cfg.pooled else fed.num_nodes
+    plan_privacy(cfg, fed, population, cohort_size(population, cfg.strategy.fraction_train,
+                                                   cfg.strategy.min_train_nodes), request)
+    return request
+
+
+def round_reply(node: Context, request: ConfigRecord, global_state: dict[str, torch.Tensor],
+                server_round: int, shoppers: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """The model ``node`` sends back when the server asks it to train round ``server_round``
+    from ``global_state`` with ``request``; on a pool node, naming ``shoppers``."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, AUDIT_NODE, server_round
-    config = ConfigRecord({**train_request(cfg, 0), "server-round": server_round,
-                           "cohort": [int(s) for s in shoppers]})
+    config = ConfigRecord({**request, "server-round": server_round})
+    if shoppers is not None:
+        config["cohort"] = [int(s) for s in shoppers]
     message = Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=global_state),
                                   "config": config}),
                       dst_node_id=AUDIT_NODE, message_type=MessageType.TRAIN)

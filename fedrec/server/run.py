@@ -117,7 +117,7 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
                 cfg.strategy, fraction_train=1.0, min_train_nodes=1,
                 min_evaluate_nodes=min(cfg.strategy.min_evaluate_nodes, nodes),
                 min_available_nodes=min(cfg.strategy.min_available_nodes, nodes))
-    central, dp_sgd = _plan_privacy(cfg, fed, population, sample_size, train_config)
+    central, dp_sgd = plan_privacy(cfg, fed, population, sample_size, train_config)
     # Per-client evaluation figures are covered by no mechanism: a private or SecAgg+ run
     # asks for none, and a simulation evaluates on the server instead (labelled so).
     federated_evaluation = cfg.stops_on_validation
@@ -339,8 +339,8 @@ def _round_sample(cfg: Config, grid: Grid, wait_for: int) -> tuple[int, int]:
                                    cfg.strategy.min_train_nodes)
 
 
-def _plan_privacy(cfg: Config, fed: Federation | None, population: int, sample_size: int,
-                  train_config: ConfigRecord) -> tuple[CentralDp | None, DpSgdPlan | None]:
+def plan_privacy(cfg: Config, fed: Federation | None, population: int, sample_size: int,
+                 train_config: ConfigRecord) -> tuple[CentralDp | None, DpSgdPlan | None]:
     """Plan what privacy needs to know about the federation before the first round: DP-SGD
     clients get the public inputs of their plan (the server holds the same plan, to state their
     epsilon); DP-FedAvg gets its noise and the rounds that fit in its budget."""

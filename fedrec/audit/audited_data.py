@@ -1,0 +1,102 @@
+"""The data an audit trains on: the run's dataset with canary shoppers put in at random and some
+interactions of real shoppers held out, written as the generic CSV format so that the audited
+run goes through the product's own loading, split and partition, unchanged.
+
+- Canary shoppers (for the one-run epsilon): each a history of ``canary_length`` items drawn
+  uniformly from the catalogue, put into the training data with probability 1/2, independently.
+  The split sends each canary's last two items to validation and test, as it does for everyone;
+  its other items are what training may see.
+- Membership pairs (for membership inference on the trained guide): for each of ``shoppers``
+  real shoppers, two of their training interactions drawn at random; one is kept (a member),
+  the other removed before training (a non-member of the same shopper).
+
+The audit's own randomness draws both, from ``seed``; training never sees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedrec.data.dataset import Dataset
+from fedrec.data.split import split_dataset
+
+CANARY_PREFIX = "canary-"
+
+
+@dataclass(frozen=True)
+class AuditedData:
+    interactions: Path  # user,item,timestamp
+    items: Path  # item,attributes,title
+    canaries: list[list[str]]  # each canary's items, oldest first (original ids)
+    included: np.ndarray  # whether each canary is in the training data
+    members: pd.DataFrame  # user, item (original ids): kept for training
+    non_members: pd.DataFrame  # user, item: the same shoppers' interactions held out
+
+    def overrides(self, name: str) -> str:
+        """What makes a run read this data instead of the dataset it came from."""
+        return (f"dataset=csv dataset.name={name} dataset.path={self.interactions} "
+                f"dataset.items_path={self.items} dataset.attribute_separator='|'")
+
+    def canary_ids(self) -> list[str]:
+        return [f"{CANARY_PREFIX}{k}" for k in range(len(self.canaries))]
+
+
+def write_audited_data(dataset: Dataset, folder: Path, *, canaries: int, canary_length: int,
+                       shoppers: int, seed: int) -> AuditedData:
+    """Write the audited copy of ``dataset`` into ``folder``."""
+    if canary_length < 3:
+        raise ValueError(f"audit.canary_length={canary_length}: expected >= 3 (the split keeps "
+                         "each shopper's last two items for validation and test)")
+    if canary_length > dataset.num_items:
+        raise ValueError(f"audit.canary_length={canary_length}: the catalogue has only "
+                         f"{dataset.num_items} items")
+    rng = np.random.default_rng([seed, 0x0A0D17])
+    frame = dataset.interactions
+    users, items = dataset.user_ids[frame["user"].to_numpy()], dataset.item_ids[
+        frame["item"].to_numpy()]
+    table = pd.DataFrame({"user": users.astype(str), "item": items.astype(str),
+                          "timestamp": frame["order"].to_numpy()})
+
+    train = split_dataset(dataset).train
+    per_shopper = train.groupby("user").size()
+    eligible = per_shopper.index[per_shopper >= 3].to_numpy()  # a member keeps a history
+    if shoppers > len(eligible):
+        raise ValueError(f"audit.shoppers={shoppers}: only {len(eligible)} shoppers have 3 or "
+                         "more training interactions")
+    picked = np.sort(rng.choice(eligible, shoppers, replace=False))
+    pairs = []
+    for user in picked:
+        rows = train.loc[train["user"] == user, "item"].to_numpy()
+        member, held_out = rng.choice(rows, 2, replace=False)
+        pairs.append((dataset.user_ids[user], dataset.item_ids[member],
+                      dataset.item_ids[held_out]))
+    members = pd.DataFrame({"user": [str(p[0]) for p in pairs], "item": [str(p[1]) for p in pairs]})
+    non_members = pd.DataFrame({"user": [str(p[0]) for p in pairs],
+                                "item": [str(p[2]) for p in pairs]})
+    dropped = pd.MultiIndex.from_frame(non_members)
+    table = table[~pd.MultiIndex.from_frame(table[["user", "item"]]).isin(dropped)]
+
+    histories = [[str(i) for i in dataset.item_ids[rng.choice(dataset.num_items, canary_length,
+                                                               replace=False)]]
+                 for _ in range(canaries)]
+    included = rng.random(canaries) < 0.5
+    canary_rows = pd.DataFrame(
+        [(f"{CANARY_PREFIX}{k}", item, position) for k, history in enumerate(histories)
+         if included[k] for position, item in enumerate(history)],
+        columns=["user", "item", "timestamp"])
+    folder.mkdir(parents=True, exist_ok=True)
+    interactions, item_file = folder / "interactions.csv", folder / "items.csv"
+    pd.concat([table, canary_rows]).to_csv(interactions, index=False)
+    names = dataset.attribute_names
+    titles = dataset.item_titles
+    pd.DataFrame({
+        "item": dataset.item_ids.astype(str),
+        "attributes": ["|".join(str(names[a]) for a in row if a != 0)
+                       for row in dataset.item_attributes],
+        "title": titles if titles is not None else [""] * dataset.num_items,
+    }).to_csv(item_file, index=False)
+    return AuditedData(interactions, item_file, histories, included, members, non_members)
