@@ -248,7 +248,7 @@ def results_table(report: dict[str, Any]) -> str:
     privacy = report["privacy"]
     eps = privacy.get("epsilon")
     lines = [f"# Privacy audit of {report['run']}", "",
-             f"privacy={privacy['mechanism']}, unit {privacy.get('unit', '-')}, epsilon "
+             f"privacy={privacy['mechanism']}, unit {privacy.get('unit') or '-'}, epsilon "
              f"{'inf' if eps is None else f'{eps:.3f}'}, delta {privacy.get('delta')}", "",
              "| attack | view | AUC | baseline AUC | precision@10 | TPR at 1% FPR |",
              "|---|---|---|---|---|---|"]
