@@ -178,7 +178,7 @@ def test_the_audit_trains_through_flower_and_attacks_the_run(flower, tmp_path):
     report = json.loads((out / "audit.json").read_text())
     alone, cohort = report["update_inference"]
     assert (alone["cohort"], cohort["cohort"]) == (1, 20)
-    assert alone["auc"] > 0.8 > cohort["auc"]
+    assert alone["moved"]["auc"] > 0.8 > cohort["moved"]["auc"]
     assert report["membership"]["pairs"] == 20
     assert report["canaries"]["canaries"] == 20 and report["canaries"]["accountant_epsilon"] is None
     assert "membership (calibrated)" in (out / "results.md").read_text()

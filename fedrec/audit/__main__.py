@@ -105,72 +105,85 @@ def audited_overrides(overrides: list[str], data: AuditedData, name: str,
 
 def update_inference(cfg: Config, fed: Federation, guide: Recommender,
                      overrides: str) -> list[dict[str, Any]]:
-    """The server's view of one round from the trained guide, attacked for target shoppers
-    (and, as the baseline, for shoppers the view does not hold)."""
+    """The server's view of one round from the trained guide, attacked for target shoppers,
+    and as a baseline for shoppers the view does not hold. Two scores: how far each item
+    moved, and that less how far it moved in a view without the targets (a round they were
+    not in, or the other replies of the same round): the server knows both."""
     rng = np.random.default_rng([cfg.audit.seed, 1])
     real = [u for u in range(fed.dataset.num_users)
             if not str(fed.dataset.user_ids[u]).startswith(CANARY_PREFIX)]
-    train = fed.split.train
-    bought = train.groupby("user")["item"].unique()
+    bought = fed.split.train.groupby("user")["item"].unique()
     start = guide.model.shared_state()
     request = server_train_request(cfg, fed)
     rows = []
+
+    def scores_of(reply: dict[str, torch.Tensor]) -> np.ndarray:
+        return item_scores(guide.model, start, reply)
+
     if cfg.pooled:
         node = pool_node(overrides)
-        targets = rng.choice([u for u in real if u in bought.index], 2 * cfg.audit.targets,
-                             replace=False).tolist()
+        with_items = [u for u in real if u in bought.index]
+        targets = rng.choice(with_items, 2 * cfg.audit.targets, replace=False).tolist()
         inside, outside = targets[:cfg.audit.targets], targets[cfg.audit.targets:]
+        others = np.setdiff1d(with_items, targets)
         for size in cfg.audit.cohorts:
-            views: list[tuple[list[int], list[int]]]
-            if size == 1:
-                views = [([t], [t]) for t in inside]
-            else:
+            if size == 1:  # each target's own reply; the others' replies are the reference
+                alone = [scores_of(round_reply(node, request, start, 1, [t])) for t in inside]
+                views = [(alone[k], np.mean(alone[:k] + alone[k + 1:], axis=0), [t])
+                         for k, t in enumerate(inside)]
+            else:  # the cohort's sum; another cohort's, without the targets, the reference
                 held = inside[:size]
-                fill = rng.choice(np.setdiff1d(real, targets), size - len(held),
-                                  replace=False).tolist()
-                views = [(sorted(held + fill), held)]
-            rows.append(_attack_views(guide, start, bought, views, outside, size, lambda c:
-                                      round_reply(node, request, start, 1, c),
-                                      f"cohort of {size}"))
-            log.info("update inference, %s: AUC %.3f (shoppers outside it: %.3f)",
-                     rows[-1]["view"], rows[-1]["auc"], rows[-1]["auc_outside"])
+                cohort = sorted(held + rng.choice(others, size - len(held),
+                                                  replace=False).tolist())
+                reference = rng.choice(others, size, replace=False).tolist()
+                views = [(scores_of(round_reply(node, request, start, 1, cohort)),
+                          scores_of(round_reply(node, request, start, 1, reference)), held)]
+            rows.append(_attack(views, outside, bought, f"cohort of {size}", size))
+        guide.model.load_shared_state(start)
         return rows
     shops = fed.num_nodes
+    replies = [scores_of(round_reply(node_context(overrides, shop, shops), request, start, 1))
+               for shop in range(shops)]
     views = []
-    for shop in range(min(shops, cfg.audit.targets)):
+    for shop in range(shops):
         held = [u for u in fed.node_users(shop).tolist() if u in bought.index]
-        views.append((shop, rng.choice(held, min(len(held), 5), replace=False).tolist()))
-    outside_of = {shop: rng.choice([u for u in fed.node_users((shop + 1) % shops).tolist()
-                                    if u in bought.index], 5, replace=False).tolist()
-                  for shop, _ in views}
-    for shop, targets in views:
-        reply = round_reply(node_context(overrides, shop, shops), request, start, 1)
-        rows.append(_attack_views(guide, start, bought, [(None, targets)], outside_of[shop],
-                                  len(fed.node_users(shop)), lambda _, r=reply: r,
-                                  f"shop {shop}'s reply"))
-    merged = {"view": "a shop's reply", "cohort": float(np.mean([r["cohort"] for r in rows])),
-              **{k: float(np.mean([r[k] for r in rows])) for k in
-                 ("auc", "precision_at_10", "auc_outside", "precision_at_10_outside")},
-              "targets": sum(r["targets"] for r in rows)}
-    log.info("update inference, a shop's reply: AUC %.3f (shoppers of another shop: %.3f)",
-             merged["auc"], merged["auc_outside"])
+        views.append((replies[shop], np.mean(replies[:shop] + replies[shop + 1:], axis=0),
+                      rng.choice(held, min(len(held), cfg.audit.targets), replace=False)
+                      .tolist()))
+    # The baseline: shoppers of the next shop, scored against each shop's reply.
+    outside = [t for _, _, targets in views[1:] for t in targets][:cfg.audit.targets]
+    size = int(np.mean([len(fed.node_users(shop)) for shop in range(shops)]))
+    rows.append(_attack(views[:1], outside, bought, "a shop's reply", size))
+    for view in views[1:]:
+        rows.append(_attack([view], views[0][2], bought, "a shop's reply", size))
+    merged = {"view": "a shop's reply", "cohort": size,
+              "targets": sum(r["targets"] for r in rows),
+              **{score: {key: float(np.mean([r[score][key] for r in rows]))
+                         for key in rows[0][score]} for score in ("moved", "calibrated")}}
+    guide.model.load_shared_state(start)
     return [merged]
 
 
-def _attack_views(guide: Recommender, start: dict[str, torch.Tensor], bought: Any,
-                  views: list[tuple[Any, list[int]]], outside: list[int], size: int,
-                  reply_of: Any, name: str) -> dict[str, Any]:
-    found, baseline = [], []
-    for cohort, targets in views:
-        scores = item_scores(guide.model, start, reply_of(cohort))
-        found += [score_target(scores, np.asarray(bought[t]), t, size) for t in targets]
-        baseline += [score_target(scores, np.asarray(bought[t]), t, 0) for t in outside]
-    guide.model.load_shared_state(start)
-    return {"view": name, "cohort": size, "targets": len(found),
+def _attack(views: list[tuple[np.ndarray, np.ndarray, list[int]]], outside: list[int],
+            bought: Any, name: str, size: int) -> dict[str, Any]:
+    """AUC and precision@10 of both scores, for each view's targets and for ``outside``."""
+    row: dict[str, Any] = {"view": name, "cohort": size,
+                           "targets": sum(len(t) for _, _, t in views)}
+    for score_name, pick in (("moved", lambda moved, _: moved),
+                             ("calibrated", lambda moved, reference: moved - reference)):
+        found = [score_target(pick(moved, ref), np.asarray(bought[t]), t, size)
+                 for moved, ref, targets in views for t in targets]
+        baseline = [score_target(pick(moved, ref), np.asarray(bought[t]), t, 0)
+                    for moved, ref, _ in views for t in outside]
+        row[score_name] = {
             "auc": float(np.mean([f.auc for f in found])),
             "precision_at_10": float(np.mean([f.precision_at_10 for f in found])),
             "auc_outside": float(np.mean([b.auc for b in baseline])),
             "precision_at_10_outside": float(np.mean([b.precision_at_10 for b in baseline]))}
+    log.info("update inference, %s: AUC %.3f moved, %.3f calibrated (shoppers outside it: "
+             "%.3f, %.3f)", name, row["moved"]["auc"], row["calibrated"]["auc"],
+             row["moved"]["auc_outside"], row["calibrated"]["auc_outside"])
+    return row
 
 
 def _histories(fed: Federation) -> dict[int, list[int]]:
@@ -253,9 +266,11 @@ def results_table(report: dict[str, Any]) -> str:
              "| attack | view | AUC | baseline AUC | precision@10 | TPR at 1% FPR |",
              "|---|---|---|---|---|---|"]
     for row in report["update_inference"]:
-        lines.append(f"| update inference | {row['view']} | {row['auc']:.3f} | "
-                     f"{row['auc_outside']:.3f} (shoppers outside it) | "
-                     f"{row['precision_at_10']:.3f} | |")
+        for score in ("moved", "calibrated"):
+            m = row[score]
+            lines.append(f"| update inference ({score}) | {row['view']} | {m['auc']:.3f} | "
+                         f"{m['auc_outside']:.3f} (shoppers outside it) | "
+                         f"{m['precision_at_10']:.3f} | |")
     for name in ("loss", "calibrated"):
         m = report["membership"][name]
         lines.append(f"| membership ({name}) | the trained guide | {m['auc']:.3f} | 0.5 | | "
