@@ -153,8 +153,8 @@ def test_the_audited_data_holds_the_included_canaries_and_lacks_the_held_out_pai
     assert canaries == {f"{CANARY_PREFIX}{k}" for k in np.flatnonzero(data.included)}
     for k in np.flatnonzero(data.included):
         assert read.history(list(read.user_ids).index(f"{CANARY_PREFIX}{k}")) == data.canaries[k]
-    assert all((u, i) in pairs for u, i in data.members.itertuples(index=False))
-    assert not any((u, i) in pairs for u, i in data.non_members.itertuples(index=False))
+    assert all((u, i) in pairs for u, i, _ in data.members.itertuples(index=False))
+    assert not any((u, i) in pairs for u, i, _ in data.non_members.itertuples(index=False))
     canary_rows = sum(len(data.canaries[k]) for k in np.flatnonzero(data.included))
     assert len(frame) == len(dataset.interactions) - len(data.non_members) + canary_rows
     item = str(dataset.item_ids[0])

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from fedrec.accounting import default_delta
@@ -186,16 +187,16 @@ def _attack(views: list[tuple[np.ndarray, np.ndarray, list[int]]], outside: list
     return row
 
 
-def _histories(fed: Federation) -> dict[int, list[int]]:
-    train = fed.split.train
-    return {int(u): items.tolist() for u, items in train.groupby("user")["item"]}
+def _histories(fed: Federation) -> dict[int, pd.DataFrame]:
+    """Each shopper's training items and their order, oldest first."""
+    return {int(u): rows for u, rows in fed.split.train.groupby("user")[["item", "order"]]}
 
 
 def _references(fed: Federation, histories: dict[int, list[int]], seed: int) -> list[list[int]]:
     real = [u for u in histories if not str(fed.dataset.user_ids[u]).startswith(CANARY_PREFIX)]
     rng = np.random.default_rng([seed, 2])
     picked = rng.choice(real, min(len(real), REFERENCE_SHOPPERS), replace=False)
-    return [histories[int(u)] for u in picked]
+    return [histories[int(u)]["item"].tolist() for u in picked]
 
 
 def _guide_items(guide: Recommender, items: Any) -> list[int]:
@@ -208,16 +209,18 @@ def membership(fed: Federation, guide: Recommender, data: AuditedData) -> dict[s
     the same shoppers."""
     histories = _histories(fed)
     user_index = {str(u): k for k, u in enumerate(fed.dataset.user_ids)}
-    pairs = [(user_index[str(u)], i) for u, i in zip(
-        [*data.members["user"], *data.non_members["user"]],
-        _guide_items(guide, [*data.members["item"], *data.non_members["item"]]),
-        strict=True)]
+    pairs = pd.concat([data.members, data.non_members])
+    items = _guide_items(guide, pairs["item"])
+    # What the shopper bought before the pair's item: its training example, for a member.
+    read = []
+    for user, order in zip(pairs["user"], pairs["order"], strict=True):
+        history = histories[user_index[user]]
+        read.append(history.loc[history["order"] < order, "item"].tolist())
     labels = np.array([True] * len(data.members) + [False] * len(data.non_members))
     model, vectors = guide.model, guide.item_vectors[:guide.num_catalogue_items]
-    plain = pair_scores(model, vectors, [histories[u] for u, _ in pairs],
-                        [i for _, i in pairs])
+    plain = pair_scores(model, vectors, read, items)
     baseline = item_baseline(model, vectors, _references(fed, histories, 0))
-    calibrated = plain - baseline[[i for _, i in pairs]]
+    calibrated = plain - baseline[items]
     result = {"pairs": len(pairs)}
     for name, scores in (("loss", plain), ("calibrated", calibrated)):
         result[name] = {"auc": auc(scores, labels), "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels,
@@ -230,15 +233,17 @@ def membership(fed: Federation, guide: Recommender, data: AuditedData) -> dict[s
 def canary_audit(fed: Federation, guide: Recommender, data: AuditedData,
                  privacy: dict[str, Any], confidence: float) -> dict[str, Any]:
     """Each canary's score: the mean calibrated log-probability of each of its training items
-    given its others; then the one-run lower bound on epsilon."""
+    after the one before it (its training examples, when it was in); then the one-run lower
+    bound on epsilon."""
     histories = _histories(fed)
     model, vectors = guide.model, guide.item_vectors[:guide.num_catalogue_items]
     baseline = item_baseline(model, vectors, _references(fed, histories, 0))
     scores = []
     for canary in data.canaries:
         items = _guide_items(guide, canary[:-2])  # the split keeps the last two out
-        read = [[j for j in items if j != i] for i in items]
-        scores.append(float(np.mean(pair_scores(model, vectors, read, items) - baseline[items])))
+        read = [items[:k] for k in range(1, len(items))]
+        scores.append(float(np.mean(pair_scores(model, vectors, read, items[1:])
+                                    - baseline[items[1:]])))
     units = len(histories)
     delta = privacy.get("delta") or default_delta(units)
     found = audit_canaries(np.array(scores), data.included, delta=delta, beta=1 - confidence)

@@ -33,8 +33,8 @@ class AuditedData:
     items: Path  # item,attributes,title
     canaries: list[list[str]]  # each canary's items, oldest first (original ids)
     included: np.ndarray  # whether each canary is in the training data
-    members: pd.DataFrame  # user, item (original ids): kept for training
-    non_members: pd.DataFrame  # user, item: the same shoppers' interactions held out
+    members: pd.DataFrame  # user, item (original ids), order: kept for training
+    non_members: pd.DataFrame  # the same shoppers' interactions held out
 
     def overrides(self, name: str) -> str:
         """What makes a run read this data instead of the dataset it came from."""
@@ -63,21 +63,21 @@ def write_audited_data(dataset: Dataset, folder: Path, *, canaries: int, canary_
 
     train = split_dataset(dataset).train
     per_shopper = train.groupby("user").size()
-    eligible = per_shopper.index[per_shopper >= 3].to_numpy()  # a member keeps a history
+    eligible = per_shopper.index[per_shopper >= 3].to_numpy()
     if shoppers > len(eligible):
         raise ValueError(f"audit.shoppers={shoppers}: only {len(eligible)} shoppers have 3 or "
                          "more training interactions")
     picked = np.sort(rng.choice(eligible, shoppers, replace=False))
-    pairs = []
+    chosen = []
     for user in picked:
-        rows = train.loc[train["user"] == user, "item"].to_numpy()
-        member, held_out = rng.choice(rows, 2, replace=False)
-        pairs.append((dataset.user_ids[user], dataset.item_ids[member],
-                      dataset.item_ids[held_out]))
-    members = pd.DataFrame({"user": [str(p[0]) for p in pairs], "item": [str(p[1]) for p in pairs]})
-    non_members = pd.DataFrame({"user": [str(p[0]) for p in pairs],
-                                "item": [str(p[2]) for p in pairs]})
-    dropped = pd.MultiIndex.from_frame(non_members)
+        rows = train[train["user"] == user].iloc[1:]  # each pair keeps an earlier item to read
+        member, held_out = rng.choice(len(rows), 2, replace=False)
+        chosen.append((rows.iloc[member], rows.iloc[held_out]))
+    members, non_members = (pd.DataFrame({
+        "user": [str(dataset.user_ids[pair[k]["user"]]) for pair in chosen],
+        "item": [str(dataset.item_ids[pair[k]["item"]]) for pair in chosen],
+        "order": [int(pair[k]["order"]) for pair in chosen]}) for k in (0, 1))
+    dropped = pd.MultiIndex.from_frame(non_members[["user", "item"]])
     table = table[~pd.MultiIndex.from_frame(table[["user", "item"]]).isin(dropped)]
 
     histories = [[str(i) for i in dataset.item_ids[rng.choice(dataset.num_items, canary_length,

@@ -1,10 +1,9 @@
 """What anyone who can query the trained guide learns: scores of (shopper, item) pairs.
 
-A pair's score is the model's log-probability of the item, over the whole catalogue, given the
-shopper's training history with that item taken out (a member is in the history it was trained
-with; leaving it in would score the history, not the memory of it). The calibrated score
-subtracts the item's mean log-probability over reference histories that do not hold it: a
-popular item scores high for everyone, which says nothing about one shopper.
+A pair's score is the model's log-probability of the item, over the whole catalogue, given what
+the shopper bought before it: the training example a member was (the loss attack). The
+calibrated score subtracts the item's mean log-probability over reference histories that do not
+hold it: a popular item scores high for everyone, which says nothing about one shopper.
 """
 
 from __future__ import annotations
@@ -56,13 +55,11 @@ def item_baseline(model: TwoTower, item_vectors: torch.Tensor,
 
 def pair_scores(model: TwoTower, item_vectors: torch.Tensor,
                 histories: Sequence[Sequence[int]], items: Sequence[int]) -> np.ndarray:
-    """log P(item | history) per pair, each history with its own item taken out."""
+    """log P(item | history) per pair."""
     if len(histories) != len(items):
         raise ValueError(f"{len(histories)} histories for {len(items)} items")
-    read = [[i for i in history if i != item] for history, item in zip(histories, items,
-                                                                        strict=True)]
     scores, first = [], 0
-    for batch in catalogue_log_probabilities(model, item_vectors, read):
+    for batch in catalogue_log_probabilities(model, item_vectors, histories):
         picked = torch.as_tensor(list(items[first:first + len(batch)]), dtype=torch.long)
         scores.append(batch.gather(1, picked[:, None])[:, 0].numpy())
         first += len(batch)
