@@ -155,6 +155,9 @@ def test_the_audited_data_holds_the_included_canaries_and_lacks_the_held_out_pai
         assert read.history(list(read.user_ids).index(f"{CANARY_PREFIX}{k}")) == data.canaries[k]
     assert all((u, i) in pairs for u, i, _ in data.members.itertuples(index=False))
     assert not any((u, i) in pairs for u, i, _ in data.non_members.itertuples(index=False))
+    for _, item, before in [*data.members.itertuples(index=False),
+                            *data.non_members.itertuples(index=False)]:
+        assert before and item not in before
     canary_rows = sum(len(data.canaries[k]) for k in np.flatnonzero(data.included))
     assert len(frame) == len(dataset.interactions) - len(data.non_members) + canary_rows
     item = str(dataset.item_ids[0])
@@ -182,3 +185,12 @@ def test_the_audit_trains_through_flower_and_attacks_the_run(flower, tmp_path):
     assert report["membership"]["pairs"] == 20
     assert report["canaries"]["canaries"] == 20 and report["canaries"]["accountant_epsilon"] is None
     assert "membership (calibrated)" in (out / "results.md").read_text()
+
+
+def test_an_attack_learns_its_direction_on_half_the_targets_and_scores_the_other_half():
+    from fedrec.audit.__main__ import _cross_fitted
+
+    assert _cross_fitted([0.2, 0.3, 0.25, 0.35]) == (pytest.approx(0.725), False)
+    assert _cross_fitted([0.9, 0.8]) == (pytest.approx(0.85), True)
+    # One half says rise, the other fall: each is scored by the other's direction.
+    assert _cross_fitted([0.7, 0.4])[0] == pytest.approx((0.4 + 0.3) / 2)

@@ -33,13 +33,17 @@ class AuditedData:
     items: Path  # item,attributes,title
     canaries: list[list[str]]  # each canary's items, oldest first (original ids)
     included: np.ndarray  # whether each canary is in the training data
-    members: pd.DataFrame  # user, item (original ids), order: kept for training
+    # user, item (original ids), before (the items the shopper bought before it, in the
+    # training data): kept for training
+    members: pd.DataFrame
     non_members: pd.DataFrame  # the same shoppers' interactions held out
 
     def overrides(self, name: str) -> str:
         """What makes a run read this data instead of the dataset it came from."""
+        # The catalogue, not just item metadata: every item keeps its index, also one whose
+        # only interaction was held out.
         return (f"dataset=csv dataset.name={name} dataset.path={self.interactions} "
-                f"dataset.items_path={self.items} dataset.attribute_separator='|'")
+                f"dataset.catalogue={self.items}")
 
     def canary_ids(self) -> list[str]:
         return [f"{CANARY_PREFIX}{k}" for k in range(len(self.canaries))]
@@ -68,15 +72,18 @@ def write_audited_data(dataset: Dataset, folder: Path, *, canaries: int, canary_
         raise ValueError(f"audit.shoppers={shoppers}: only {len(eligible)} shoppers have 3 or "
                          "more training interactions")
     picked = np.sort(rng.choice(eligible, shoppers, replace=False))
-    chosen = []
+    members, non_members = [], []
     for user in picked:
-        rows = train[train["user"] == user].iloc[1:]  # each pair keeps an earlier item to read
-        member, held_out = rng.choice(len(rows), 2, replace=False)
-        chosen.append((rows.iloc[member], rows.iloc[held_out]))
-    members, non_members = (pd.DataFrame({
-        "user": [str(dataset.user_ids[pair[k]["user"]]) for pair in chosen],
-        "item": [str(dataset.item_ids[pair[k]["item"]]) for pair in chosen],
-        "order": [int(pair[k]["order"]) for pair in chosen]}) for k in (0, 1))
+        items = dataset.item_ids[train.loc[train["user"] == user, "item"].to_numpy()]
+        # Each pair keeps an earlier item to read: what the shopper bought before it, which for
+        # a member is its training example, and for the held-out item what it would have been.
+        member, held_out = rng.choice(np.arange(1, len(items)), 2, replace=False)
+        before = [str(i) for k, i in enumerate(items[:member]) if k != held_out]
+        shopper = str(dataset.user_ids[user])
+        members.append((shopper, str(items[member]), before))
+        non_members.append((shopper, str(items[held_out]), [str(i) for i in items[:held_out]]))
+    members, non_members = (pd.DataFrame(rows, columns=["user", "item", "before"])
+                            for rows in (members, non_members))
     dropped = pd.MultiIndex.from_frame(non_members[["user", "item"]])
     table = table[~pd.MultiIndex.from_frame(table[["user", "item"]]).isin(dropped)]
 
