@@ -53,6 +53,7 @@ def run_federated(
     project_dir: Path = APP_DIR,
 ) -> dict[str, Any]:
     """Run `flwr run` on ``project_dir`` (default: fedrec's app) and return its summary.json."""
+    started = time.time()
     output_dir = Path(output_dir).resolve()
     args = [*parse_overrides(overrides), f"output_dir={output_dir}"]
     env = flower_env()
@@ -76,7 +77,9 @@ def run_federated(
     finally:
         run_config.unlink()
     summary_path = output_dir / "summary.json"
-    if not summary_path.exists():
+    # A summary older than this command is an earlier run's, left in the folder this run
+    # refused to write into.
+    if not summary_path.exists() or summary_path.stat().st_mtime < started:
         raise SimulationError(f"flwr run wrote no {summary_path}; {failure_lines(log_path)}")
     return json.loads(summary_path.read_text())
 

@@ -61,6 +61,9 @@ REFERENCE_SHOPPERS = 500
 def audit(overrides: list[str]) -> dict[str, Any]:
     cfg = federated_config(compose_config(overrides))
     out = Path(cfg.output_dir).expanduser().resolve()
+    if (out / "data").exists() or (out / "run").exists():
+        raise FileExistsError(f"output_dir={out} already holds an audit: choose another "
+                              "output_dir")
     settings = cfg.audit
     dataset = load_dataset(cfg.dataset)
     data = write_audited_data(dataset, out / "data", canaries=settings.canaries,
