@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fedrec.cli import command_arguments
 from fedrec.config import ConfigError, TwoTowerConfig, compose_config, to_typed
 from fedrec.data.loaders import load_dataset
 from fedrec.data.sequences import EvalCases, check_negatives, heldout_cases, training_examples
@@ -158,12 +159,9 @@ def _brief(means: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+    argv = command_arguments(argv, __doc__)
+    if argv is None:
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
     try:
         run(argv)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:

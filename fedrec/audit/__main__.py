@@ -1,4 +1,4 @@
-"""python -m fedrec.audit <overrides>: train a run on audited data, then attack it.
+r"""python -m fedrec.audit <overrides>: train a run on audited data, then attack it.
 
     python -m fedrec.audit dataset=movielens_100k dataset.path=/abs/ml-100k partition=silo \
         privacy=dp_sgd privacy.target_epsilon=8 num_rounds=15
@@ -45,6 +45,7 @@ from fedrec.audit.update_inference import (
     score_target,
     server_train_request,
 )
+from fedrec.cli import command_arguments
 from fedrec.config import Config, ConfigError, compose_config, federated_config, parse_overrides
 from fedrec.data.federation import Federation, build_federation
 from fedrec.data.loaders import load_dataset
@@ -302,12 +303,9 @@ def results_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+    argv = command_arguments(argv, __doc__)
+    if argv is None:
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
     try:
         report = audit(argv)
     except (ConfigError, FileNotFoundError, ValueError) as err:
