@@ -22,7 +22,7 @@ BAD_RUNS = [
     (["+train.lrr=0.1"],
      "train.lrr is not a key of train; allowed: auto_decay, batch_size, dp_sgd"),
     (["+colour=red"],
-     "colour is not a key of the config; allowed: auto_rounds, client_seed, dataset"),
+     "colour is not a key of the config; allowed: audit, auto_rounds, client_seed"),
     (["dataset=nope"], "Could not find 'dataset/nope'; available options in 'dataset': csv, "
                        "lightgcn, movielens_100k, movielens_1m, sequence, synthetic"),
     (["model=nope"], "available options in 'model': popularity, two_tower"),
