@@ -99,6 +99,10 @@ def write_audited_data(dataset: Dataset, folder: Path, *, canaries: int, canary_
     interactions, item_file = folder / "interactions.csv", folder / "items.csv"
     pd.concat([table, canary_rows]).to_csv(interactions, index=False)
     names = dataset.attribute_names
+    joined = [str(n) for n in names if "|" in str(n)]
+    if joined:
+        raise ValueError(f"attribute {joined[0]!r} holds '|', which the audited data's catalogue "
+                         "uses to separate attributes")
     titles = dataset.item_titles
     pd.DataFrame({
         "item": dataset.item_ids.astype(str),
