@@ -409,9 +409,9 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         _check(self.canaries >= 2, "audit.canaries", self.canaries, "an integer >= 2")
-        _check(self.canary_length >= 3, "audit.canary_length", self.canary_length,
-               "an integer >= 3 (the split keeps a shopper's last two items for validation and "
-               "test)")
+        _check(self.canary_length >= 4, "audit.canary_length", self.canary_length,
+               "an integer >= 4 (the split keeps a shopper's last two items for validation and "
+               "test, and a training example reads an item before its own)")
         _check(self.shoppers >= 1, "audit.shoppers", self.shoppers, "an integer >= 1")
         _check(self.targets >= 1, "audit.targets", self.targets, "an integer >= 1")
         _check(len(self.cohorts) >= 1 and all(c >= 1 for c in self.cohorts), "audit.cohorts",

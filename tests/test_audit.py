@@ -27,7 +27,7 @@ from fedrec.audit.update_inference import (
 from fedrec.config import parse_overrides
 from fedrec.data.federation import build_federation
 from fedrec.data.loaders import load_dataset
-from fedrec.model import TwoTower
+from fedrec.model import ITEM_TABLE, TwoTower
 
 
 def test_auc_counts_member_over_non_member_pairs_ties_half():
@@ -194,3 +194,19 @@ def test_an_attack_learns_its_direction_on_half_the_targets_and_scores_the_other
     assert _cross_fitted([0.9, 0.8]) == (pytest.approx(0.85), True)
     # One half says rise, the other fall: each is scored by the other's direction.
     assert _cross_fitted([0.7, 0.4])[0] == pytest.approx((0.4 + 0.3) / 2)
+
+
+def test_scoring_a_model_without_an_id_table_leaves_it_as_it_was():
+    """With item vectors from attributes alone, item_scores loads both models into the one it
+    is given: it must leave that one holding the model the round started from."""
+    cfg = typed_config(*SHOP.split(), "model.item_vectors=attributes",
+                       "model.history_items=attributes")
+    torch.manual_seed(0)
+    model = TwoTower.for_dataset(cfg.model, build_federation(cfg).dataset)
+    start = {name: value.clone() for name, value in model.shared_state().items()}
+    after = {name: value if name == ITEM_TABLE else value + 0.01 * torch.randn_like(value)
+             for name, value in start.items()}  # the id table: frozen, nothing reads it
+    scores = item_scores(model, start, after)
+    assert scores.shape == (model.num_items,) and (scores > 0).all()
+    for name, value in model.shared_state().items():
+        assert torch.equal(value, start[name])

@@ -52,9 +52,13 @@ class AuditedData:
 def write_audited_data(dataset: Dataset, folder: Path, *, canaries: int, canary_length: int,
                        shoppers: int, seed: int) -> AuditedData:
     """Write the audited copy of ``dataset`` into ``folder``."""
-    if canary_length < 3:
-        raise ValueError(f"audit.canary_length={canary_length}: expected >= 3 (the split keeps "
-                         "each shopper's last two items for validation and test)")
+    if canary_length < 4:
+        raise ValueError(f"audit.canary_length={canary_length}: expected >= 4 (the split keeps "
+                         "each shopper's last two items for validation and test, and a training "
+                         "example reads an item before its own)")
+    if dataset.presplit:
+        raise ValueError(f"{dataset.name} comes pre-split, and the audited copy is split again "
+                         "by time: audit a dataset that fedrec splits itself")
     if canary_length > dataset.num_items:
         raise ValueError(f"audit.canary_length={canary_length}: the catalogue has only "
                          f"{dataset.num_items} items")

@@ -80,7 +80,9 @@ def item_scores(model: TwoTower, before: dict[str, torch.Tensor],
     """Each item's score: how far its id row moved, less the part every row shares (weight
     decay shrinks every row towards zero in proportion to itself, which the server knows from
     the config; it is fitted here, over all rows, as one factor). With no id row in the model's
-    update (item vectors from public attributes alone), how far the item's vector moved."""
+    update (item vectors from public attributes alone), how far the item's vector moved; the
+    model is then left holding ``before``, which must not share its memory (``shared_state``
+    does: clone it)."""
     if ITEM_TABLE in before and not torch.equal(before[ITEM_TABLE], after[ITEM_TABLE]):
         start = before[ITEM_TABLE][:-1].double()  # the last row: the padding item
         moved = after[ITEM_TABLE][:-1].double() - start
@@ -88,10 +90,10 @@ def item_scores(model: TwoTower, before: dict[str, torch.Tensor],
         return (moved - shared * start).norm(dim=1).numpy()
     vectors = []
     with torch.no_grad():
-        for state in (before, after):
+        for state in (after, before):  # the model is left holding ``before``
             model.load_shared_state(state)
             vectors.append(model.item_vectors().double())
-    return (vectors[1] - vectors[0]).norm(dim=1).numpy()
+    return (vectors[0] - vectors[1]).norm(dim=1).numpy()
 
 
 @dataclass(frozen=True)
