@@ -90,8 +90,8 @@ def audit(overrides: list[str]) -> dict[str, Any]:
         "metrics": summary["metrics"],
         "update_inference": update_inference(run_cfg, fed, guide, " ".join(
             shlex.quote(o) for o in run_overrides)),
-        "membership": membership(fed, guide, data),
-        "canaries": canary_audit(fed, guide, data, summary["privacy"], settings.confidence),
+        **guide_attacks(fed, guide, data, summary["privacy"], settings.confidence,
+                        settings.seed),
         "audit_seconds": time.perf_counter() - started,
     }
     (out / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -218,8 +218,8 @@ def _histories(fed: Federation) -> dict[int, list[int]]:
     return {int(u): items.tolist() for u, items in fed.split.train.groupby("user")["item"]}
 
 
-def _references(fed: Federation, histories: dict[int, list[int]], seed: int,
-                audited: set[str]) -> list[list[int]]:
+def _references(fed: Federation, histories: dict[int, list[int]], audited: set[str],
+                seed: int) -> list[list[int]]:
     """Histories that calibrate each item: neither canaries nor the shoppers whose pairs are
     scored (their histories hold the member and lack the held-out item: labels)."""
     real = [u for u in histories if not str(fed.dataset.user_ids[u]).startswith(CANARY_PREFIX)
@@ -234,18 +234,27 @@ def _guide_items(guide: Recommender, items: Any) -> list[int]:
     return [guide.index[str(i)] for i in items]
 
 
-def membership(fed: Federation, guide: Recommender, data: AuditedData) -> dict[str, Any]:
+def guide_attacks(fed: Federation, guide: Recommender, data: AuditedData,
+                  privacy: dict[str, Any], confidence: float, seed: int) -> dict[str, Any]:
+    """The attacks on the trained guide, which share each item's baseline score."""
+    histories = _histories(fed)
+    references = _references(fed, histories, set(data.members["user"]), seed)
+    baseline = item_baseline(guide.model, guide.item_vectors[:guide.num_catalogue_items],
+                             references)
+    return {"membership": membership(guide, data, baseline),
+            "canaries": canary_audit(guide, data, baseline, privacy, confidence,
+                                     units=len(histories))}
+
+
+def membership(guide: Recommender, data: AuditedData, baseline: np.ndarray) -> dict[str, Any]:
     """Membership inference on the trained guide: members against held-out interactions of
     the same shoppers."""
-    histories = _histories(fed)
     pairs = pd.concat([data.members, data.non_members])
     items = _guide_items(guide, pairs["item"])
     read = [_guide_items(guide, before) for before in pairs["before"]]
     labels = np.array([True] * len(data.members) + [False] * len(data.non_members))
     model, vectors = guide.model, guide.item_vectors[:guide.num_catalogue_items]
     plain = pair_scores(model, vectors, read, items)
-    references = _references(fed, histories, 0, set(data.members["user"]))
-    baseline = item_baseline(model, vectors, references)
     calibrated = plain - baseline[items]
     result = {"pairs": len(pairs)}
     for name, scores in (("loss", plain), ("calibrated", calibrated)):
@@ -256,22 +265,18 @@ def membership(fed: Federation, guide: Recommender, data: AuditedData) -> dict[s
     return result
 
 
-def canary_audit(fed: Federation, guide: Recommender, data: AuditedData,
-                 privacy: dict[str, Any], confidence: float) -> dict[str, Any]:
+def canary_audit(guide: Recommender, data: AuditedData, baseline: np.ndarray,
+                 privacy: dict[str, Any], confidence: float, *, units: int) -> dict[str, Any]:
     """Each canary's score: the mean calibrated log-probability of each of its training items
     after the one before it (its training examples, when it was in); then the one-run lower
     bound on epsilon."""
-    histories = _histories(fed)
     model, vectors = guide.model, guide.item_vectors[:guide.num_catalogue_items]
-    references = _references(fed, histories, 0, set(data.members["user"]))
-    baseline = item_baseline(model, vectors, references)
     scores = []
     for canary in data.canaries:
         items = _guide_items(guide, canary[:-2])  # the split keeps the last two out
         read = [items[:k] for k in range(1, len(items))]
         scores.append(float(np.mean(pair_scores(model, vectors, read, items[1:])
                                     - baseline[items[1:]])))
-    units = len(histories)
     delta = privacy.get("delta") or default_delta(units)
     found = audit_canaries(np.array(scores), data.included, delta=delta, beta=1 - confidence)
     accountant = privacy.get("epsilon")

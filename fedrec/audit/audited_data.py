@@ -45,9 +45,6 @@ class AuditedData:
         return (f"dataset=csv dataset.name={name} dataset.path={self.interactions} "
                 f"dataset.catalogue={self.items}")
 
-    def canary_ids(self) -> list[str]:
-        return [f"{CANARY_PREFIX}{k}" for k in range(len(self.canaries))]
-
 
 def write_audited_data(dataset: Dataset, folder: Path, *, canaries: int, canary_length: int,
                        shoppers: int, seed: int) -> AuditedData:
@@ -78,14 +75,14 @@ def write_audited_data(dataset: Dataset, folder: Path, *, canaries: int, canary_
     picked = np.sort(rng.choice(eligible, shoppers, replace=False))
     members, non_members = [], []
     for user in picked:
-        items = dataset.item_ids[train.loc[train["user"] == user, "item"].to_numpy()]
+        bought = dataset.item_ids[train.loc[train["user"] == user, "item"].to_numpy()]
         # Each pair keeps an earlier item to read: what the shopper bought before it, which for
         # a member is its training example, and for the held-out item what it would have been.
-        member, held_out = rng.choice(np.arange(1, len(items)), 2, replace=False)
-        before = [str(i) for k, i in enumerate(items[:member]) if k != held_out]
+        member, held_out = rng.choice(np.arange(1, len(bought)), 2, replace=False)
+        before = [str(i) for k, i in enumerate(bought[:member]) if k != held_out]
         shopper = str(dataset.user_ids[user])
-        members.append((shopper, str(items[member]), before))
-        non_members.append((shopper, str(items[held_out]), [str(i) for i in items[:held_out]]))
+        members.append((shopper, str(bought[member]), before))
+        non_members.append((shopper, str(bought[held_out]), [str(i) for i in bought[:held_out]]))
     members, non_members = (pd.DataFrame(rows, columns=["user", "item", "before"])
                             for rows in (members, non_members))
     dropped = pd.MultiIndex.from_frame(non_members[["user", "item"]])

@@ -112,9 +112,3 @@ def score_target(scores: np.ndarray, bought: np.ndarray, shopper: int, cohort: i
     members[bought] = True
     return Inference(shopper, cohort, auc(scores, members), precision_at_k(scores, members, 10))
 
-
-def cohort_with(target: int, population: int, size: int, seed: int) -> list[int]:
-    """A cohort of ``size`` shoppers that holds ``target``, the others drawn at random."""
-    rng = np.random.default_rng([seed, target])
-    others = np.setdiff1d(np.arange(population), [target])
-    return sorted([target, *rng.choice(others, size - 1, replace=False).tolist()])
