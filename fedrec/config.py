@@ -406,8 +406,13 @@ class AuditConfig:
     cohorts: list[int] = MISSING
     confidence: float = MISSING
     seed: int = MISSING
+    # python -m fedrec.audit.budgets: the epsilons it audits the run's mechanism at (and the
+    # run without privacy).
+    epsilons: list[float] = MISSING
 
     def __post_init__(self) -> None:
+        _check(len(self.epsilons) >= 1 and all(e > 0 for e in self.epsilons), "audit.epsilons",
+               self.epsilons, "a non-empty list of epsilons > 0")
         _check(self.canaries >= 2, "audit.canaries", self.canaries, "an integer >= 2")
         _check(self.canary_length >= 4, "audit.canary_length", self.canary_length,
                "an integer >= 4 (the split keeps a shopper's last two items for validation and "
@@ -491,6 +496,8 @@ class StrategyConfig:
 
 # ---------------------------------------------------------------------------------- privacy
 MECHANISMS = ("none", "dp_sgd", "central_dp")
+# The key that sets each private mechanism's epsilon budget.
+BUDGET_KEYS = {"dp_sgd": "privacy.target_epsilon", "central_dp": "privacy.max_epsilon"}
 
 
 @dataclass

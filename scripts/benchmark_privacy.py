@@ -26,6 +26,8 @@ from typing import Any
 
 from common import partition_parser, partition_runs, run_row
 
+from fedrec.config import BUDGET_KEYS
+
 RECIPES = {
     "silo": "partition=silo num_rounds=15",
     "user": "experiment=cross_device",
@@ -43,8 +45,8 @@ def main() -> None:
         # its pool node): the server never sees it alone.
         side = " privacy.side=client" if partition == "user" else ""
         runs = [("none", None, "privacy=none")] + [
-            (mechanism, eps, f"privacy={mechanism} privacy.target_epsilon={eps}"
-             if mechanism == "dp_sgd" else f"privacy={mechanism} privacy.max_epsilon={eps}{side}")
+            (mechanism, eps, f"privacy={mechanism} {BUDGET_KEYS[mechanism]}={eps}"
+             f"{side if mechanism == 'central_dp' else ''}")
             for mechanism in args.mechanisms for eps in args.epsilons]
         results = []
         for mechanism, eps, privacy in runs:

@@ -14,12 +14,14 @@ import torch
 from conftest import typed_config
 
 from fedrec.audit.__main__ import main as audit_main
-from fedrec.audit.attack_metrics import auc, precision_at_k, tpr_at_fpr
+from fedrec.audit.budgets import main as budgets_main
+from fedrec.audit.attack_metrics import auc, precision_at_k, roc_curve, tpr_at_fpr
 from fedrec.audit.audited_data import CANARY_PREFIX, write_audited_data
 from fedrec.audit.one_run import audit_canaries, epsilon_lower_bound, p_value
 from fedrec.audit.update_inference import (
     item_scores,
     pool_node,
+    released,
     round_reply,
     score_target,
     server_train_request,
@@ -53,6 +55,22 @@ def test_tpr_at_fpr_and_precision_on_a_hand_made_list():
     assert precision_at_k(tied, np.array([1, 0, 1, 0], dtype=bool), 1) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="both members and non-members"):
         auc(scores, np.ones(10, dtype=bool))
+
+
+def test_the_roc_curve_walks_the_hand_made_list_and_its_area_is_the_auc():
+    scores = np.array([0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    members = np.array([1, 0, 1, 1, 0, 0, 1, 0, 0, 0], dtype=bool)
+    fpr, tpr = roc_curve(scores, members)
+    # One step per score, down the list: a member moves up, a non-member right.
+    expected_fpr = np.concatenate([[0], np.cumsum(~members) / 6])
+    expected_tpr = np.concatenate([[0], np.cumsum(members) / 4])
+    np.testing.assert_allclose(fpr, expected_fpr)
+    np.testing.assert_allclose(tpr, expected_tpr)
+    rng = np.random.default_rng(1)
+    tied, labels = rng.integers(0, 5, 60).astype(float), rng.random(60) < 0.5
+    fpr, tpr = roc_curve(tied, labels)
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids: ties count half
+    assert area == pytest.approx(auc(tied, labels))
 
 
 def _binomial_tail(r: int, q: float, v: int) -> float:
@@ -119,7 +137,7 @@ def test_update_inference_reads_a_shoppers_items_from_their_reply_not_from_a_coh
     model = TwoTower.for_dataset(cfg.model, fed.dataset)
     start = model.shared_state()
     node = pool_node(SHOP)
-    request = server_train_request(cfg, fed)
+    request, _ = server_train_request(cfg, fed)
     train = fed.split.train
     bought = {s: np.unique(train.loc[train.user == s, "item"].to_numpy()) for s in range(12)}
     alone = [score_target(item_scores(model, start, round_reply(node, request, start, 1, [s])),
@@ -210,3 +228,76 @@ def test_scoring_a_model_without_an_id_table_leaves_it_as_it_was():
     assert scores.shape == (model.num_items,) and (scores > 0).all()
     for name, value in model.shared_state().items():
         assert torch.equal(value, start[name])
+
+
+def test_the_release_under_dp_fedavg_is_the_clipped_mean_plus_the_planned_noise():
+    """``released`` against numpy: every update scaled to norm at most C over all its arrays,
+    their uniform mean, and noise whose spread is noise_multiplier x C / cohort; and the
+    attack that reads a shopper's reply cannot read the same shopper from the release at
+    epsilon 1."""
+    overrides = (f"{SHOP} privacy=central_dp privacy.side=client privacy.max_epsilon=1 "
+                 "privacy.clipping_norm=0.5 num_rounds=20 strategy.fraction_train=0.5")
+    cfg = typed_config(*overrides.split())
+    fed = build_federation(cfg)
+    torch.manual_seed(cfg.seed)
+    model = TwoTower.for_dataset(cfg.model, fed.dataset)
+    start = {name: value.clone() for name, value in model.shared_state().items()}
+    request, central = server_train_request(cfg, fed)
+    assert central is not None and central.sample_size == 30
+    rng = np.random.default_rng(5)
+    replies = [{n: v + torch.from_numpy(rng.normal(0, scale, v.shape)).float()
+                for n, v in start.items()} for scale in (1e-4, 0.01, 0.1)]
+    names = list(start)
+    expected = []
+    for reply in replies:
+        update = [reply[n].numpy().astype(float) - start[n].numpy() for n in names]
+        norm = math.sqrt(sum(float((u ** 2).sum()) for u in update))
+        expected.append([u * min(1.0, 0.5 / norm) for u in update])
+    mean = [np.mean([e[k] for e in expected], axis=0) for k in range(len(names))]
+    draws = [released(start, replies, central, np.random.default_rng(k)) for k in range(3)]
+    noise = np.concatenate([(d[n].numpy() - start[n].numpy() - m).ravel()
+                            for d in draws for n, m in zip(names, mean, strict=True)])
+    assert noise.std() == pytest.approx(central.noise_multiplier * 0.5 / 30, rel=0.02)
+    assert abs(noise.mean()) < 3 * noise.std() / math.sqrt(len(noise))
+
+    node = pool_node(overrides)
+    train = fed.split.train
+    bought = {s: np.unique(train.loc[train.user == s, "item"].to_numpy()) for s in range(6)}
+    alone = [score_target(item_scores(model, start, round_reply(node, request, start, 1, [s])),
+                          bought[s], s, 1).auc for s in range(6)]
+    release = [score_target(item_scores(model, start, released(
+        start, [round_reply(pool_node(overrides), request, start, 1, [s, *range(30, 59)])],
+        central, np.random.default_rng(s))), bought[s], s, 30).auc for s in range(6)]
+    # Measured: 0.97 from a reply, 0.55 from the release (noise multiplier 19.9).
+    assert np.mean(alone) >= 0.85 and abs(np.mean(release) - 0.5) <= 0.1, (alone, release)
+
+
+def test_the_budgets_audit_runs_each_epsilon_and_none_and_goes_on_where_it_stopped(
+        flower, tmp_path, caplog):
+    """python -m fedrec.audit.budgets over three shops under DP-FedAvg: an audit at the budget
+    and one without privacy, through flwr run; the noised release is a view of the private
+    run only; a second call reads both audits back instead of training again."""
+    out = tmp_path / "budgets"
+    overrides = ("dataset.num_users=60 dataset.num_items=120 dataset.num_categories=4 "
+                 "partition=silo partition.num_silos=3 train.num_negatives=8 "
+                 "eval.num_negatives=20 model.embedding_dim=16 model.hidden_dim=32 "
+                 "num_rounds=2 eval.every=2 audit.canaries=20 audit.canary_length=6 "
+                 "audit.shoppers=10 audit.targets=4 audit.epsilons=[2] privacy=central_dp "
+                 f"privacy.clipping_norm=0.5 output_dir={out}").split()
+    assert budgets_main([*overrides[:-2], "privacy=none", f"output_dir={out}"]) == 2
+    assert budgets_main(overrides) == 0
+    private = json.loads((out / "epsilon-2" / "audit.json").read_text())
+    plain = json.loads((out / "epsilon-inf" / "audit.json").read_text())
+    assert 0 < private["privacy"]["epsilon"] <= 2 and plain["privacy"]["mechanism"] == "none"
+    assert [r["view"] for r in private["update_inference"]] == [
+        "a shop's reply", "the sum of every shop's reply", "the noised release of 3 shops"]
+    assert [r["view"] for r in plain["update_inference"]] == [
+        "a shop's reply", "the sum of every shop's reply"]
+    for name in ("budgets.json", "budgets.md", "budgets.png", "epsilon-2/attacks.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| none |" in (out / "budgets.md").read_text()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fedrec.audit"):
+        assert budgets_main(overrides) == 0
+    assert sum("audited before" in r.message for r in caplog.records) == 2
+    assert not any("training the audited run" in r.message for r in caplog.records)

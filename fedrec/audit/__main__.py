@@ -15,7 +15,10 @@ r"""python -m fedrec.audit <overrides>: train a run on audited data, then attack
      (``fedrec.audit.membership``);
    - the one-run lower bound on epsilon from the canaries (``fedrec.audit.one_run``), beside
      the accountant's epsilon.
-4. Writes audit.json and results.md into output_dir.
+4. Writes audit.json, results.md and attacks.png (the attacks' ROC curves, and each target's
+   update-inference AUC) into output_dir.
+
+python -m fedrec.audit.budgets does the same at each of audit.epsilons and without privacy.
 """
 
 from __future__ import annotations
@@ -25,22 +28,26 @@ import logging
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from flwr.app import ConfigRecord
 
 from fedrec.accounting import default_delta
-from fedrec.audit.attack_metrics import auc, tpr_at_fpr
+from fedrec.audit.attack_metrics import auc, roc_curve, tpr_at_fpr
 from fedrec.audit.audited_data import CANARY_PREFIX, AuditedData, write_audited_data
 from fedrec.audit.membership import item_baseline, pair_scores
 from fedrec.audit.one_run import audit_canaries
+from fedrec.audit.plots import plot_attacks
 from fedrec.audit.update_inference import (
     item_scores,
     node_context,
     pool_node,
+    released,
     round_reply,
     score_target,
     server_train_request,
@@ -49,7 +56,9 @@ from fedrec.cli import command_arguments
 from fedrec.config import Config, ConfigError, compose_config, federated_config, parse_overrides
 from fedrec.data.federation import Federation, build_federation
 from fedrec.data.loaders import load_dataset
+from fedrec.model import TwoTower
 from fedrec.recommend import Recommender
+from fedrec.server.privacy import CentralDp
 from fedrec.simulation import SimulationError, local_superlink, run_federated
 
 log = logging.getLogger("fedrec.audit")
@@ -96,6 +105,7 @@ def audit(overrides: list[str]) -> dict[str, Any]:
     }
     (out / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "results.md").write_text(results_table(report))
+    plot_attacks(report, out / "attacks.png")
     return report
 
 
@@ -110,94 +120,176 @@ def audited_overrides(overrides: list[str], data: AuditedData, name: str,
 
 def update_inference(cfg: Config, fed: Federation, guide: Recommender,
                      overrides: str) -> list[dict[str, Any]]:
-    """The server's view of one round from the trained guide, attacked for target shoppers,
+    """The server's views of one round from the trained guide, attacked for target shoppers,
     and as a baseline for shoppers the view does not hold. Two scores: how far each item
     moved, and that less how far it moved in a view without the targets (a round they were
-    not in, or the other replies of the same round): the server knows both."""
-    rng = np.random.default_rng([cfg.audit.seed, 1])
-    real = [u for u in range(fed.dataset.num_users)
-            if not str(fed.dataset.user_ids[u]).startswith(CANARY_PREFIX)]
-    bought = fed.split.train.groupby("user")["item"].unique()
+    not in, or the other replies of the same round), where the server has such a view."""
     # A copy: shared_state() shares the model's memory, and item_scores loads replies into it.
     start = {name: value.clone() for name, value in guide.model.shared_state().items()}
-    request = server_train_request(cfg, fed)
-    rows = []
+    request, central = server_train_request(cfg, fed)
+    views = RoundViews(cfg, fed, overrides, request, central, start, guide.model)
+    try:
+        return views.pooled() if cfg.pooled else views.shops()
+    finally:
+        guide.model.load_shared_state(start)
 
-    def scores_of(reply: dict[str, torch.Tensor]) -> np.ndarray:
-        return item_scores(guide.model, start, reply)
 
-    if cfg.pooled:
-        with_items = [u for u in real if u in bought.index]
-        targets = rng.choice(with_items, 2 * cfg.audit.targets, replace=False).tolist()
-        inside, outside = targets[:cfg.audit.targets], targets[cfg.audit.targets:]
+@dataclass
+class RoundViews:
+    """What the server sees of one round from the trained guide, made by the real ClientApp."""
+
+    cfg: Config
+    fed: Federation
+    overrides: str
+    request: ConfigRecord
+    central: CentralDp | None
+    start: dict[str, torch.Tensor]
+    model: TwoTower
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng([self.cfg.audit.seed, 1])
+        self.bought = self.fed.split.train.groupby("user")["item"].unique()
+
+    def scores(self, state: dict[str, torch.Tensor]) -> np.ndarray:
+        return item_scores(self.model, self.start, state)
+
+    def release(self, replies: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        assert self.central is not None
+        return released(self.start, replies, self.central, self.rng)
+
+    def audited(self, shoppers: Any) -> list[int]:
+        """Real shoppers with a training item: canaries are the one-run audit's, not targets."""
+        return [int(u) for u in shoppers if int(u) in self.bought.index
+                and not str(self.fed.dataset.user_ids[u]).startswith(CANARY_PREFIX)]
+
+    def pooled(self) -> list[dict[str, Any]]:
+        """Cross-device: a target's own reply (no SecAgg+), a cohort's sum (SecAgg+), and
+        under DP-FedAvg the noised release of a cohort of the run's size (what anyone who
+        reads the next global model sees)."""
+        audit, rng = self.cfg.audit, self.rng
+        with_items = self.audited(range(self.fed.dataset.num_users))
+        targets = rng.choice(with_items, 2 * audit.targets, replace=False).tolist()
+        inside, outside = targets[:audit.targets], targets[audit.targets:]
         others = np.setdiff1d(with_items, targets)
-        for size in cfg.audit.cohorts:
-            if size == 1:  # each target's own reply; the others' replies are the reference
-                alone = [scores_of(round_reply(pool_node(overrides), request, start, 1, [t]))
-                         for t in inside]
+
+        def reply(shoppers: list[int]) -> dict[str, torch.Tensor]:
+            # A fresh node for each: a DP-SGD ledger spent on an earlier view must not drop
+            # a target from this one.
+            return round_reply(pool_node(self.overrides), self.request, self.start, 1,
+                               shoppers)
+
+        sizes = [(size, False) for size in audit.cohorts]
+        if self.central is not None:
+            sizes.append((self.central.sample_size, True))
+        rows = []
+        for size, noised in sizes:
+            if size == 1 and not noised:  # each target's reply; the others' the reference
+                alone = [self.scores(reply([t])) for t in inside]
                 views = [(alone[k], np.mean(alone[:k] + alone[k + 1:], axis=0), [t])
                          for k, t in enumerate(inside)]
             else:  # the cohort's sum; another cohort's, without the targets, the reference
                 held = inside[:size]
                 cohort = sorted(held + rng.choice(others, size - len(held),
                                                   replace=False).tolist())
-                reference = rng.choice(others, size, replace=False).tolist()
-                # Fresh nodes: a DP-SGD ledger spent on an earlier view must not drop a
-                # target from this one.
-                views = [(scores_of(round_reply(pool_node(overrides), request, start, 1, cohort)),
-                          scores_of(round_reply(pool_node(overrides), request, start, 1,
-                                                reference)), held)]
-            rows.append(_attack(views, outside, bought, f"cohort of {size}", size))
-        guide.model.load_shared_state(start)
+                seen = [reply(cohort), reply(rng.choice(others, size, replace=False).tolist())]
+                if noised:
+                    seen = [self.release([s]) for s in seen]
+                views = [(self.scores(seen[0]), self.scores(seen[1]), held)]
+            name = (f"the noised release of a cohort of {size}" if noised
+                    else "a shopper's reply" if size == 1 else f"the sum of a cohort of {size}")
+            rows.append(_attack(views, outside, self.bought, name, size))
         return rows
-    shops = fed.num_nodes
-    if shops < 2:
-        raise ValueError("update inference across shops needs at least 2 shops: the other "
-                         "shops' replies are its reference and baseline")
-    replies = [scores_of(round_reply(node_context(overrides, shop, shops), request, start, 1))
-               for shop in range(shops)]
-    views = []
-    for shop in range(shops):
-        held = [u for u in fed.node_users(shop).tolist() if u in bought.index
-                and not str(fed.dataset.user_ids[u]).startswith(CANARY_PREFIX)]
-        views.append((replies[shop], np.mean(replies[:shop] + replies[shop + 1:], axis=0),
-                      rng.choice(held, min(len(held), cfg.audit.targets), replace=False)
-                      .tolist()))
-    # The baseline: shoppers of the next shop, scored against each shop's reply.
-    outside = [t for _, _, targets in views[1:] for t in targets][:cfg.audit.targets]
-    size = int(np.mean([len(fed.node_users(shop)) for shop in range(shops)]))
-    rows.append(_attack(views[:1], outside, bought, "a shop's reply", size))
-    for view in views[1:]:
-        rows.append(_attack([view], views[0][2], bought, "a shop's reply", size))
-    merged = {"view": "a shop's reply", "cohort": size,
+
+    def shops(self) -> list[dict[str, Any]]:
+        """Across shops: a shop's reply (no SecAgg+; its calibration the other shops'
+        replies), the weighted sum of every shop's reply (SecAgg+), and under DP-FedAvg the
+        noised release of the sampled shops. The server sees no round without a shop, so
+        the last two have no calibrated score. Each shop's targets are attacked in every view,
+        with the next shop's as the baseline."""
+        fed, shops = self.fed, self.fed.num_nodes
+        if shops < 2:
+            raise ValueError("update inference across shops needs at least 2 shops: the other "
+                             "shops' replies are its reference and baseline")
+        replies = [round_reply(node_context(self.overrides, shop, shops), self.request,
+                               self.start, 1) for shop in range(shops)]
+        alone = [self.scores(r) for r in replies]
+        targets = [self.rng.choice(held, min(len(held), self.cfg.audit.targets),
+                                   replace=False).tolist()
+                   for held in (self.audited(fed.node_users(shop)) for shop in range(shops))]
+        # A private run averages its clients uniformly; FedAvg weighs them by examples.
+        weights = (fed.client_examples() if self.cfg.privacy.mechanism == "none"
+                   else np.ones(shops))
+        total = {name: sum(w * r[name] for w, r in zip(weights / weights.sum(), replies,
+                                                       strict=True))
+                 for name in self.start}
+        summed = self.scores(total)
+        kinds = [("a shop's reply", lambda shop: (
+            alone[shop], np.mean(alone[:shop] + alone[shop + 1:], axis=0))),
+                 ("the sum of every shop's reply", lambda shop: (summed, None))]
+        if self.central is not None:
+            sample = self.central.sample_size
+            kinds.append((f"the noised release of {sample} shops", lambda shop: (
+                self.scores(self.release([replies[shop]] + [replies[s] for s in self.rng.choice(
+                    np.setdiff1d(range(shops), [shop]), sample - 1, replace=False)])), None)))
+        size = int(np.mean([len(fed.node_users(shop)) for shop in range(shops)]))
+        rows = []
+        for name, view_of in kinds:
+            per_shop = []
+            for shop in range(shops):
+                moved, reference = view_of(shop)
+                per_shop.append(_attack([(moved, reference, targets[shop])],
+                                        targets[(shop + 1) % shops], self.bought, name, size,
+                                        quiet=True))
+            rows.append(_merged(per_shop))
+        return rows
+
+
+def _merged(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One view's rows, a row per shop, as their mean."""
+    first = rows[0]
+    merged = {"view": first["view"], "cohort": first["cohort"],
               "targets": sum(r["targets"] for r in rows),
-              **{score: {key: float(np.mean([r[score][key] for r in rows]))
-                         for key in rows[0][score]} for score in ("moved", "calibrated")}}
-    guide.model.load_shared_state(start)
-    return [merged]
+              "target_aucs": [a for r in rows for a in r["target_aucs"]]}
+    for score in ("moved", "calibrated"):
+        merged[score] = None if first[score] is None else {
+            key: float(np.mean([r[score][key] for r in rows])) for key in first[score]}
+    _log_attack(merged)
+    return merged
 
 
-def _attack(views: list[tuple[np.ndarray, np.ndarray, list[int]]], outside: list[int],
-            bought: Any, name: str, size: int) -> dict[str, Any]:
-    """AUC and precision@10 of both scores, for each view's targets and for ``outside``."""
+def _attack(views: list[tuple[np.ndarray, np.ndarray | None, list[int]]], outside: list[int],
+            bought: Any, name: str, size: int, *, quiet: bool = False) -> dict[str, Any]:
+    """AUC and precision@10 of both scores, for each view's targets and for ``outside``; the
+    calibrated score only where every view has a reference."""
     row: dict[str, Any] = {"view": name, "cohort": size,
                            "targets": sum(len(t) for _, _, t in views)}
-    for score_name, pick in (("moved", lambda moved, _: moved),
-                             ("calibrated", lambda moved, reference: moved - reference)):
+    picks = [("moved", lambda moved, _: moved)]
+    if all(reference is not None for _, reference, _ in views):
+        picks.append(("calibrated", lambda moved, reference: moved - reference))
+    row["calibrated"] = None
+    for score_name, pick in picks:
         found = [score_target(pick(moved, ref), np.asarray(bought[t]), t, size)
                  for moved, ref, targets in views for t in targets]
         baseline = [score_target(pick(moved, ref), np.asarray(bought[t]), t, 0)
                     for moved, ref, _ in views for t in outside]
         inside, rises = _cross_fitted([f.auc for f in found])
+        if score_name == "moved":
+            row["target_aucs"] = [f.auc for f in found]
         row[score_name] = {
             "auc": inside, "auc_as_scored": float(np.mean([f.auc for f in found])),
             "precision_at_10": float(np.mean([f.precision_at_10 for f in found])),
             "auc_outside": float(np.mean([b.auc if rises else 1 - b.auc for b in baseline])),
             "precision_at_10_outside": float(np.mean([b.precision_at_10 for b in baseline]))}
-    log.info("update inference, %s: AUC %.3f moved, %.3f calibrated (shoppers outside it: "
-             "%.3f, %.3f)", name, row["moved"]["auc"], row["calibrated"]["auc"],
-             row["moved"]["auc_outside"], row["calibrated"]["auc_outside"])
+    if not quiet:
+        _log_attack(row)
     return row
+
+
+def _log_attack(row: dict[str, Any]) -> None:
+    scores = [f"{name} {row[name]['auc']:.3f} (shoppers outside it: "
+              f"{row[name]['auc_outside']:.3f})"
+              for name in ("moved", "calibrated") if row[name] is not None]
+    log.info("update inference, %s: AUC %s", row["view"], ", ".join(scores))
 
 
 def _cross_fitted(aucs: list[float]) -> tuple[float, bool]:
@@ -258,8 +350,9 @@ def membership(guide: Recommender, data: AuditedData, baseline: np.ndarray) -> d
     calibrated = plain - baseline[items]
     result = {"pairs": len(pairs)}
     for name, scores in (("loss", plain), ("calibrated", calibrated)):
-        result[name] = {"auc": auc(scores, labels), "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels,
-                                                                                 0.01)}
+        result[name] = {"auc": auc(scores, labels),
+                        "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels, 0.01),
+                        "roc": [curve.tolist() for curve in roc_curve(scores, labels)]}
     log.info("membership inference: AUC %.3f (loss), %.3f (calibrated per item)",
              result["loss"]["auc"], result["calibrated"]["auc"])
     return result
@@ -282,6 +375,7 @@ def canary_audit(guide: Recommender, data: AuditedData, baseline: np.ndarray,
     accountant = privacy.get("epsilon")
     result = {"canaries": len(scores), "included": int(data.included.sum()),
               "auc": auc(np.array(scores), data.included),
+              "roc": [curve.tolist() for curve in roc_curve(np.array(scores), data.included)],
               "epsilon_lower_bound": found.epsilon, "confidence": confidence, "delta": delta,
               "guesses_in": found.guesses_in, "guesses_out": found.guesses_out,
               "correct": found.correct, "accountant_epsilon": accountant}
@@ -310,6 +404,8 @@ def results_table(report: dict[str, Any]) -> str:
     for row in report["update_inference"]:
         for score in ("moved", "calibrated"):
             m = row[score]
+            if m is None:  # the server has no view without the target to calibrate with
+                continue
             lines.append(f"| update inference ({score}) | {row['view']} | {m['auc']:.3f} | "
                          f"{m['auc_outside']:.3f} (shoppers outside it) | "
                          f"{m['precision_at_10']:.3f} | |")

@@ -34,20 +34,25 @@ def auc(scores: np.ndarray, members: np.ndarray) -> float:
                  / (positives * negatives))
 
 
-def tpr_at_fpr(scores: np.ndarray, members: np.ndarray, fpr: float) -> float:
-    """The largest share of members flagged by a threshold that flags at most ``fpr`` of the
-    non-members (a threshold flags every score at or above it)."""
-    if not 0 <= fpr < 1:
-        raise ValueError(f"fpr={fpr}: expected a rate in [0, 1)")
+def roc_curve(scores: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The false- and true-positive rates of every threshold (a threshold flags every score at
+    or above it), from flagging nothing to flagging everything."""
     scores, members = _split(scores, members)
-    thresholds = np.unique(scores)
+    thresholds = np.unique(scores)[::-1]
     outside = np.sort(scores[~members])
     inside = np.sort(scores[members])
-    # Flagged at threshold t: scores >= t.
     false_rate = 1 - np.searchsorted(outside, thresholds, side="left") / len(outside)
     true_rate = 1 - np.searchsorted(inside, thresholds, side="left") / len(inside)
-    allowed = false_rate <= fpr + 1e-12
-    return float(true_rate[allowed].max()) if allowed.any() else 0.0
+    return np.concatenate([[0.0], false_rate]), np.concatenate([[0.0], true_rate])
+
+
+def tpr_at_fpr(scores: np.ndarray, members: np.ndarray, fpr: float) -> float:
+    """The largest share of members flagged by a threshold that flags at most ``fpr`` of the
+    non-members."""
+    if not 0 <= fpr < 1:
+        raise ValueError(f"fpr={fpr}: expected a rate in [0, 1)")
+    false_rate, true_rate = roc_curve(scores, members)
+    return float(true_rate[false_rate <= fpr + 1e-12].max())
 
 
 def precision_at_k(scores: np.ndarray, members: np.ndarray, k: int) -> float:

@@ -10,7 +10,9 @@ the server ranks items by how far their rows moved and guesses the top ones were
 The views are made by the real ClientApp (``fedrec.client.app``), called in this process on a
 pool node that holds every shopper: a message naming one shopper gets exactly the reply that
 shopper's device would send, and one naming a cohort gets their weighted mean, the figure the
-SecAgg+ sum and total weight reveal (less SecAgg+'s quantization, which only blurs it).
+SecAgg+ sum and total weight reveal (less SecAgg+'s quantization, which only blurs it). Under
+DP-FedAvg the round's release is made as the server makes it (``released``): every update
+clipped, their mean, and the Gaussian noise the run's plan calibrated to its cohort.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.audit.attack_metrics import auc, precision_at_k
 from fedrec.client.app import app as client_app
-from fedrec.config import Config
+from fedrec.client.app import clipped_update
+from fedrec.config import Config, ConfigError
 from fedrec.data.federation import Federation
 from fedrec.model import ITEM_TABLE, TwoTower
 from fedrec.server.cohort import cohort_size
+from fedrec.server.privacy import CentralDp
 from fedrec.server.run import plan_privacy, train_request
 
 # The node the audit's messages go to; Flower's runtime names the task it runs before a ClientApp
@@ -48,14 +53,37 @@ def pool_node(overrides: str) -> Context:
     return node_context(f"{overrides} partition=user partition.pool_nodes=1", 0, 1)
 
 
-def server_train_request(cfg: Config, fed: Federation) -> ConfigRecord:
+def server_train_request(cfg: Config, fed: Federation) -> tuple[ConfigRecord, CentralDp | None]:
     """The train request the run's server sends every round, its privacy plan's keys included
-    (for a run that starts afresh)."""
+    (for a run that starts afresh), and DP-FedAvg's plan when the run has one."""
     request = train_request(cfg, 0)
     population = fed.num_clients if cfg.pooled else fed.num_nodes
-    plan_privacy(cfg, fed, population, cohort_size(population, cfg.strategy.fraction_train,
-                                                   cfg.strategy.min_train_nodes), request)
-    return request
+    central, _ = plan_privacy(cfg, fed, population, cohort_size(
+        population, cfg.strategy.fraction_train, cfg.strategy.min_train_nodes), request)
+    if central is not None:
+        if central.cfg.clipping != "fixed":
+            raise ConfigError(f"privacy.clipping={central.cfg.clipping}: the audit makes the "
+                              "server's release with a fixed clipping norm; audit "
+                              "privacy.clipping=fixed")
+        # As Flower's client-side wrapper sends it (its fixedclipping_mod reads it).
+        request[KEY_CLIPPING_NORM] = central.cfg.clipping_norm
+    return request, central
+
+
+def released(global_state: dict[str, torch.Tensor], replies: list[dict[str, torch.Tensor]],
+             central: CentralDp, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """The model DP-FedAvg releases after a round whose replies are ``replies``: each update
+    clipped to the norm (the server's clipping, or again what the client clipped already, which
+    leaves it), their uniform mean, and Gaussian noise of Flower's standard deviation for the
+    planned cohort; a pool node's reply, already the mean of its shoppers' clipped updates, is
+    one reply."""
+    norm = central.cfg.clipping_norm
+    clipped = [clipped_update(reply, global_state, norm) for reply in replies]
+    std = compute_stdv(central.noise_multiplier, norm, central.sample_size)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    return {name: torch.stack([c[name] for c in clipped]).mean(dim=0)
+            + std * torch.randn(start.shape, generator=generator, dtype=start.dtype)
+            for name, start in global_state.items()}
 
 
 def round_reply(node: Context, request: ConfigRecord, global_state: dict[str, torch.Tensor],
