@@ -9,9 +9,9 @@ central_dp) and once with privacy=none, each into output_dir/epsilon-<e> (epsilo
 privacy). Then writes budgets.json, budgets.md (one line per budget) and budgets.png (attack
 AUCs and the empirical epsilon against the accountant's) into output_dir.
 
-An audit that already wrote its audit.json is read, not run again, so a command that stopped
-part-way goes on where it stopped. An audit that fails is reported and the others still run;
-the command then exits 1.
+An audit that already wrote its audit.json is read, not run again, so the same command with the
+same output_dir goes on where it stopped (the default output_dir is a new folder each time). An
+audit that fails is reported and the others still run; the command then exits 1.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def budget_runs(overrides: list[str]) -> tuple[Path, list[tuple[str, list[str]]]
     return out, runs
 
 
-def audit_budgets(overrides: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every budget's audit report (read back when it exists), and the budgets that failed."""
+def audit_budgets(overrides: list[str]) -> tuple[Path, list[dict[str, Any]], list[str]]:
+    """The output folder, every budget's audit report (read back when it exists), and the
+    budgets that failed."""
     out, runs = budget_runs(overrides)
     reports, failed = [], []
     for k, (name, run) in enumerate(runs, 1):
@@ -77,12 +78,12 @@ def audit_budgets(overrides: list[str]) -> tuple[list[dict[str, Any]], list[str]
             indent=2) + "\n")
         (out / "budgets.md").write_text(budgets_table(reports))
         plot_budgets(reports, out / "budgets.png")
-    return reports, failed
+    return out, reports, failed
 
 
 def budgets_table(reports: list[dict[str, Any]]) -> str:
     """One line per budget: the accountant's epsilon, the empirical one, and each attack's
-    AUC."""
+    AUC (update inference: moved / calibrated, where the view has a calibration)."""
     views = [row["view"] for row in reports[0]["update_inference"]]
     lines = ["| accountant epsilon | empirical epsilon | "
              + " | ".join(f"update inference: {v}" for v in views)
@@ -90,11 +91,13 @@ def budgets_table(reports: list[dict[str, Any]]) -> str:
              "|---" * (len(views) + 6) + "|"]
     for r in sorted(reports, key=lambda r: r["privacy"].get("epsilon") or float("inf")):
         eps = r["privacy"].get("epsilon")
-        inference = {row["view"]: row["moved"]["auc"] for row in r["update_inference"]}
+        inference = {row["view"]: f"{row['moved']['auc']:.3f}" + (
+            "" if row["calibrated"] is None else f" / {row['calibrated']['auc']:.3f}")
+            for row in r["update_inference"]}
         lines.append(
             f"| {'none' if eps is None else f'{eps:.3f}'} | "
             f"{r['canaries']['epsilon_lower_bound']:.3f} | "
-            + " | ".join(f"{inference[v]:.3f}" if v in inference else "-" for v in views)
+            + " | ".join(inference.get(v, "-") for v in views)
             + f" | {r['membership']['loss']['auc']:.3f} | "
             f"{r['membership']['calibrated']['auc']:.3f} | {r['canaries']['auc']:.3f} | "
             f"{r['audit_seconds']:.0f} |")
@@ -106,11 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         return 0
     try:
-        reports, failed = audit_budgets(argv)
+        out, reports, failed = audit_budgets(argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out, _ = budget_runs(argv)
     for failure in failed:
         print(f"error: {failure}", file=sys.stderr)
     if reports:
