@@ -413,6 +413,8 @@ class AuditConfig:
     def __post_init__(self) -> None:
         _check(len(self.epsilons) >= 1 and all(e > 0 for e in self.epsilons), "audit.epsilons",
                self.epsilons, "a non-empty list of epsilons > 0")
+        _check(len({float(e) for e in self.epsilons}) == len(self.epsilons), "audit.epsilons",
+               self.epsilons, "distinct epsilons (each is audited into its own folder)")
         _check(self.canaries >= 2, "audit.canaries", self.canaries, "an integer >= 2")
         _check(self.canary_length >= 4, "audit.canary_length", self.canary_length,
                "an integer >= 4 (the split keeps a shopper's last two items for validation and "

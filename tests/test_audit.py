@@ -4,6 +4,7 @@ tiny data through the real ClientApp."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -14,9 +15,9 @@ import torch
 from conftest import typed_config
 
 from fedrec.audit.__main__ import main as audit_main
-from fedrec.audit.budgets import main as budgets_main
 from fedrec.audit.attack_metrics import auc, precision_at_k, roc_curve, tpr_at_fpr
 from fedrec.audit.audited_data import CANARY_PREFIX, write_audited_data
+from fedrec.audit.budgets import main as budgets_main
 from fedrec.audit.one_run import audit_canaries, epsilon_lower_bound, p_value
 from fedrec.audit.update_inference import (
     item_scores,
@@ -259,6 +260,13 @@ def test_the_release_under_dp_fedavg_is_the_clipped_mean_plus_the_planned_noise(
                             for d in draws for n, m in zip(names, mean, strict=True)])
     assert noise.std() == pytest.approx(central.noise_multiplier * 0.5 / 30, rel=0.02)
     assert abs(noise.mean()) < 3 * noise.std() / math.sqrt(len(noise))
+    # Without noise, the release is the clipped mean itself: the noise above would hide a
+    # wrong clip (the unclipped mean moves the spread by 0.5%).
+    exact = released(start, replies, dataclasses.replace(central, noise_multiplier=0.0), rng)
+    for name, m in zip(names, mean, strict=True):
+        np.testing.assert_allclose(exact[name].numpy() - start[name].numpy(), m, atol=1e-6)
+    assert max(math.sqrt(sum(float((e ** 2).sum()) for e in update)) for update in expected) \
+        == pytest.approx(0.5)  # the large replies were clipped, so the check has teeth
 
     node = pool_node(overrides)
     train = fed.split.train
@@ -273,7 +281,7 @@ def test_the_release_under_dp_fedavg_is_the_clipped_mean_plus_the_planned_noise(
 
 
 def test_the_budgets_audit_runs_each_epsilon_and_none_and_goes_on_where_it_stopped(
-        flower, tmp_path, caplog):
+        flower, tmp_path, caplog, capsys):
     """python -m fedrec.audit.budgets over three shops under DP-FedAvg: an audit at the budget
     and one without privacy, through flwr run; the noised release is a view of the private
     run only; a second call reads both audits back instead of training again."""
@@ -285,6 +293,7 @@ def test_the_budgets_audit_runs_each_epsilon_and_none_and_goes_on_where_it_stopp
                  "audit.shoppers=10 audit.targets=4 audit.epsilons=[2] privacy=central_dp "
                  f"privacy.clipping_norm=0.5 output_dir={out}").split()
     assert budgets_main([*overrides[:-2], "privacy=none", f"output_dir={out}"]) == 2
+    assert "privacy=none" in capsys.readouterr().err
     assert budgets_main(overrides) == 0
     private = json.loads((out / "epsilon-2" / "audit.json").read_text())
     plain = json.loads((out / "epsilon-inf" / "audit.json").read_text())
@@ -295,9 +304,23 @@ def test_the_budgets_audit_runs_each_epsilon_and_none_and_goes_on_where_it_stopp
         "a shop's reply", "the sum of every shop's reply"]
     for name in ("budgets.json", "budgets.md", "budgets.png", "epsilon-2/attacks.png"):
         assert (out / name).stat().st_size > 0
-    assert "| none |" in (out / "budgets.md").read_text()
+    table = (out / "budgets.md").read_text()
+    assert "| none |" in table
+    # Canaries that prove nothing without privacy mark the private bounds as no evidence.
+    assert ("No power" in table) == (plain["canaries"]["epsilon_lower_bound"] <= 0)
     caplog.clear()
     with caplog.at_level("INFO", logger="fedrec.audit"):
         assert budgets_main(overrides) == 0
     assert sum("audited before" in r.message for r in caplog.records) == 2
     assert not any("training the audited run" in r.message for r in caplog.records)
+
+
+def test_update_inference_that_cannot_draw_its_cohorts_is_refused_before_training():
+    from fedrec.audit.__main__ import check_update_inference
+
+    cfg = typed_config(*SHOP.split(), "audit.targets=20", "audit.cohorts=[1,30]")
+    with pytest.raises(ValueError, match=r"audit.cohorts: a cohort of 30 .* at most 20"):
+        check_update_inference(cfg, build_federation(cfg))
+    cfg = typed_config(*SHOP.split(), "audit.targets=30")
+    with pytest.raises(ValueError, match=r"audit.targets=30: .* at most 29"):
+        check_update_inference(cfg, build_federation(cfg))

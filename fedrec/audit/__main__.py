@@ -85,6 +85,7 @@ def audit(overrides: list[str]) -> dict[str, Any]:
     run_overrides = audited_overrides(overrides, data, dataset.name, out / "run")
     run_cfg = federated_config(compose_config(run_overrides))
     fed = build_federation(run_cfg)
+    check_update_inference(run_cfg, fed)  # before hours of training, not after
     started = time.perf_counter()
     log.info("training the audited run on %d SuperNodes (log: %s.flwr.log)", fed.num_nodes,
              out / "run")
@@ -127,11 +128,41 @@ def update_inference(cfg: Config, fed: Federation, guide: Recommender,
     # A copy: shared_state() shares the model's memory, and item_scores loads replies into it.
     start = {name: value.clone() for name, value in guide.model.shared_state().items()}
     request, central = server_train_request(cfg, fed)
+    if cfg.secagg.enabled:
+        # A SecAgg+ client trains only inside the protocol's stages; the views are made from
+        # the same clients' plain replies, and the sum is what SecAgg+ would reveal (less its
+        # quantization, which only blurs it).
+        overrides = f"{overrides} secagg=off"
     views = RoundViews(cfg, fed, overrides, request, central, start, guide.model)
     try:
         return views.pooled() if cfg.pooled else views.shops()
     finally:
         guide.model.load_shared_state(start)
+
+
+def check_update_inference(cfg: Config, fed: Federation) -> None:
+    """Refuse what update inference cannot attack, before the run trains: its views draw
+    targets, cohorts and references from the real shoppers without replacement."""
+    _, central = server_train_request(cfg, fed)  # refuses adaptive clipping
+    if not cfg.pooled:
+        if fed.num_nodes < 2:
+            raise ValueError("update inference across shops needs at least 2 shops: the other "
+                             "shops' replies are its reference and baseline")
+        return
+    real = len([u for u in fed.split.train["user"].unique()
+                if not str(fed.dataset.user_ids[u]).startswith(CANARY_PREFIX)])
+    left = real - 2 * cfg.audit.targets
+    if left < 1:
+        raise ValueError(f"audit.targets={cfg.audit.targets}: update inference draws twice that "
+                         f"many target shoppers from the {real} real shoppers; expected at most "
+                         f"{(real - 1) // 2}")
+    for key, size in [*(("audit.cohorts", c) for c in cfg.audit.cohorts),
+                      *([("strategy.fraction_train (the run's cohort)", central.sample_size)]
+                        if central is not None else [])]:
+        if size > left:
+            raise ValueError(f"{key}: a cohort of {size} and a reference cohort are drawn from "
+                             f"the {left} real shoppers that are not targets; expected at most "
+                             f"{left} (or fewer audit.targets)")
 
 
 @dataclass
@@ -213,9 +244,6 @@ class RoundViews:
         the last two have no calibrated score. Each shop's targets are attacked in every view,
         with the next shop's as the baseline."""
         fed, shops = self.fed, self.fed.num_nodes
-        if shops < 2:
-            raise ValueError("update inference across shops needs at least 2 shops: the other "
-                             "shops' replies are its reference and baseline")
         replies = [round_reply(node_context(self.overrides, shop, shops), self.request,
                                self.start, 1) for shop in range(shops)]
         alone = [self.scores(r) for r in replies]
@@ -228,24 +256,38 @@ class RoundViews:
         total = {name: sum(w * r[name] for w, r in zip(weights / weights.sum(), replies,
                                                        strict=True))
                  for name in self.start}
-        summed = self.scores(total)
-        kinds = [(self.plaintext("a shop's reply"), lambda shop: (
-            alone[shop], np.mean(alone[:shop] + alone[shop + 1:], axis=0))),
-                 ("the sum of every shop's reply", lambda shop: (summed, None))]
+        summed = self.scores(total)  # the weighted mean: the sum SecAgg+ reveals, over its weight
+        users = [len(fed.node_users(shop)) for shop in range(shops)]
+
+        def reply_of(shop: int) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+            return alone[shop], np.mean(alone[:shop] + alone[shop + 1:], axis=0), shop + 1
+
+        kinds = [(self.plaintext("a shop's reply"), int(np.mean(users)), reply_of),
+                 # Every shop is in the sum: no shopper is outside it.
+                 ("the sum of every shop's reply", sum(users), lambda shop: (summed, None, None))]
         if self.central is not None:
             sample = self.central.sample_size
-            kinds.append((f"the noised release of {sample} shops", lambda shop: (
-                self.scores(self.release([replies[shop]] + [replies[s] for s in self.rng.choice(
-                    np.setdiff1d(range(shops), [shop]), sample - 1, replace=False)])), None)))
-        size = int(np.mean([len(fed.node_users(shop)) for shop in range(shops)]))
+
+            def release_of(shop: int) -> tuple[np.ndarray, None, int | None]:
+                # The next shop stays out of the release when the sample leaves room for it:
+                # its shoppers are the baseline.
+                outside = shop + 1 if sample < shops else None
+                others = np.setdiff1d(range(shops), [shop, outside % shops]
+                                      if outside is not None else [shop])
+                picked = self.rng.choice(others, sample - 1, replace=False)
+                return (self.scores(self.release([replies[shop]]
+                                                 + [replies[s] for s in picked])), None, outside)
+
+            kinds.append((f"the noised release of {sample} shops",
+                          int(np.mean(users) * sample), release_of))
         rows = []
-        for name, view_of in kinds:
+        for name, size, view_of in kinds:
             per_shop = []
             for shop in range(shops):
-                moved, reference = view_of(shop)
-                per_shop.append(_attack([(moved, reference, targets[shop])],
-                                        targets[(shop + 1) % shops], self.bought, name, size,
-                                        quiet=True))
+                moved, reference, outside = view_of(shop)
+                baseline = [] if outside is None else targets[outside % shops]
+                per_shop.append(_attack([(moved, reference, targets[shop])], baseline,
+                                        self.bought, name, size, quiet=True))
             rows.append(_merged(per_shop))
         return rows
 
@@ -258,7 +300,8 @@ def _merged(rows: list[dict[str, Any]]) -> dict[str, Any]:
               "target_aucs": [a for r in rows for a in r["target_aucs"]]}
     for score in ("moved", "calibrated"):
         merged[score] = None if first[score] is None else {
-            key: float(np.mean([r[score][key] for r in rows])) for key in first[score]}
+            key: None if first[score][key] is None
+            else float(np.mean([r[score][key] for r in rows])) for key in first[score]}
     _log_attack(merged)
     return merged
 
@@ -284,16 +327,23 @@ def _attack(views: list[tuple[np.ndarray, np.ndarray | None, list[int]]], outsid
         row[score_name] = {
             "auc": inside, "auc_as_scored": float(np.mean([f.auc for f in found])),
             "precision_at_10": float(np.mean([f.precision_at_10 for f in found])),
-            "auc_outside": float(np.mean([b.auc if rises else 1 - b.auc for b in baseline])),
-            "precision_at_10_outside": float(np.mean([b.precision_at_10 for b in baseline]))}
+            # None: the view holds every shopper, so none is outside it.
+            "auc_outside": float(np.mean([b.auc if rises else 1 - b.auc for b in baseline]))
+            if baseline else None,
+            "precision_at_10_outside": float(np.mean([b.precision_at_10 for b in baseline]))
+            if baseline else None}
     if not quiet:
         _log_attack(row)
     return row
 
 
+def _outside(auc_outside: float | None) -> str:
+    return "none outside it" if auc_outside is None else f"{auc_outside:.3f}"
+
+
 def _log_attack(row: dict[str, Any]) -> None:
     scores = [f"{name} {row[name]['auc']:.3f} (shoppers outside it: "
-              f"{row[name]['auc_outside']:.3f})"
+              f"{_outside(row[name]['auc_outside'])})"
               for name in ("moved", "calibrated") if row[name] is not None]
     log.info("update inference, %s: AUC %s", row["view"], ", ".join(scores))
 
@@ -414,7 +464,7 @@ def results_table(report: dict[str, Any]) -> str:
             if m is None:  # the server has no view without the target to calibrate with
                 continue
             lines.append(f"| update inference ({score}) | {row['view']} | {m['auc']:.3f} | "
-                         f"{m['auc_outside']:.3f} (shoppers outside it) | "
+                         f"{_outside(m['auc_outside'])} (shoppers outside it) | "
                          f"{m['precision_at_10']:.3f} | |")
     for name in ("loss", "calibrated"):
         m = report["membership"][name]

@@ -49,7 +49,7 @@ def plot_attacks(report: dict[str, Any], path: Path) -> Path:
     views.axhline(0.5, linestyle=":", color="grey")
     views.set_xticks(range(len(rows)), [row["view"] for row in rows], rotation=15, fontsize=8,
                      ha="right")
-    views.set(ylim=(0, 1.02), ylabel="AUC per target (bar: cross-fitted mean)",
+    views.set(ylim=(0, 1.02), ylabel="AUC per target as scored (bar: the cross-fitted mean)",
               title="update inference: the server's views")
     views.grid(alpha=0.3, axis="y")
     privacy = report["privacy"]
@@ -62,7 +62,8 @@ def plot_attacks(report: dict[str, Any], path: Path) -> Path:
 def plot_budgets(reports: list[dict[str, Any]], path: Path) -> Path:
     """Attack AUCs and the empirical epsilon against the accountant's epsilon, the run without
     privacy at the right, past a break in the axis."""
-    private = [r["privacy"]["epsilon"] for r in reports if r["privacy"].get("epsilon")]
+    private = [r["privacy"]["epsilon"] for r in reports
+               if r["privacy"].get("epsilon") is not None]
     last = max(private, default=1.0)
     inf_at = last * NO_PRIVACY_STEP
 
@@ -94,8 +95,11 @@ def plot_budgets(reports: list[dict[str, Any]], path: Path) -> Path:
     empirical.set(ylabel="epsilon", title="the one-run audit against the accountant")
     for ax in (attacks, empirical):
         ax.set_xscale("log")
-        ticks = [e for e in xs if e < inf_at] + [inf_at]
-        ax.set_xticks(ticks, [f"{e:.3g}" for e in ticks[:-1]] + ["no privacy"])
+        ticks = [e for e in xs if e < inf_at]
+        labels = [f"{e:.3g}" for e in ticks]
+        if inf_at in xs:  # the run without privacy (absent when it failed)
+            ticks, labels = [*ticks, inf_at], [*labels, "no privacy"]
+        ax.set_xticks(ticks, labels)
         ax.minorticks_off()
         if private:
             ax.axvline(math.sqrt(last * inf_at), color="grey", linewidth=0.5)

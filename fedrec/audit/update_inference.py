@@ -65,7 +65,8 @@ def server_train_request(cfg: Config, fed: Federation) -> tuple[ConfigRecord, Ce
             raise ConfigError(f"privacy.clipping={central.cfg.clipping}: the audit makes the "
                               "server's release with a fixed clipping norm; audit "
                               "privacy.clipping=fixed")
-        # As Flower's client-side wrapper sends it (its fixedclipping_mod reads it).
+        # As Flower's client-side wrapper sends it: with privacy.side=client the node's
+        # fixedclipping_mod reads it; with side=server the node ignores it.
         request[KEY_CLIPPING_NORM] = central.cfg.clipping_norm
     return request, central
 
