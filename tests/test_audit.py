@@ -282,26 +282,31 @@ def test_the_release_under_dp_fedavg_is_the_clipped_mean_plus_the_planned_noise(
 
 def test_the_budgets_audit_runs_each_epsilon_and_none_and_goes_on_where_it_stopped(
         flower, tmp_path, caplog, capsys):
-    """python -m fedrec.audit.budgets over three shops under DP-FedAvg: an audit at the budget
-    and one without privacy, through flwr run; the noised release is a view of the private
-    run only; a second call reads both audits back instead of training again."""
+    """python -m fedrec.audit.budgets over three shops under SecAgg+ and DP-FedAvg: an audit at
+    the budget and one without privacy (SecAgg+ kept), through flwr run; a shop's reply is
+    labelled as hidden by SecAgg+, and the noised release is a view of the private run only; a
+    second call reads both audits back instead of training again."""
     out = tmp_path / "budgets"
     overrides = ("dataset.num_users=60 dataset.num_items=120 dataset.num_categories=4 "
                  "partition=silo partition.num_silos=3 train.num_negatives=8 "
                  "eval.num_negatives=20 model.embedding_dim=16 model.hidden_dim=32 "
                  "num_rounds=2 eval.every=2 audit.canaries=20 audit.canary_length=6 "
-                 "audit.shoppers=10 audit.targets=4 audit.epsilons=[2] privacy=central_dp "
-                 f"privacy.clipping_norm=0.5 output_dir={out}").split()
-    assert budgets_main([*overrides[:-2], "privacy=none", f"output_dir={out}"]) == 2
+                 "audit.shoppers=10 audit.targets=4 audit.epsilons=[2] secagg=on "
+                 "privacy=central_dp privacy.side=client privacy.clipping_norm=0.5 "
+                 f"output_dir={out}").split()
+    plain_overrides = [o for o in overrides if not o.startswith("privacy")]
+    assert budgets_main([*plain_overrides, "privacy=none"]) == 2
     assert "privacy=none" in capsys.readouterr().err
     assert budgets_main(overrides) == 0
     private = json.loads((out / "epsilon-2" / "audit.json").read_text())
     plain = json.loads((out / "epsilon-inf" / "audit.json").read_text())
     assert 0 < private["privacy"]["epsilon"] <= 2 and plain["privacy"]["mechanism"] == "none"
+    hidden = "a shop's reply (hidden by secagg=on)"
     assert [r["view"] for r in private["update_inference"]] == [
-        "a shop's reply", "the sum of every shop's reply", "the noised release of 3 shops"]
+        hidden, "the sum of every shop's reply", "the noised release of 3 shops"]
     assert [r["view"] for r in plain["update_inference"]] == [
-        "a shop's reply", "the sum of every shop's reply"]
+        hidden, "the sum of every shop's reply"]
+    assert plain["privacy"]["secagg"] and private["privacy"]["secagg"]
     for name in ("budgets.json", "budgets.md", "budgets.png", "epsilon-2/attacks.png"):
         assert (out / name).stat().st_size > 0
     table = (out / "budgets.md").read_text()
