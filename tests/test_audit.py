@@ -329,3 +329,16 @@ def test_update_inference_that_cannot_draw_its_cohorts_is_refused_before_trainin
     cfg = typed_config(*SHOP.split(), "audit.targets=30")
     with pytest.raises(ValueError, match=r"audit.targets=30: .* at most 29"):
         check_update_inference(cfg, build_federation(cfg))
+
+
+def test_an_audit_of_per_example_privacy_refuses_canaries_of_more_than_one_example(tmp_path,
+                                                                                  capsys):
+    """Under privacy.unit=example the canary is one training example (a shopper of 4 items),
+    so the per-example epsilon bounds it; a longer canary is refused before any data is
+    written."""
+    out = tmp_path / "audit"
+    overrides = [*SHOP.split(), "privacy=dp_sgd", "privacy.unit=example",
+                 "audit.canary_length=6", f"output_dir={out}"]
+    assert audit_main(overrides) == 2
+    assert "audit.canary_length=6 with privacy.unit=example" in capsys.readouterr().err
+    assert not out.exists()
