@@ -871,6 +871,11 @@ def parse_overrides(overrides: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(overrides)
 
 
+def override_key(override: str) -> str:
+    """The key an override sets: ``privacy.side`` of ``+privacy.side=client``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def compose_config(overrides: str | list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose conf/ with the overrides and validate every value; raise ConfigError if bad."""
     if not CONF_DIR.is_dir():

@@ -263,7 +263,7 @@ PER_ROUND = (("sampled", "hr@10", "HR@10 (sampled)"), ("sampled", "ndcg@10", "ND
              ("full", "recall@20", "Recall@20 (full)"))
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -299,7 +299,7 @@ def plot_per_round(runs: list[Run], path: Path) -> Path:
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     _legend(fig, axes[0][-1])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_privacy_utility(rows: list[Row], path: Path) -> Path:
@@ -354,7 +354,7 @@ def plot_privacy_utility(rows: list[Row], path: Path) -> Path:
             ax.set(title=f"{dataset}: {title}", xlabel="epsilon spent (log scale)")
             ax.grid(alpha=0.3)
         _legend(fig, line_axes[-1])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_communication(runs: list[Run], path: Path) -> Path:
@@ -370,7 +370,7 @@ def plot_communication(runs: list[Run], path: Path) -> Path:
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     _legend(fig, axes[0][-1])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _legend(fig: plt.Figure, ax: plt.Axes) -> None:

@@ -53,7 +53,14 @@ from fedrec.audit.update_inference import (
     server_train_request,
 )
 from fedrec.cli import command_arguments
-from fedrec.config import Config, ConfigError, compose_config, federated_config, parse_overrides
+from fedrec.config import (
+    Config,
+    ConfigError,
+    compose_config,
+    federated_config,
+    override_key,
+    parse_overrides,
+)
 from fedrec.data.federation import Federation, build_federation
 from fedrec.data.loaders import load_dataset
 from fedrec.model import TwoTower
@@ -92,7 +99,7 @@ def audit(overrides: list[str]) -> dict[str, Any]:
     run_overrides = audited_overrides(overrides, data, dataset.name, out / "run")
     run_cfg = federated_config(compose_config(run_overrides))
     fed = build_federation(run_cfg)
-    check_update_inference(run_cfg, fed)  # before hours of training, not after
+    plan = check_update_inference(run_cfg, fed)  # before hours of training, not after
     started = time.perf_counter()
     log.info("training the audited run on %d SuperNodes (log: %s.flwr.log)", fed.num_nodes,
              out / "run")
@@ -105,7 +112,7 @@ def audit(overrides: list[str]) -> dict[str, Any]:
         "overrides": overrides, "run": str(out / "run"), "train_seconds": trained,
         "privacy": summary["privacy"],
         "metrics": summary["metrics"],
-        "update_inference": update_inference(run_cfg, fed, guide, " ".join(
+        "update_inference": update_inference(run_cfg, fed, guide, plan, " ".join(
             shlex.quote(o) for o in run_overrides)),
         **guide_attacks(fed, guide, data, summary["privacy"], settings.confidence,
                         settings.seed),
@@ -121,20 +128,22 @@ def audited_overrides(overrides: list[str], data: AuditedData, name: str,
                       run_dir: Path) -> list[str]:
     """The user's overrides with the dataset swapped for the audited copy."""
     kept = [o for o in overrides
-            if not o.split("=", 1)[0].lstrip("+~").startswith(("dataset", "output_dir"))]
+            if not override_key(o).startswith(("dataset", "output_dir"))]
     return [*kept, *parse_overrides(data.overrides(name)), f"output_dir={run_dir}",
             "guide_example=false"]
 
 
 def update_inference(cfg: Config, fed: Federation, guide: Recommender,
+                     plan: tuple[ConfigRecord, CentralDp | None],
                      overrides: str) -> list[dict[str, Any]]:
     """The server's views of one round from the trained guide, attacked for target shoppers,
     and as a baseline for shoppers the view does not hold. Two scores: how far each item
     moved, and that less how far it moved in a view without the targets (a round they were
-    not in, or the other replies of the same round), where the server has such a view."""
+    not in, or the other replies of the same round), where the server has such a view.
+    ``plan``: the server's train request and DP-FedAvg plan (``check_update_inference``)."""
     # A copy: shared_state() shares the model's memory, and item_scores loads replies into it.
     start = {name: value.clone() for name, value in guide.model.shared_state().items()}
-    request, central = server_train_request(cfg, fed)
+    request, central = plan
     if cfg.secagg.enabled:
         # A SecAgg+ client trains only inside the protocol's stages; the views are made from
         # the same clients' plain replies, and the sum is what SecAgg+ would reveal (less its
@@ -147,15 +156,17 @@ def update_inference(cfg: Config, fed: Federation, guide: Recommender,
         guide.model.load_shared_state(start)
 
 
-def check_update_inference(cfg: Config, fed: Federation) -> None:
+def check_update_inference(cfg: Config,
+                           fed: Federation) -> tuple[ConfigRecord, CentralDp | None]:
     """Refuse what update inference cannot attack, before the run trains: its views draw
-    targets, cohorts and references from the real shoppers without replacement."""
-    _, central = server_train_request(cfg, fed)  # refuses adaptive clipping
+    targets, cohorts and references from the real shoppers without replacement. Returns the
+    server's train request and DP-FedAvg plan, which the views reuse."""
+    request, central = server_train_request(cfg, fed)  # refuses adaptive clipping
     if not cfg.pooled:
         if fed.num_nodes < 2:
             raise ValueError("update inference across shops needs at least 2 shops: the other "
                              "shops' replies are its reference and baseline")
-        return
+        return request, central
     real = len([u for u in fed.split.train["user"].unique()
                 if not str(fed.dataset.user_ids[u]).startswith(CANARY_PREFIX)])
     left = real - 2 * cfg.audit.targets
@@ -170,6 +181,7 @@ def check_update_inference(cfg: Config, fed: Federation) -> None:
             raise ValueError(f"{key}: a cohort of {size} and a reference cohort are drawn from "
                              f"the {left} real shoppers that are not targets; expected at most "
                              f"{left} (or fewer audit.targets)")
+    return request, central
 
 
 @dataclass
@@ -429,17 +441,21 @@ def canary_audit(guide: Recommender, data: AuditedData, privacy: dict[str, Any],
     shops without privacy, the calibrated score proved epsilon >= 0.347 and 0.109 for audit
     seeds 0 and 1, this one 0.557 and 0.786)."""
     model, vectors = guide.model, guide.item_vectors[:guide.num_catalogue_items]
-    scores = []
-    for canary in data.canaries:
+    read, targets, owner = [], [], []
+    for k, canary in enumerate(data.canaries):
         items = _guide_items(guide, canary[:-2])  # the split keeps the last two out
-        read = [items[:k] for k in range(1, len(items))]
-        scores.append(float(np.mean(pair_scores(model, vectors, read, items[1:]))))
+        read += [items[:j] for j in range(1, len(items))]
+        targets += items[1:]
+        owner += [k] * (len(items) - 1)
+    # One pass over every canary's examples, then each canary's mean.
+    pairs = pair_scores(model, vectors, read, targets)
+    scores = np.bincount(owner, weights=pairs) / np.bincount(owner)
     delta = privacy.get("delta") or default_delta(units)
-    found = audit_canaries(np.array(scores), data.included, delta=delta, beta=1 - confidence)
+    found = audit_canaries(scores, data.included, delta=delta, beta=1 - confidence)
     accountant = privacy.get("epsilon")
     result = {"canaries": len(scores), "included": int(data.included.sum()),
-              "auc": auc(np.array(scores), data.included),
-              "roc": [curve.tolist() for curve in roc_curve(np.array(scores), data.included)],
+              "auc": auc(scores, data.included),
+              "roc": [curve.tolist() for curve in roc_curve(scores, data.included)],
               "epsilon_lower_bound": found.epsilon, "confidence": confidence, "delta": delta,
               "guesses_in": found.guesses_in, "guesses_out": found.guesses_out,
               "correct": found.correct, "accountant_epsilon": accountant}

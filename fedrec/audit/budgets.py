@@ -28,7 +28,7 @@ from typing import Any
 from fedrec.audit.__main__ import audit
 from fedrec.audit.plots import plot_budgets
 from fedrec.cli import command_arguments
-from fedrec.config import BUDGET_KEYS, ConfigError, compose_config
+from fedrec.config import BUDGET_KEYS, ConfigError, compose_config, override_key
 
 log = logging.getLogger("fedrec.audit.budgets")
 
@@ -42,15 +42,15 @@ def budget_runs(overrides: list[str]) -> tuple[Path, list[tuple[str, list[str]]]
                           f"private mechanism at each budget; give privacy= one of "
                           f"{', '.join(BUDGET_KEYS)}")
     key = BUDGET_KEYS[mechanism]
-    if any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides):
+    if any(override_key(o) == key for o in overrides):
         raise ConfigError(f"{key} is set by audit.epsilons={list(cfg.audit.epsilons)}: leave it "
                           "out of the overrides")
     out = Path(cfg.output_dir).expanduser().resolve()
-    kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("output_dir")]
+    kept = [o for o in overrides if not override_key(o).startswith("output_dir")]
     runs = [(f"epsilon-{eps:g}", [*kept, f"{key}={eps}", f"output_dir={out / f'epsilon-{eps:g}'}"])
             for eps in cfg.audit.epsilons]
     # Without privacy: no privacy key of the mechanism's applies.
-    plain = [o for o in kept if not o.split("=", 1)[0].lstrip("+~").startswith("privacy")]
+    plain = [o for o in kept if not override_key(o).startswith("privacy")]
     runs.append(("epsilon-inf", [*plain, "privacy=none", f"output_dir={out / 'epsilon-inf'}"]))
     return out, runs
 

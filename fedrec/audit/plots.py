@@ -7,20 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: an audit runs on machines without a display
 import matplotlib.pyplot as plt
+
+from fedrec.report import save_figure  # also selects matplotlib's file-only backend
 
 # Where the run without privacy sits on an epsilon axis: one step past the largest budget.
 NO_PRIVACY_STEP = 4.0
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_attacks(report: dict[str, Any], path: Path) -> Path:
@@ -56,7 +48,7 @@ def plot_attacks(report: dict[str, Any], path: Path) -> Path:
     eps = privacy.get("epsilon")
     fig.suptitle(f"privacy={privacy['mechanism']}, epsilon "
                  f"{'inf' if eps is None else f'{eps:.2f}'}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_budgets(reports: list[dict[str, Any]], path: Path) -> Path:
@@ -106,4 +98,4 @@ def plot_budgets(reports: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("the accountant's epsilon (log scale)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
