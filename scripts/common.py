@@ -4,8 +4,10 @@ row, and the local SuperLink (fedrec.simulation.local_superlink, re-exported her
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,14 +26,31 @@ def load_federation(overrides: str) -> Federation:
 
 def run_row(overrides: str, output_dir: Path) -> dict[str, Any] | str:
     """One federated run on the SuperNodes its partition asks for: its summary.json, or its
-    error (a failed run is a row of the table, not the end of it)."""
+    error (a failed run is a row of the table, not the end of it).
+
+    Given the same --out again, a run that finished with the same overrides is read back, not
+    run again: a long table survives a stopped command. A folder another command left (other
+    overrides, or no summary) is moved aside, never overwritten."""
+    done = output_dir.with_name(output_dir.name + ".overrides")
+    summary = output_dir / "summary.json"
+    if summary.exists() and done.exists() and done.read_text() == overrides:
+        print(f"{output_dir.name}: finished before with these overrides, reading {summary}",
+              flush=True)
+        return json.loads(summary.read_text())
+    if output_dir.exists():
+        aside = output_dir.with_name(f"{output_dir.name}.aside-{time.strftime('%Y%m%d-%H%M%S')}")
+        output_dir.rename(aside)
+        print(f"{output_dir.name}: {output_dir} holds an unfinished run or other overrides: "
+              f"moved to {aside}", flush=True)
     fed = load_federation(overrides)
     print(f"{output_dir.name}: {fed.num_clients} clients on {fed.num_nodes} SuperNodes (log: "
           f"{output_dir}.flwr.log) ...", flush=True)
     try:
-        return run_federated(overrides, num_supernodes=fed.num_nodes, output_dir=output_dir)
+        result = run_federated(overrides, num_supernodes=fed.num_nodes, output_dir=output_dir)
     except Exception as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    done.write_text(overrides)
+    return result
 
 
 # A benchmark dataset: its overrides, given the folder that holds the licensed data.
@@ -56,7 +75,9 @@ def partition_parser(description: str, recipes: dict[str, str]) -> argparse.Argu
     for name, recipe in recipes.items():
         parser.add_argument(f"--{name}", default=recipe,
                             help=f"federated overrides for partition={name} (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=None, help="where runs write (default: temp)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where runs write (default: temp); the same folder again reads "
+                        "back the runs that finished")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     return parser
 
