@@ -108,6 +108,14 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def set_aside(folder: Path) -> Path:
+    """Move a folder a stopped command left to ``<name>.incomplete-<time>`` beside it, so a new
+    run neither overwrites it nor mistakes it for finished; the new path."""
+    aside = folder.with_name(f"{folder.name}.incomplete-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    folder.rename(aside)
+    return aside
+
+
 def resumable(run_dir: str | Path) -> Path:
     """The folder of a stopped federated run that ``resume=`` may continue; raises, naming
     ``resume=``, for a folder that is missing, not a run, or a finished run."""

@@ -7,13 +7,13 @@ import argparse
 import json
 import logging
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fedrec.config import compose_config, federated_config
 from fedrec.data.federation import Federation, build_federation
+from fedrec.outputs import set_aside
 from fedrec.simulation import local_superlink, run_federated
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -37,14 +37,16 @@ def run_row(overrides: str, output_dir: Path) -> dict[str, Any] | str:
         print(f"{output_dir.name}: finished before with these overrides, reading {summary}",
               flush=True)
         return json.loads(summary.read_text())
+    log = output_dir.with_name(output_dir.name + ".flwr.log")
     if output_dir.exists():
-        aside = output_dir.with_name(f"{output_dir.name}.aside-{time.strftime('%Y%m%d-%H%M%S')}")
-        output_dir.rename(aside)
+        aside = set_aside(output_dir)
+        if log.exists():  # the stopped run's log goes with it
+            log.rename(aside.with_name(aside.name + ".flwr.log"))
         print(f"{output_dir.name}: {output_dir} holds an unfinished run or other overrides: "
               f"moved to {aside}", flush=True)
     fed = load_federation(overrides)
     print(f"{output_dir.name}: {fed.num_clients} clients on {fed.num_nodes} SuperNodes (log: "
-          f"{output_dir}.flwr.log) ...", flush=True)
+          f"{log}) ...", flush=True)
     try:
         result = run_federated(overrides, num_supernodes=fed.num_nodes, output_dir=output_dir)
     except Exception as err:

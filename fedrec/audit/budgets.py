@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from fedrec.audit.__main__ import audit
 from fedrec.audit.plots import plot_budgets
 from fedrec.cli import command_arguments
 from fedrec.config import BUDGET_KEYS, ConfigError, compose_config, override_key
+from fedrec.outputs import set_aside
 
 log = logging.getLogger("fedrec.audit.budgets")
 
@@ -75,8 +75,7 @@ def audit_budgets(overrides: list[str]) -> tuple[Path, list[dict[str, Any]], lis
             reports.append(report)
             continue
         if folder.exists():  # an audit that stopped part-way: kept aside, not overwritten
-            aside = folder.with_name(f"{name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-            folder.rename(aside)
+            aside = set_aside(folder)
             log.warning("%s holds an audit that did not finish: moved to %s, auditing again",
                         folder, aside)
         log.info("[%d/%d] %s: auditing into %s", k, len(runs), name, folder)
