@@ -550,9 +550,12 @@ class DpSgdConfig(PrivacyConfig):
     # strategy's sample size over the number of nodes). A client picked more often than
     # planned runs out of budget and refuses to train.
     planned_rounds: int | None = MISSING
-    # Each example's own uniform negatives (DP-SGD cannot use other units' targets): the
-    # per-example candidates cost examples x this many item-tower passes per step.
+    # unit=example: each example's own uniform negatives (DP-SGD cannot use other units'
+    # targets), examples x this many item-tower passes per step.
     negatives_per_example: int = MISSING
+    # unit=shopper: the uniform negatives a sampled shopper draws for a step, which all of that
+    # shopper's examples share (they are one unit): read once per shopper, not per example.
+    negatives_per_shopper: int = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -562,6 +565,8 @@ class DpSgdConfig(PrivacyConfig):
                         " adding or removing one unit")
         _check(self.negatives_per_example >= 1, "privacy.negatives_per_example",
                self.negatives_per_example, "an integer >= 1")
+        _check(self.negatives_per_shopper >= 1, "privacy.negatives_per_shopper",
+               self.negatives_per_shopper, "an integer >= 1")
         _check(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon,
                "a number > 0")
         _check_delta(self.delta)
@@ -744,6 +749,11 @@ class Config:
             _check(not personal, "model.personal_embedding", personal,
                    "false with privacy=dp_sgd: the personal vector trains without noise and "
                    "then shapes the shared updates, which DP-SGD's accounting does not cover")
+            _check(self.privacy.unit == "example" or self.train.loss == "sampled_softmax",
+                   "train.loss", self.train.loss,
+                   "sampled_softmax with privacy=dp_sgd privacy.unit=shopper: a sampled "
+                   "shopper's examples share its negatives in one softmax (bpr: "
+                   "privacy.unit=example)")
         if self.pool_nodes is not None:
             self._check_pool()
         if self.resume is not None:

@@ -48,8 +48,14 @@ class Objective:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, examples: TrainExamples, num_items: int, *,
-                    per_example_negatives: int | None = None) -> Objective:
-        """``per_example_negatives``: DP-SGD's count of negatives each example draws."""
+                    per_example_negatives: int | None = None,
+                    shopper_negatives: int | None = None) -> Objective:
+        """DP-SGD's negatives. ``per_example_negatives``: each example draws its own (the unit
+        is the example). ``shopper_negatives``: a batch holds one shopper's examples (the
+        unit), which share them; no logQ, since the batch's other targets, that shopper's own,
+        are masked and the candidates are uniform."""
+        if shopper_negatives is not None:
+            return cls(num_items, shopper_negatives, None)
         per_example = per_example_negatives is not None or cfg.loss == "bpr"
         log_share = None
         # With per-example uniform negatives every item is equally likely: logQ is a constant.

@@ -40,6 +40,11 @@ BAD_RUNS = [
     (["train.epochs=0"], "train.epochs=0 is not allowed: expected an integer >= 1"),
     (["mode=both"], "mode"),
     (["privacy=dp_sgd", "privacy.target_epsilon=-1"], "privacy.target_epsilon"),
+    (["privacy=dp_sgd", "privacy.negatives_per_shopper=0"],
+     "privacy.negatives_per_shopper=0 is not allowed: expected an integer >= 1"),
+    (["privacy=dp_sgd", "train.loss=bpr"],
+     "train.loss='bpr' is not allowed: expected sampled_softmax with privacy=dp_sgd "
+     "privacy.unit=shopper"),
     (["dataset.path=/x"], "dataset.path: Key 'path' not in 'SyntheticDatasetConfig'"),
     (["dataset=movielens_100k"], "dataset.path must be set: it has no default"),
     (["dataset=movielens_100k", "dataset.path={tmp}/missing"],

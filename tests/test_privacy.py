@@ -45,8 +45,10 @@ from fedrec.client.dp_sgd import (
     shopper_term,
     train_dp_sgd,
 )
+from fedrec.client.shopper_objective import ShopperObjective
 from fedrec.client.task import node_model, protected_units, train_round
 from fedrec.config import ConfigError
+from fedrec.model import ITEM_TABLE
 from fedrec.server.privacy import (
     _epsilon_after,
     _rdp_accountant,
@@ -55,7 +57,7 @@ from fedrec.server.privacy import (
 )
 from fedrec.wire import BUDGET_EXHAUSTED, NOT_COVERED, OUTSIDE_PLAN
 
-DP = f"{TINY} privacy=dp_sgd_eps4 privacy.negatives_per_example=8"
+DP = f"{TINY} privacy=dp_sgd_eps4 privacy.negatives_per_shopper=16"
 # What a server sends with a DP-SGD train request: the public inputs of each client's plan.
 DP_REQUEST = {"dp-planned-rounds": 3, "dp-delta": 1e-3, "dp-steps-per-epoch": 2,
               "local-epochs": 1}
@@ -150,22 +152,24 @@ def test_a_shopper_is_clipped_as_one_unit():
                                    "model.item_vectors=attributes model.history_items=attributes"])
 def test_shopper_gradients_are_each_shoppers_own(model):
     """DP-SGD by shopper takes the sampled shoppers' gradients apart in one vmap pass, shoppers
-    of different sizes padded together: each equals that shopper's gradient of the per-example
-    loss (``Objective``) computed on their examples alone, and so does their loss."""
+    of different sizes padded together: each equals that shopper's gradient of ``Objective``
+    on a batch of their examples alone (their negatives shared by those examples), the id
+    table's included, and so does their loss."""
     node = load_node(f"{DP} {model}", 0, 3)
+    assert not node.objective.per_example and node.objective.num_negatives == 16
     torch.manual_seed(0)
     net = node_model(node)
     net.train()
     params = {name: p for name, p in net.named_parameters() if p.requires_grad}
+    assert (ITEM_TABLE in params) == ("attributes" not in model)
     users = node.examples.user
     shoppers = torch.unique(users)[:7]
     cap = int(torch.bincount(users)[shoppers].median())  # some shoppers capped, some not
     terms, references = [], []
     for shopper in shoppers.tolist():
         rows = (users == shopper).nonzero().flatten()
-        term = shopper_term(node.examples, rows, node.objective, cap,
-                            torch.Generator().manual_seed(shopper))
-        terms.append(term)
+        terms.append(shopper_term(rows, node.objective, cap,
+                                  torch.Generator().manual_seed(shopper)))
         generator = torch.Generator().manual_seed(shopper)
         if len(rows) > cap:
             rows = rows[torch.randperm(len(rows), generator=generator)[:cap]]
@@ -173,9 +177,10 @@ def test_shopper_gradients_are_each_shoppers_own(model):
         loss = node.objective(net, batch, generator)
         references.append((torch.autograd.grad(loss, list(params.values())),
                            float(loss.detach())))
-    assert len({len(term.target) for term in terms}) > 1  # the padding is exercised
-    by_size = sorted(range(len(terms)), key=lambda i: len(terms[i].target))
-    chunks = list(shopper_gradients(net, params, terms))
+    assert len({len(term.rows) for term in terms}) > 1  # the padding is exercised
+    by_size = sorted(range(len(terms)), key=lambda i: len(terms[i].rows))
+    objective = ShopperObjective(net, node.examples, logq=False)
+    chunks = list(shopper_gradients(objective, params, terms))
     grads = {name: torch.cat([g[name] for g, _ in chunks]) for name in params}
     losses = torch.cat([loss for _, loss in chunks])
     for slot, index in enumerate(by_size):

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from flwr.app import ConfigRecord
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
@@ -26,8 +25,10 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
 from fedrec.accounting import DpSgdPlan, Step, epsilon_of
+from fedrec.client.shopper_objective import ShopperObjective
 from fedrec.config import DpSgdConfig, DpSgdStepConfig
 from fedrec.data.sequences import TrainExamples
+from fedrec.model import ITEM_TABLE
 from fedrec.train import (
     Objective,
     TrainResult,
@@ -131,13 +132,17 @@ def train_dp_sgd(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
     reads. The Poisson sampling of units and the noise draw from fresh OS randomness, which
     the guarantee (amplification by sampling included) assumes nobody can predict, unless a
     reproducible simulation passes ``noise_seed`` (``_draw_seed``)."""
-    if not objective.per_example:
-        raise ValueError("DP-SGD needs a per-example objective (no in-batch negatives)")
     if cfg.unit == "shopper":
+        if objective.per_example or objective.item_log_share is not None:
+            raise ValueError("DP-SGD by shopper needs one shopper's batch objective: negatives "
+                             "that shopper draws, no logQ from other shoppers' targets")
         result = _train_by_shopper(model, shared_optimizer, examples, objective, ledger.plan,
                                    cfg.max_grad_norm, step.examples_per_shopper, seed=seed,
                                    noise_seed=noise_seed, after_step=after_step)
     else:
+        if not objective.per_example:
+            raise ValueError("DP-SGD by example needs a per-example objective (no in-batch "
+                             "negatives)")
         result = _train_by_example(model, shared_optimizer, examples, objective, ledger.plan,
                                    cfg, seed=seed, noise_seed=noise_seed,
                                    after_step=after_step)
@@ -173,6 +178,7 @@ def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
         expected_batch_size=1, generator=torch.Generator().manual_seed(_draw_seed(noise_seed, 1)))
     sampler = torch.Generator().manual_seed(_draw_seed(noise_seed, 2))
     model.train()
+    shopper_loss = ShopperObjective(model, examples, logq=False)
     losses, seen = [], 0
     for step in range(plan.steps_per_round):
         draw = torch.rand(len(shoppers), generator=sampler)
@@ -182,10 +188,10 @@ def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
             # changes what another shopper's term draws.
             generator = torch.Generator().manual_seed(
                 (seed * 1_000_003 + step * 7_919 + int(shoppers[index])) % 2**62)
-            terms.append(shopper_term(examples, rows_of[index], objective, examples_per_shopper,
+            terms.append(shopper_term(rows_of[index], objective, examples_per_shopper,
                                       generator))
         # Opacus clips each chunk's shoppers and adds them up; the step adds the noise once.
-        for grads, chunk_losses in shopper_gradients(model, params, terms):
+        for grads, chunk_losses in shopper_gradients(shopper_loss, params, terms):
             for name, p in params.items():
                 p.grad_sample = grads[name]
             optimizer.clip_and_accumulate()
@@ -194,7 +200,7 @@ def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
             p.grad_sample = p.new_zeros((0, *p.shape))  # with no shopper, the noise alone
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seen += sum(len(term.target) for term in terms)
+        seen += sum(len(term.rows) for term in terms)
         if after_step is not None:
             after_step()
     loss = sum(losses) / len(losses) if losses else math.nan
@@ -205,84 +211,69 @@ def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
 
 @dataclass(frozen=True)
 class ShopperTerm:
-    """What one sampled shopper's term in a DP-SGD step reads: the examples it draws and each
-    example's candidates (its target first, then its own negatives)."""
+    """What one sampled shopper's term in a DP-SGD step reads: the examples it draws, and its
+    own negatives, which all of those examples share (one shopper's batch, as ``Objective``
+    scores it)."""
 
-    history: torch.Tensor
-    target: torch.Tensor
-    user: torch.Tensor
-    candidates: torch.Tensor
+    rows: torch.Tensor
+    negatives: torch.Tensor
 
 
-def shopper_term(examples: TrainExamples, rows: torch.Tensor, objective: Objective,
-                 examples_per_shopper: int, generator: torch.Generator) -> ShopperTerm:
-    """Up to ``examples_per_shopper`` of a shopper's ``rows``, and their negatives, drawn from
-    the shopper's own ``generator`` as ``Objective`` draws a per-example batch's."""
+def shopper_term(rows: torch.Tensor, objective: Objective, examples_per_shopper: int,
+                 generator: torch.Generator) -> ShopperTerm:
+    """Up to ``examples_per_shopper`` of a shopper's ``rows``, and its negatives, drawn from the
+    shopper's own ``generator`` in the order ``Objective`` draws a batch's."""
     if len(rows) > examples_per_shopper:
         rows = rows[torch.randperm(len(rows), generator=generator)[:examples_per_shopper]]
-    target = examples.target[rows]
-    negatives = torch.randint(0, objective.num_items, (len(rows), objective.num_negatives),
+    negatives = torch.randint(0, objective.num_items, (objective.num_negatives,),
                               generator=generator)
-    return ShopperTerm(examples.history[rows], target, examples.user[rows],
-                       torch.cat([target.unsqueeze(1), negatives], dim=1))
+    return ShopperTerm(rows, negatives)
 
 
 # Rows of one vmap pass over shoppers (each padded to the pass's longest). A DP-SGD round of
 # one Beauty shop (about 1,100 shoppers a step) took 1.8 s at 128 rows, 2.1 s at 64; one pass
-# of 500 shoppers took 0.76 s at 128, 0.87 s at 256 and 1.5 s at 512 (2 threads).
+# of 500 shoppers took 0.76 s at 128, 0.87 s at 256 and 1.5 s at 512 (2 threads; measured
+# with each example's own negatives, before a shopper's examples shared theirs).
 SHOPPER_CHUNK_ROWS = 128
 # Per-shopper gradient floats one vmap call may hold (256 MiB): each shopper holds its own
 # gradient of every trainable parameter, the whole id table included when it trains (3 MB a
-# shopper on Beauty).
+# shopper on Beauty), as Opacus' DPOptimizer reads per-sample gradients.
 GRADIENT_FLOATS = 2**26
 
 
-def shopper_gradients(model: nn.Module, params: dict[str, nn.Parameter],
+def shopper_gradients(objective: ShopperObjective, params: dict[str, nn.Parameter],
                       terms: list[ShopperTerm]) -> Iterator[tuple[dict[str, torch.Tensor],
                                                                   torch.Tensor]]:
     """Each term's gradient (of its mean loss over its examples) with respect to ``params``,
-    and its loss, in chunks: ``({name: (shoppers, *shape)}, (shoppers,))`` per chunk.
+    the model's trainable parameters, and its loss, in chunks: ``({name: (shoppers, *shape)},
+    (shoppers,))`` per chunk.
 
-    ``torch.func.vmap`` takes the chunk's gradients apart in one pass: each shopper's examples
-    are padded to the chunk's most (shoppers sorted by size, so a chunk pads little) with
-    copies of its first, which then count for nothing."""
+    ``torch.func.vmap`` takes the chunk's gradients apart in one pass (shoppers sorted by size,
+    so a chunk pads little). A shopper's gradient on the id table is taken on the rows it read,
+    then laid into a table of its own for Opacus."""
     floats = sum(p.numel() for p in params.values())
     per_chunk = max(1, min(512, GRADIENT_FLOATS // max(floats, 1)))
-    detached = {name: p.detach() for name, p in params.items()}
-
-    def loss(values: dict[str, torch.Tensor], history: torch.Tensor, candidates: torch.Tensor,
-             user: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        logits = torch.func.functional_call(model, values, (history, candidates, user))
-        target = candidates[:, :1]
-        false_negative = torch.cat([torch.zeros_like(target, dtype=torch.bool),
-                                    candidates[:, 1:] == target], dim=1)
-        losses = F.cross_entropy(logits.masked_fill(false_negative, -math.inf),
-                                 torch.zeros_like(target[:, 0]), reduction="none")
-        return (losses * real).sum() / real.sum()
-
-    per_shopper = torch.func.vmap(torch.func.grad_and_value(loss), in_dims=(None, 0, 0, 0, 0),
-                                  randomness="different")  # dropout: each shopper its own mask
-    by_size = sorted(terms, key=lambda term: len(term.target))
-    sizes = torch.tensor([len(term.target) for term in by_size], dtype=torch.long)
+    dense = {name: p.detach() for name, p in params.items() if name != ITEM_TABLE}
+    table = objective.model.item_embedding.weight.detach()
+    table_trains = ITEM_TABLE in params
+    per_shopper = torch.func.vmap(
+        torch.func.grad_and_value(objective.loss, argnums=(0, 1) if table_trains else 0),
+        in_dims=(None, 0, 0), randomness="different")  # dropout: each shopper its own mask
+    by_size = sorted(terms, key=lambda term: len(term.rows))
+    sizes = torch.tensor([len(term.rows) for term in by_size], dtype=torch.long)
     for rows in row_chunks(sizes, SHOPPER_CHUNK_ROWS):
         for first in range(rows.start, rows.stop, per_chunk):
-            chunk = by_size[first:min(first + per_chunk, rows.stop)]
-            yield per_shopper(detached, *_stack(chunk))
-
-
-def _stack(terms: list[ShopperTerm]) -> list[torch.Tensor]:
-    """Terms, their sizes ascending, as vmap reads them: one per slot."""
-    width = len(terms[-1].target)
-    padded = [_pad(term, width) for term in terms]
-    return [torch.stack(parts) for parts in zip(*padded, strict=True)]
-
-
-def _pad(term: ShopperTerm, width: int) -> tuple[torch.Tensor, ...]:
-    """A term's examples repeated from its first up to ``width``, and which ones are real."""
-    source = torch.cat([torch.arange(len(term.target)),
-                        torch.zeros(width - len(term.target), dtype=torch.long)])
-    real = (torch.arange(width) < len(term.target)).float()
-    return term.history[source], term.candidates[source], term.user[source], real
+            last = min(first + per_chunk, rows.stop)
+            chunk = by_size[first:last]
+            batch = objective.batch(torch.cat([term.rows for term in chunk]), sizes[first:last],
+                                    torch.stack([term.negatives for term in chunk]))
+            grads, losses = per_shopper(dense, table[batch["items"]], batch)
+            if table_trains:
+                grads, read_grads = grads
+                items = batch["items"].unsqueeze(-1).expand_as(read_grads)
+                grads = {**grads, ITEM_TABLE: table.new_zeros((len(chunk), *table.shape))
+                         .scatter_add_(1, items, read_grads)}
+            yield grads, losses
 
 
 def _noise_only_step(optimizer: DPOptimizer) -> None:

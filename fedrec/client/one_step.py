@@ -27,11 +27,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from fedrec.client.shopper_objective import ShopperObjective, log_expected
 from fedrec.client.task import NodeData, TrainRequest, proximal_step
 from fedrec.config import CentralDpConfig
-from fedrec.model import ITEM_TABLE, PERSONAL_PREFIX, TwoTower, _masked_mean
+from fedrec.model import ITEM_TABLE, PERSONAL_PREFIX, TwoTower
 from fedrec.train import TrainResult, make_optimizer, row_chunks
 
 # Rows of one forward pass, which holds a (shoppers x their most rows x negatives) product.
@@ -109,7 +109,7 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
     table = model.item_embedding.weight.detach()
     dense = {name: p.detach() for name, p in model.named_parameters()
              if name != ITEM_TABLE and not name.startswith(PERSONAL_PREFIX)}
-    objective = _ShopperObjective(model, node)
+    objective = ShopperObjective(model, node.examples, logq=node.cfg.train.logq_correction)
     per_shopper = torch.func.vmap(torch.func.grad_and_value(objective.loss, argnums=(0, 1)),
                                   in_dims=(None, 0, 0))
     step = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in dense.items()}
@@ -141,80 +141,6 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
     return mean, TrainResult(loss=total_loss / len(rows), num_examples=len(rows))
 
 
-class _ShopperObjective(nn.Module):
-    """One shopper's mean loss over its rows, as its own batch computes it
-    (``fedrec.train.Objective``), as a function of the dense parameters and of the item rows
-    that shopper reads; ``batch`` lays a chunk of shoppers out one per slot for ``vmap``."""
-
-    def __init__(self, model: TwoTower, node: NodeData) -> None:
-        super().__init__()
-        self.model = model
-        self.node = node
-
-    def loss(self, dense: dict[str, torch.Tensor], read_rows: torch.Tensor,
-             shopper: dict[str, torch.Tensor]) -> torch.Tensor:
-        params = {f"model.{name}": value for name, value in dense.items()}
-        return torch.func.functional_call(self, params, (read_rows, shopper))
-
-    def forward(self, read_rows: torch.Tensor, shopper: dict[str, torch.Tensor]) -> torch.Tensor:
-        model = self.model
-        attrs = model.item_attributes[shopper["items"]]
-        attr_mean = _masked_mean(model.attribute_embedding(attrs), attrs)
-        vectors = model._vector(read_rows, attr_mean)
-        read = read_rows if model.history_items == "id" else model._history_read(read_rows,
-                                                                                  attr_mean)
-        user = model._user_from_embedded(shopper["history"], read[shopper["history_at"]],
-                                         shopper["user"])
-        logits = torch.cat([(user * vectors[shopper["target_at"]]).sum(-1, keepdim=True),
-                            user @ vectors[shopper["negatives_at"]].T], dim=1) / model.temperature
-        logits = (logits - shopper["log_expected"]).masked_fill(shopper["sampled"], -math.inf)
-        losses = F.cross_entropy(logits, torch.zeros_like(shopper["target_at"]),
-                                 reduction="none")
-        return (losses * shopper["real"]).sum() / shopper["real"].sum()
-
-    def batch(self, rows: torch.Tensor, sizes: torch.Tensor,
-              negatives: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each shopper's rows padded to the chunk's most, and the distinct items it reads
-        (history items, targets, negatives), padded with the padding item, which no row
-        reads; every row's items as places among its shopper's."""
-        examples, num_items = self.node.examples, self.model.num_items
-        history, target, user = examples.history[rows], examples.target[rows], examples.user[rows]
-        shoppers, width = len(sizes), int(sizes.max())
-        slot = torch.repeat_interleave(torch.arange(shoppers), sizes)
-        place = torch.arange(len(rows)) - (torch.cumsum(sizes, 0) - sizes)[slot]
-        # Each (shopper, item) once: the shopper's gradient on an item row is one row.
-        span = num_items + 1
-        keys = torch.cat([(slot.unsqueeze(1) * span + history).flatten(), slot * span + target,
-                          (torch.arange(shoppers).unsqueeze(1) * span + negatives).flatten()])
-        distinct, at = torch.unique(keys, return_inverse=True)
-        owner = distinct // span
-        owned = torch.bincount(owner, minlength=shoppers)
-        local = torch.arange(len(distinct)) - (torch.cumsum(owned, 0) - owned)[owner]
-        items = torch.full((shoppers, int(owned.max())), num_items)
-        items[owner, local] = distinct % span
-        at = local[at]
-        history_at, target_at, negatives_at = at.split(
-            [history.numel(), len(target), negatives.numel()])
-        # A shopper's slots past its rows repeat its first row, which then counts for nothing:
-        # a real row's inputs keep every layer finite (an all-padding history need not).
-        first = torch.cumsum(sizes, 0) - sizes
-        source = first.unsqueeze(1).repeat(1, width)
-        source[slot, place] = torch.arange(len(rows))
-        real = torch.zeros(shoppers, width)
-        real[slot, place] = 1.0
-
-        candidates = torch.cat([target.unsqueeze(1), negatives[slot]], dim=1)
-        sampled = torch.cat([torch.zeros_like(target, dtype=torch.bool).unsqueeze(1),
-                             negatives[slot] == target.unsqueeze(1)], dim=1)
-        log_expected = _log_expected(self.node, slot, target, candidates, num_items,
-                                     negatives.shape[1])
-        return {"items": items, "history": history[source],
-                "history_at": history_at.view(history.shape)[source], "user": user[source],
-                "target_at": target_at[source], "negatives_at": negatives_at.view(negatives.shape),
-                "log_expected": log_expected[source].float(), "sampled": sampled[source],
-                "real": real}
-
-
 def _by_size(node: NodeData, seeds: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor,
                                                                torch.Tensor]:
     """The shoppers of ``seeds`` that have rows, by their number of rows (so a chunk pads
@@ -234,21 +160,6 @@ def _negatives(model: TwoTower, node: NodeData, shoppers: torch.Tensor,
         torch.randint(0, model.num_items, (node.cfg.train.num_negatives,),
                       generator=torch.Generator().manual_seed(seeds[int(s)]))
         for s in shoppers])
-
-
-def _log_expected(node: NodeData, slot: torch.Tensor, target: torch.Tensor,
-                  candidates: torch.Tensor, num_items: int, num_negatives: int) -> torch.Tensor:
-    """logQ: an item is a candidate of a shopper's batch max(its count there, 1) + N/V times in
-    expectation, Objective's B x share + N/V with the shopper's own shares; 0 without the
-    correction."""
-    if not node.cfg.train.logq_correction:
-        return torch.zeros(candidates.shape)
-    pair = slot * num_items + target
-    pairs, counts = torch.unique(pair, return_counts=True)
-    asked = slot.unsqueeze(1) * num_items + candidates
-    found = torch.searchsorted(pairs, asked).clamp(max=len(pairs) - 1)
-    count = torch.where(pairs[found] == asked, counts[found], 1).float()
-    return torch.log(count + num_negatives / num_items)
 
 
 def _summed_loss(model: TwoTower, node: NodeData, rows: torch.Tensor, sizes: torch.Tensor,
@@ -280,8 +191,8 @@ def _summed_loss(model: TwoTower, node: NodeData, rows: torch.Tensor, sizes: tor
                         negative_scores.view(len(sizes) * width, -1)[slot * width + place]],
                        dim=1) / model.temperature
     candidates = torch.cat([target.unsqueeze(1), negatives[slot]], dim=1)
-    logits = logits - _log_expected(node, slot, target, candidates, num_items,
-                                    negatives.shape[1])
+    logits = logits - log_expected(node.cfg.train.logq_correction, slot, target, candidates,
+                                   num_items, negatives.shape[1])
     sampled = torch.cat([torch.zeros_like(target, dtype=torch.bool).unsqueeze(1),
                          negatives[slot] == target.unsqueeze(1)], dim=1)
     logits = logits.masked_fill(sampled, -math.inf)

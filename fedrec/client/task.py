@@ -299,10 +299,14 @@ def _client_decay(cfg: Config, examples: TrainExamples) -> DecayChoice:
 
 
 def _objective(cfg: Config, examples: TrainExamples, num_items: int) -> Objective:
-    dp_negatives = (cfg.privacy.negatives_per_example
-                    if isinstance(cfg.privacy, DpSgdConfig) else None)
+    privacy = cfg.privacy
+    if not isinstance(privacy, DpSgdConfig):
+        return Objective.from_config(cfg.train, examples, num_items)
+    if privacy.unit == "shopper":
+        return Objective.from_config(cfg.train, examples, num_items,
+                                     shopper_negatives=privacy.negatives_per_shopper)
     return Objective.from_config(cfg.train, examples, num_items,
-                                 per_example_negatives=dp_negatives)
+                                 per_example_negatives=privacy.negatives_per_example)
 
 
 def node_model(node: TrainingData) -> TwoTower:

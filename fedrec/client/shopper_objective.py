@@ -1,0 +1,110 @@
+"""One shopper's sampled-softmax loss, laid out so that ``torch.func.vmap`` takes many
+shoppers' gradients apart in one pass: each shopper reads its distinct items (history items,
+targets and its own negatives, which all its examples share) once, as rows of the id table
+handed in, so a shopper's gradient holds the rows it read and not a copy of the whole table.
+
+Two paths take shoppers apart this way: a pool node's shoppers under user-level DP-FedAvg
+(``fedrec.client.one_step``), and the sampled shoppers of a DP-SGD step by shopper
+(``fedrec.client.dp_sgd``), where a shopper's examples are one unit and may share negatives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedrec.data.sequences import TrainExamples
+from fedrec.model import TwoTower, _masked_mean
+
+
+class ShopperObjective(nn.Module):
+    """One shopper's mean loss over its rows, as its own batch computes it
+    (``fedrec.train.Objective``), as a function of the dense parameters and of the item rows
+    that shopper reads; ``batch`` lays a chunk of shoppers out one per slot for ``vmap``."""
+
+    def __init__(self, model: TwoTower, examples: TrainExamples, *, logq: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.examples = examples
+        self.logq = logq
+
+    def loss(self, dense: dict[str, torch.Tensor], read_rows: torch.Tensor,
+             shopper: dict[str, torch.Tensor]) -> torch.Tensor:
+        params = {f"model.{name}": value for name, value in dense.items()}
+        return torch.func.functional_call(self, params, (read_rows, shopper))
+
+    def forward(self, read_rows: torch.Tensor, shopper: dict[str, torch.Tensor]) -> torch.Tensor:
+        model = self.model
+        attrs = model.item_attributes[shopper["items"]]
+        attr_mean = _masked_mean(model.attribute_embedding(attrs), attrs)
+        vectors = model._vector(read_rows, attr_mean)
+        read = read_rows if model.history_items == "id" else model._history_read(read_rows,
+                                                                                  attr_mean)
+        user = model._user_from_embedded(shopper["history"], read[shopper["history_at"]],
+                                         shopper["user"])
+        logits = torch.cat([(user * vectors[shopper["target_at"]]).sum(-1, keepdim=True),
+                            user @ vectors[shopper["negatives_at"]].T], dim=1) / model.temperature
+        logits = (logits - shopper["log_expected"]).masked_fill(shopper["sampled"], -math.inf)
+        losses = F.cross_entropy(logits, torch.zeros_like(shopper["target_at"]),
+                                 reduction="none")
+        return (losses * shopper["real"]).sum() / shopper["real"].sum()
+
+    def batch(self, rows: torch.Tensor, sizes: torch.Tensor,
+              negatives: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each shopper's rows padded to the chunk's most, and the distinct items it reads
+        (history items, targets, negatives), padded with the padding item, which no row
+        reads; every row's items as places among its shopper's."""
+        examples, num_items = self.examples, self.model.num_items
+        history, target, user = examples.history[rows], examples.target[rows], examples.user[rows]
+        shoppers, width = len(sizes), int(sizes.max())
+        slot = torch.repeat_interleave(torch.arange(shoppers), sizes)
+        place = torch.arange(len(rows)) - (torch.cumsum(sizes, 0) - sizes)[slot]
+        # Each (shopper, item) once: the shopper's gradient on an item row is one row.
+        span = num_items + 1
+        keys = torch.cat([(slot.unsqueeze(1) * span + history).flatten(), slot * span + target,
+                          (torch.arange(shoppers).unsqueeze(1) * span + negatives).flatten()])
+        distinct, at = torch.unique(keys, return_inverse=True)
+        owner = distinct // span
+        owned = torch.bincount(owner, minlength=shoppers)
+        local = torch.arange(len(distinct)) - (torch.cumsum(owned, 0) - owned)[owner]
+        items = torch.full((shoppers, int(owned.max())), num_items)
+        items[owner, local] = distinct % span
+        at = local[at]
+        history_at, target_at, negatives_at = at.split(
+            [history.numel(), len(target), negatives.numel()])
+        # A shopper's slots past its rows repeat its first row, which then counts for nothing:
+        # a real row's inputs keep every layer finite (an all-padding history need not).
+        first = torch.cumsum(sizes, 0) - sizes
+        source = first.unsqueeze(1).repeat(1, width)
+        source[slot, place] = torch.arange(len(rows))
+        real = torch.zeros(shoppers, width)
+        real[slot, place] = 1.0
+
+        candidates = torch.cat([target.unsqueeze(1), negatives[slot]], dim=1)
+        sampled = torch.cat([torch.zeros_like(target, dtype=torch.bool).unsqueeze(1),
+                             negatives[slot] == target.unsqueeze(1)], dim=1)
+        expected = log_expected(self.logq, slot, target, candidates, num_items,
+                                negatives.shape[1])
+        return {"items": items, "history": history[source],
+                "history_at": history_at.view(history.shape)[source], "user": user[source],
+                "target_at": target_at[source], "negatives_at": negatives_at.view(negatives.shape),
+                "log_expected": expected[source].float(), "sampled": sampled[source],
+                "real": real}
+
+
+def log_expected(enabled: bool, slot: torch.Tensor, target: torch.Tensor,
+                 candidates: torch.Tensor, num_items: int, num_negatives: int) -> torch.Tensor:
+    """logQ: an item is a candidate of a shopper's batch max(its count there, 1) + N/V times in
+    expectation, Objective's B x share + N/V with the shopper's own shares; 0 without the
+    correction."""
+    if not enabled:
+        return torch.zeros(candidates.shape)
+    pair = slot * num_items + target
+    pairs, counts = torch.unique(pair, return_counts=True)
+    asked = slot.unsqueeze(1) * num_items + candidates
+    found = torch.searchsorted(pairs, asked).clamp(max=len(pairs) - 1)
+    count = torch.where(pairs[found] == asked, counts[found], 1).float()
+    return torch.log(count + num_negatives / num_items)
