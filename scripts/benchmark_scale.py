@@ -147,7 +147,7 @@ def real_rows(args: argparse.Namespace, out: Path) -> list[str]:
     for name in args.real:
         data, recipe = REAL[name]
         data = data.format(data=args.data.resolve())
-        path = data.split("dataset.path=")[1]
+        path = data.split("dataset.path=")[1].split()[0]
         if not Path(path).exists():
             rows.append(f"| {name} | skipped: {path} is absent (data/README.md) |")
             continue
