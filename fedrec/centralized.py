@@ -25,6 +25,7 @@ from fedrec.data.split import Split, split_dataset
 from fedrec.metrics import evaluate_model, evaluate_popularity
 from fedrec.model import TwoTower
 from fedrec.outputs import RunOutputs
+from fedrec.pretrain import PretrainResult, pretrain_on_catalogue
 from fedrec.train import Objective, choose_weight_decay, make_loader, make_optimizer, train
 
 log = logging.getLogger("fedrec.centralized")
@@ -55,10 +56,16 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
     outputs = RunOutputs(c.output_dir, cfg)  # only once the data is known good: no empty run
 
     model: TwoTower | None = None
+    pretrained: PretrainResult | None = None
     epochs, stopped_by = 0, None
     if isinstance(c.model, TwoTowerConfig):
-        model, selected, metrics, epochs, stopped_by = _train_two_tower(
-            c, dataset, split, valid_cases, test_cases, outputs)
+        personal = (torch.arange(dataset.num_users).numpy() if c.model.personal_embedding
+                    else None)
+        model = TwoTower.for_dataset(c.model, dataset, personal_users=personal)
+        pretrained = pretrain_on_catalogue(model, c.train.catalogue_pretraining,
+                                           num_negatives=c.train.num_negatives, seed=c.seed)
+        selected, metrics, epochs, stopped_by = _train_two_tower(
+            c, model, split, valid_cases, test_cases, outputs)
     else:
         counts = torch.bincount(torch.tensor(split.train["item"].to_numpy()),
                                 minlength=dataset.num_items)
@@ -87,6 +94,7 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
         "select_by": c.eval.select_by,
         "metrics": metrics,
         "privacy": {"mechanism": "none", "epsilon": None, "delta": None, "secagg": False},
+        "catalogue_pretraining": None if pretrained is None else pretrained.as_summary(),
         "communication": {"bytes_up": 0, "bytes_down": 0},
         "wall_seconds": time.perf_counter() - started,
     }
@@ -98,17 +106,15 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
     return summary
 
 
-def _train_two_tower(c: Any, dataset: Any, split: Split, valid_cases: EvalCases,
+def _train_two_tower(c: Any, model: TwoTower, split: Split, valid_cases: EvalCases,
                      test_cases: EvalCases, outputs: RunOutputs,
-                     ) -> tuple[TwoTower, int, dict[str, Any], int, str]:
-    """Train epoch by epoch, each evaluated on validation and test (one metrics line each),
-    until train.epochs or, with eval.patience, until that many epochs in a row have not beaten
-    the best validation ``eval.select_by``. Returns the best epoch's model, number and test
-    metrics, the epochs run and why the run stopped."""
-    personal = torch.arange(dataset.num_users).numpy() if c.model.personal_embedding else None
-    model = TwoTower.for_dataset(c.model, dataset, personal_users=personal)
-    examples = training_examples(split.train, dataset.num_items, c.model.max_history)
-    objective = Objective.from_config(c.train, examples, dataset.num_items)
+                     ) -> tuple[int, dict[str, Any], int, str]:
+    """Train ``model`` epoch by epoch, each evaluated on validation and test (one metrics line
+    each), until train.epochs or, with eval.patience, until that many epochs in a row have not
+    beaten the best validation ``eval.select_by``. Leaves ``model`` at the best epoch; returns
+    that epoch's number and test metrics, the epochs run and why the run stopped."""
+    examples = training_examples(split.train, model.num_items, c.model.max_history)
+    objective = Objective.from_config(c.train, examples, model.num_items)
     loader = make_loader(examples, c.train.batch_size, c.seed)
     decay = choose_weight_decay(c.train, examples.user, federated=False)
     log.info(decay.why)
@@ -147,10 +153,10 @@ def _train_two_tower(c: Any, dataset: Any, split: Split, valid_cases: EvalCases,
     if best is None:
         log.warning("%s has no validation interactions: reporting the last epoch",
                     c.dataset.name)
-        return model, epoch, record["test"], epoch, stopped_by
+        return epoch, record["test"], epoch, stopped_by
     log.info("best validation %s %.4f at epoch %d", c.eval.select_by, best[0], best[1])
     model.load_state_dict(best[2])
-    return model, best[1], best[3], epoch, stopped_by
+    return best[1], best[3], epoch, stopped_by
 
 
 def _brief(means: dict[str, Any]) -> str:

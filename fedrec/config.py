@@ -310,6 +310,26 @@ class AutoDecayConfig:
 
 
 @dataclass
+class CataloguePretrainingConfig:
+    """Pretraining on the public catalogue before any shopper's data (fedrec.pretrain)."""
+
+    # 0 skips it.
+    steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    # The longest made-up history, in items.
+    history_length: int = MISSING
+
+    def __post_init__(self) -> None:
+        prefix = "train.catalogue_pretraining"
+        _check(self.steps >= 0, f"{prefix}.steps", self.steps, "an integer >= 0 (0 skips it)")
+        _check(self.batch_size >= 2, f"{prefix}.batch_size", self.batch_size, "an integer >= 2")
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "a number > 0")
+        _check(self.history_length >= 1, f"{prefix}.history_length", self.history_length,
+               "an integer >= 1")
+
+
+@dataclass
 class TrainConfig:
     # Epochs of the centralized reference.
     epochs: int = MISSING
@@ -332,6 +352,7 @@ class TrainConfig:
     # centralized reference ignores it.
     round_lr_decay: float = MISSING
     dp_sgd: DpSgdStepConfig = MISSING
+    catalogue_pretraining: CataloguePretrainingConfig = MISSING
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")

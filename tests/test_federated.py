@@ -35,8 +35,8 @@ from fedrec.simulation import SimulationError
 @pytest.mark.slow  # starts the Flower runtime
 def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
     out, wire = tmp_path / "run", tmp_path / "wire.jsonl"
-    summary = flower(f"{TINY} num_rounds=3 eval.server=true wire_log={wire}", num_supernodes=3,
-                     output_dir=out)
+    summary = flower(f"{TINY} num_rounds=3 eval.server=true wire_log={wire} "
+                     "train.catalogue_pretraining.steps=20", num_supernodes=3, output_dir=out)
     layouts = assert_wire_contract(wire, f"{TINY} num_rounds=3")
     assert {(x["direction"], x["type"]) for x in layouts} == {
         ("down", "train"), ("up", "train"), ("down", "evaluate"), ("up", "evaluate")}
@@ -53,6 +53,8 @@ def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
     assert summary["metrics_source"] == "clients"
     assert summary["communication"]["bytes_up"] > 0 and summary["communication"]["bytes_down"] > 0
     assert summary["wall_seconds"] > 0
+    assert summary["catalogue_pretraining"]["steps"] == 20
+    assert summary["catalogue_pretraining"]["loss"] > 0
     assert "server_metrics" in summary  # labelled apart from the federated metrics
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -319,6 +321,7 @@ def test_stopped_run_resumes_from_its_last_round(flower, tmp_path):
     rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").open()]
     assert rounds == [0, 1, 2, 3, 4]
     assert summary["rounds"] == 4 and summary["resumed_after_round"] == stopped_at
+    assert summary["catalogue_pretraining"] is None  # the checkpoint is the starting point
     assert summary["metrics"]["sampled"]["hr@10"] > 0
     # The choice among rounds spans both attempts: the checkpoint carried the best so far.
     lines = [json.loads(line) for line in (run / "metrics.jsonl").open()]

@@ -31,6 +31,7 @@ from fedrec.data.sequences import heldout_cases
 from fedrec.metrics import RankingSums, evaluate_case_sets
 from fedrec.model import TwoTower
 from fedrec.outputs import RunOutputs
+from fedrec.pretrain import PretrainResult, pretrain_on_catalogue
 from fedrec.recommend import Recommender, RecommendError, format_recommendations
 from fedrec.server.cohort import Cohorts, cohort_size
 from fedrec.server.privacy import CentralDp, PrivacyReport, plan_central_dp, wrap_strategy
@@ -64,6 +65,7 @@ class FederatedRun:
     weighted_by_key: str
     started: float
     cohorts: Cohorts | None  # a pool of virtual shoppers' sampler
+    pretrained: PretrainResult | None  # the initial model's catalogue pretraining
 
     @property
     def done(self) -> int:
@@ -88,9 +90,11 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
     # The server holds the shared model only: personal vectors never leave their client.
     model = TwoTower.for_dataset(dataclasses.replace(cfg.model, personal_embedding=False),
                                  dataset)
-    resumed = None
+    resumed = pretrained = None
     if cfg.resume is None:
         outputs = RunOutputs(cfg.output_dir, composed)
+        pretrained = pretrain_on_catalogue(model, cfg.train.catalogue_pretraining,
+                                           num_negatives=cfg.train.num_negatives, seed=cfg.seed)
     else:
         outputs, resumed = RunOutputs.resume(cfg.resume, composed)
         model.load_shared_state(resumed["arrays"])
@@ -178,7 +182,7 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
                            cohorts=cohorts)
     return FederatedRun(cfg, composed, fed, dataset, model, outputs, resumed, metered,
                         train_config, population, num_rounds, central, secagg, privacy, rounds,
-                        strategy, weighted_by_key, started, cohorts)
+                        strategy, weighted_by_key, started, cohorts, pretrained)
 
 
 def train_request(cfg: Config, done: int) -> ConfigRecord:
@@ -197,8 +201,8 @@ def start(run: FederatedRun, context: Context) -> dict[str, Any]:
     if run.cohorts is not None:
         run.cohorts.map_nodes(metered, cfg.round_timeout)
     if run.resumed is None and rounds.federated_evaluation:
-        # Round 0: the untrained model, evaluated federated, so every run shows where it
-        # started.
+        # Round 0: the initial model (pretrained on the catalogue only, if asked), evaluated
+        # federated, so every run shows where it started.
         replies = list(metered.send_and_receive(
             strategy.configure_evaluate(0, initial, ConfigRecord(), metered),
             timeout=cfg.round_timeout))
@@ -259,6 +263,8 @@ def _report(run: FederatedRun, num_rounds: int, final_arrays: ArrayRecord,
         "metrics_source": source,
         "valid_metrics": record.get("valid"),
         "privacy": run.privacy.as_dict(),
+        # Public data only, so no budget above pays for it; null: none, or a resumed run.
+        "catalogue_pretraining": None if run.pretrained is None else run.pretrained.as_summary(),
         "communication": {"bytes_up": run.grid.bytes_up, "bytes_down": run.grid.bytes_down},
         "wall_seconds": time.perf_counter() - run.started,
     }
