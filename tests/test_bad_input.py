@@ -20,7 +20,7 @@ TINY = ["dataset.num_users=40", "dataset.num_items=60", "dataset.num_categories=
 BAD_RUNS = [
     (["train.lrr=0.1"], "bad configuration: train.lrr: Key 'lrr' not in 'TrainConfig'"),
     (["+train.lrr=0.1"],
-     "train.lrr is not a key of train; allowed: auto_decay, batch_size, dp_sgd"),
+     "train.lrr is not a key of train; allowed: auto_decay, batch_size, catalogue_pretraining, dp"),
     (["+colour=red"],
      "colour is not a key of the config; allowed: audit, auto_rounds, client_seed"),
     (["dataset=nope"], "Could not find 'dataset/nope'; available options in 'dataset': csv, "
