@@ -27,6 +27,7 @@ test HR@10 against the epsilon spent, is drawn into privacy-<dataset>-<partition
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,10 @@ def _plot(title: str, results: list[tuple[str, float | None, Result]], today: Re
         ax.set_xticks(ticks, [f"{x:.3g}" for x in ticks])
         ax.minorticks_off()
     ax.set_ylim(bottom=0)  # a ratio read off the plot is the ratio of the heights
-    ax.set(title=title, xlabel="epsilon spent (log scale)", ylabel="test HR@10 (last round)")
+    # A long --model would run off the figure on one line.
+    ax.set(title=textwrap.fill(title, 80), xlabel="epsilon spent (log scale)",
+           ylabel="test HR@10 (last round)")
+    ax.title.set_fontsize("small")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return save_figure(fig, path)
