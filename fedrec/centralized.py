@@ -53,17 +53,19 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
     test_cases = heldout_cases(split, "test", **common)
     log.info("%d training interactions, %d validation and %d test users", len(split.train),
              len(valid_cases), len(test_cases))
-    outputs = RunOutputs(c.output_dir, cfg)  # only once the data is known good: no empty run
 
     model: TwoTower | None = None
     pretrained: PretrainResult | None = None
-    epochs, stopped_by = 0, None
     if isinstance(c.model, TwoTowerConfig):
         personal = (torch.arange(dataset.num_users).numpy() if c.model.personal_embedding
                     else None)
         model = TwoTower.for_dataset(c.model, dataset, personal_users=personal)
         pretrained = pretrain_on_catalogue(model, c.train.catalogue_pretraining,
                                            num_negatives=c.train.num_negatives, seed=c.seed)
+    outputs = RunOutputs(c.output_dir, cfg)  # only once the data is known good: no empty run
+
+    epochs, stopped_by = 0, None
+    if model is not None:
         selected, metrics, epochs, stopped_by = _train_two_tower(
             c, model, split, valid_cases, test_cases, outputs)
     else:

@@ -747,6 +747,11 @@ class Config:
                self.client_seed, "null (a secret per client) or an integer >= 0")
         _check(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
         _check(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
+        if self.train.catalogue_pretraining.steps > 0:
+            use_features = getattr(self.model, "use_user_features", False)
+            _check(not use_features, "model.use_user_features", use_features,
+                   "false with train.catalogue_pretraining.steps > 0: a made-up shopper has no "
+                   "user features, and no real shopper's are public")
         if self.privacy.mechanism == "central_dp":
             # The noise is calibrated to a mean of clipped updates, and Flower's DP wrappers
             # (and PoolNoise) add it to what the wrapped strategy returns. That is the mean

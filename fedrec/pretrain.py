@@ -7,10 +7,12 @@ catalogue too). Under noise, every step the model need not spend learning what t
 already says ("items of one brand go together") is a step of signal kept.
 
 The task is made-up shoppers: each browses a few items that share one attribute, and its target
-is another item with that attribute, scored against the batch's other targets and uniform
-negatives, the loss of ``fedrec.train.Objective``. The attribute is drawn with probability
-inversely proportional to how many items carry it: an item's brand says more than a category
-that a third of the catalogue carries.
+is one more draw from the items with that attribute (independent draws, so a rare attribute's
+target may repeat a history item), scored against the batch's other targets and uniform
+negatives in a sampled softmax as ``fedrec.train.Objective``'s, without its logQ correction.
+Another target that shares the attribute still counts as a negative, as in-batch negatives do.
+The attribute is drawn with probability inversely proportional to how many items carry it: an
+item's brand says more than a category that a third of the catalogue carries.
 """
 
 from __future__ import annotations

@@ -54,7 +54,6 @@ def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
     assert summary["communication"]["bytes_up"] > 0 and summary["communication"]["bytes_down"] > 0
     assert summary["wall_seconds"] > 0
     assert summary["catalogue_pretraining"]["steps"] == 20
-    assert summary["catalogue_pretraining"]["loss"] > 0
     assert "server_metrics" in summary  # labelled apart from the federated metrics
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

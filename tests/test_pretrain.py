@@ -11,7 +11,7 @@ from conftest import typed_config
 from fedrec.config import ConfigError
 from fedrec.data.synthetic import generate_shop
 from fedrec.model import TwoTower
-from fedrec.pretrain import pretrain_on_catalogue
+from fedrec.pretrain import MadeUpShoppers, pretrain_on_catalogue
 
 SHOP = ("dataset.num_users=50", "dataset.num_items=160", "dataset.num_categories=8",
         "model.embedding_dim=16", "model.hidden_dim=32")
@@ -49,15 +49,44 @@ def test_the_catalogue_alone_teaches_which_items_go_together(model):
     assert result is not None and result.steps == 150 and np.isfinite(result.loss)
 
 
-def test_no_steps_leave_the_initial_model_as_it_was(tiny_shop):
+def test_made_up_shoppers_browse_items_of_one_attribute(tiny_shop):
+    attributes = torch.as_tensor(tiny_shop.item_attributes)
+    shoppers = MadeUpShoppers(attributes, tiny_shop.num_items, history_length=4,
+                              generator=torch.Generator().manual_seed(0))
+    history, target = shoppers.draw(500)
+    padding = history == tiny_shop.num_items
+    lengths = (~padding).sum(1)
+    assert history.shape == (500, 4) and lengths.min() == 1 and lengths.max() == 4
+    # Right-aligned, as the training data: padding only on the left.
+    assert torch.equal(padding, torch.arange(4).expand(500, 4) < (4 - lengths)[:, None])
+    for row, item in zip(history.tolist(), target.tolist(), strict=True):
+        shared = set(attributes[item].tolist()) - {0}
+        for seen in row:
+            if seen != tiny_shop.num_items:
+                shared &= set(attributes[seen].tolist())
+        assert shared, f"history {row} and target {item} share no attribute"
+
+
+def test_no_steps_leave_the_initial_model_and_the_random_state_as_they_were(tiny_shop):
     cfg = typed_config()
     assert cfg.train.catalogue_pretraining.steps == 0
     torch.manual_seed(0)
     net = TwoTower.for_dataset(cfg.model, tiny_shop)
     before = {k: v.clone() for k, v in net.state_dict().items()}
+    state = torch.get_rng_state()
     assert pretrain_on_catalogue(net, cfg.train.catalogue_pretraining,
                                  num_negatives=8, seed=0) is None
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_pretraining_leaves_the_global_random_state_alone(tiny_shop):
+    """It draws from its own generator, so a run's later draws are those of a run without it."""
+    cfg = typed_config("train.catalogue_pretraining.steps=3")
+    net = TwoTower.for_dataset(cfg.model, tiny_shop)
+    state = torch.get_rng_state()
+    pretrain_on_catalogue(net, cfg.train.catalogue_pretraining, num_negatives=8, seed=0)
+    assert torch.equal(state, torch.get_rng_state())
 
 
 def test_a_catalogue_where_no_two_items_share_an_attribute_is_refused():
@@ -73,7 +102,9 @@ def test_a_catalogue_where_no_two_items_share_an_attribute_is_refused():
     ("train.catalogue_pretraining.batch_size=1", "batch_size=1"),
     ("train.catalogue_pretraining.lr=0", "lr=0"),
     ("train.catalogue_pretraining.history_length=0", "history_length=0"),
+    ("train.catalogue_pretraining.steps=10 model.use_user_features=true",
+     "model.use_user_features=True.*no real shopper's are public"),
 ])
 def test_bad_pretraining_keys_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
-        typed_config(override)
+        typed_config(*override.split())

@@ -90,11 +90,9 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
     # The server holds the shared model only: personal vectors never leave their client.
     model = TwoTower.for_dataset(dataclasses.replace(cfg.model, personal_embedding=False),
                                  dataset)
-    resumed = pretrained = None
+    resumed = None
     if cfg.resume is None:
         outputs = RunOutputs(cfg.output_dir, composed)
-        pretrained = pretrain_on_catalogue(model, cfg.train.catalogue_pretraining,
-                                           num_negatives=cfg.train.num_negatives, seed=cfg.seed)
     else:
         outputs, resumed = RunOutputs.resume(cfg.resume, composed)
         model.load_shared_state(resumed["arrays"])
@@ -180,6 +178,11 @@ def plan_run(composed: DictConfig, grid: Grid) -> FederatedRun:
                            item_optimizer=cfg.strategy.item_optimizer,
                            weighted_by_key=weighted_by_key,
                            cohorts=cohorts)
+    # Last, so that every check above speaks before the seconds it takes. A resumed run's
+    # checkpoint already holds what it trained from.
+    pretrained = None if resumed is not None else pretrain_on_catalogue(
+        model, cfg.train.catalogue_pretraining, num_negatives=cfg.train.num_negatives,
+        seed=cfg.seed)
     return FederatedRun(cfg, composed, fed, dataset, model, outputs, resumed, metered,
                         train_config, population, num_rounds, central, secagg, privacy, rounds,
                         strategy, weighted_by_key, started, cohorts, pretrained)
