@@ -10,6 +10,7 @@ the popularity baseline in the same format. Federation-only keys are ignored.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import sys
 import time
@@ -96,7 +97,7 @@ def run(overrides: str | list[str]) -> dict[str, Any]:
         "select_by": c.eval.select_by,
         "metrics": metrics,
         "privacy": {"mechanism": "none", "epsilon": None, "delta": None, "secagg": False},
-        "catalogue_pretraining": None if pretrained is None else pretrained.as_summary(),
+        "catalogue_pretraining": None if pretrained is None else dataclasses.asdict(pretrained),
         "communication": {"bytes_up": 0, "bytes_down": 0},
         "wall_seconds": time.perf_counter() - started,
     }

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from fedrec.config import CataloguePretrainingConfig
 from fedrec.model import TwoTower
+from fedrec.train import false_negatives
 
 log = logging.getLogger("fedrec.pretrain")
 
@@ -36,9 +37,6 @@ class PretrainResult:
     steps: int
     loss: float  # the mean loss of the last tenth of the steps
     seconds: float
-
-    def as_summary(self) -> dict[str, float | int]:
-        return {"steps": self.steps, "loss": self.loss, "seconds": self.seconds}
 
 
 class MadeUpShoppers:
@@ -96,13 +94,10 @@ def pretrain_on_catalogue(model: TwoTower, cfg: CataloguePretrainingConfig, *,
     for step in range(1, cfg.steps + 1):
         history, target = shoppers.draw(cfg.batch_size)
         negatives = torch.randint(0, model.num_items, (num_negatives,), generator=generator)
+        # No users: a made-up shopper must not train a real shopper's personal vector.
         logits = model(history, torch.cat([target, negatives]))
-        # Another shopper's target, or a negative, equal to this one's is no negative.
-        same = torch.cat([target[None, :] == target[:, None],
-                          negatives[None, :] == target[:, None]], dim=1)
-        own = torch.arange(len(target))
-        same[own, own] = False
-        loss = F.cross_entropy(logits.masked_fill(same, -math.inf), own)
+        loss = F.cross_entropy(logits.masked_fill(false_negatives(target, negatives), -math.inf),
+                               torch.arange(len(target)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

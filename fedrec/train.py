@@ -98,12 +98,20 @@ class Objective:
             expected = size * self.item_log_share.exp()[candidates] + (
                 self.num_negatives / self.num_items)
             logits = logits - torch.log(expected)
-        # Another row's target is a false negative when it is this row's item or this user's.
-        in_batch = (target.unsqueeze(1) == target.unsqueeze(0)) | (
-            user.unsqueeze(1) == user.unsqueeze(0))
-        in_batch &= ~torch.eye(size, dtype=torch.bool)
-        sampled = negatives.unsqueeze(0) == target.unsqueeze(1)
-        return logits.masked_fill(torch.cat([in_batch, sampled], dim=1), -math.inf)
+        return logits.masked_fill(false_negatives(target, negatives, user), -math.inf)
+
+
+def false_negatives(target: torch.Tensor, negatives: torch.Tensor,
+                    user: torch.Tensor | None = None) -> torch.Tensor:
+    """Which of a shared softmax's candidates (the batch's targets, then the negatives) are no
+    negatives for each row: another row's target equal to this row's item or of this row's
+    user, and a negative equal to this row's item."""
+    in_batch = target.unsqueeze(1) == target.unsqueeze(0)
+    if user is not None:
+        in_batch |= user.unsqueeze(1) == user.unsqueeze(0)
+    in_batch &= ~torch.eye(len(target), dtype=torch.bool)
+    sampled = negatives.unsqueeze(0) == target.unsqueeze(1)
+    return torch.cat([in_batch, sampled], dim=1)
 
 
 class _BatchedRows(TensorDataset):

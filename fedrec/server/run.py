@@ -267,7 +267,8 @@ def _report(run: FederatedRun, num_rounds: int, final_arrays: ArrayRecord,
         "valid_metrics": record.get("valid"),
         "privacy": run.privacy.as_dict(),
         # Public data only, so no budget above pays for it; null: none, or a resumed run.
-        "catalogue_pretraining": None if run.pretrained is None else run.pretrained.as_summary(),
+        "catalogue_pretraining": (None if run.pretrained is None
+                                  else dataclasses.asdict(run.pretrained)),
         "communication": {"bytes_up": run.grid.bytes_up, "bytes_down": run.grid.bytes_down},
         "wall_seconds": time.perf_counter() - run.started,
     }
