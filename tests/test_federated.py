@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -54,6 +55,7 @@ def test_federated_run_follows_the_output_contract_and_learns(flower, tmp_path):
     assert summary["communication"]["bytes_up"] > 0 and summary["communication"]["bytes_down"] > 0
     assert summary["wall_seconds"] > 0
     assert summary["catalogue_pretraining"]["steps"] == 20
+    assert 0 < summary["catalogue_pretraining"]["loss"] < math.inf  # a finite cross-entropy
     assert "server_metrics" in summary  # labelled apart from the federated metrics
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -115,7 +115,7 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
     table_trains = model.item_embedding.weight.requires_grad
     objective = ShopperObjective(model, node.examples, logq=node.cfg.train.logq_correction)
     per_shopper = torch.func.vmap(
-        torch.func.grad_and_value(objective.loss, argnums=(0, 1) if table_trains else 0),
+        torch.func.grad_and_value(objective.loss, argnums=(0, 1) if table_trains else (0,)),
         in_dims=(None, 0, 0))
     step = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in dense.items()}
     if table_trains:
@@ -125,9 +125,9 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
         count = int(sizes[chunk].sum())
         batch = objective.batch(rows[first:first + count], sizes[chunk],
                                 _negatives(model, node, shoppers[chunk], seeds))
-        grads_of_shoppers, losses = per_shopper(dense, table[batch["items"]], batch)
-        dense_grads, row_grads = grads_of_shoppers if table_trains else (grads_of_shoppers, None)
-        grads = [*dense_grads.values(), *([] if row_grads is None else [row_grads])]
+        # row_grads: the id rows' gradient if the table trains, else nothing.
+        (dense_grads, *row_grads), losses = per_shopper(dense, table[batch["items"]], batch)
+        grads = [*dense_grads.values(), *row_grads]
         norms = torch.linalg.vector_norm(torch.stack([
             torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float64) for g in grads]),
             dim=0)
@@ -136,9 +136,9 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
         weights = (-lr * scale).float()  # each shopper's clipped step, summed over the chunk
         for name, grad in dense_grads.items():
             step[name] += torch.einsum("s,s...->...", weights, grad).double()
-        if row_grads is not None:
+        for row_grad in row_grads:
             step[ITEM_TABLE].index_add_(0, batch["items"].flatten(),
-                                        (weights[:, None, None] * row_grads).flatten(0, 1)
+                                        (weights[:, None, None] * row_grad).flatten(0, 1)
                                         .double())
         total_loss += float((losses.double() * sizes[chunk]).sum())
         first += count
