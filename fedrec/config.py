@@ -577,10 +577,22 @@ class DpSgdConfig(PrivacyConfig):
     # unit=shopper: the uniform negatives a sampled shopper draws for a step, which all of that
     # shopper's examples share (they are one unit): read once per shopper, not per example.
     negatives_per_shopper: int = MISSING
+    # unit=shopper: max_grad_norm split among groups of parameters ({name prefix: weight}), each
+    # group's part of a shopper's gradient clipped to max_grad_norm x weight / sqrt(sum of the
+    # weights squared): the whole still has max_grad_norm, so the noise and the accounting are
+    # unchanged. A group of weight 0 does not train under DP-SGD (it keeps the public model's
+    # values). Empty: one norm over all the parameters.
+    clip_groups: dict[str, float] = MISSING
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.unit in UNITS, "privacy.unit", self.unit, f"one of {', '.join(UNITS)}")
+        if self.clip_groups:
+            _check(self.unit == "shopper", "privacy.clip_groups", dict(self.clip_groups),
+                   "{} with privacy.unit=example (groups are clipped by shopper only)")
+            _check(all(w >= 0 for w in self.clip_groups.values())
+                   and any(w > 0 for w in self.clip_groups.values()), "privacy.clip_groups",
+                   dict(self.clip_groups), "{parameter-name prefix: weight >= 0}, a weight > 0")
         _check_relation(self, "add_remove", "poisson",
                         "Opacus' accountant bounds the Poisson-sampled Gaussian mechanism under"
                         " adding or removing one unit")
@@ -981,6 +993,10 @@ def _explain(err: BaseException) -> str:
         elif line and not line.startswith(_NOISE) and line not in parts:
             options = None
             parts.append(line)
+    if any("is not in struct" in line for line in lines):
+        # Hydra merges a mapping into the default's keys, and that default holds none.
+        parts.append("a mapping such as privacy.clip_groups takes new keys with ++, as in "
+                     "++privacy.clip_groups={item_mlp:1,user_mlp:1}")
     text = "; ".join(parts)
     return f"{key}: {text}" if key and not text.startswith(key) else text
 

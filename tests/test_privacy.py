@@ -40,6 +40,7 @@ from fedrec.client.app import DP_SGD_STATE
 from fedrec.client.app import app as client_app
 from fedrec.client.dp_sgd import (
     DpSgdLedger,
+    clip_groups,
     embedding_norm_sample,
     shopper_gradients,
     shopper_term,
@@ -146,6 +147,58 @@ def test_a_shopper_is_clipped_as_one_unit():
     assert (step(node.examples, clip) - step(without, clip)).norm() <= clip * (1 + 1e-4)
     unclipped = (step(node.examples, 1e6) - step(without, 1e6)).norm()
     assert unclipped > 10 * clip
+
+
+def test_each_clipping_group_bounds_a_shoppers_part():
+    """With privacy.clip_groups, removing one shopper moves each group of parameters by at most
+    its own part of max_grad_norm (no noise, every shopper in the step, through the round a
+    client trains), and a group of weight 0 not at all; unclipped, the same shopper moves each
+    trained group further."""
+    overrides = (f"{DP} model.item_vectors=attributes model.history_items=attributes "
+                 "train.optimizer=sgd train.dp_sgd.examples_per_shopper=1000 "
+                 "++privacy.clip_groups={attribute_embedding:0,item_mlp:1,user_mlp:3}")
+    node = load_node(overrides, 0, 3)
+    torch.manual_seed(0)
+    start = node_model(node)
+    users = node.examples.user
+    heavy = int(torch.mode(users).values)
+    keep = users != heavy
+    without = dataclasses.replace(node.examples, history=node.examples.history[keep],
+                                  target=node.examples.target[keep], user=users[keep])
+
+    def step(examples, clip: float) -> dict[str, torch.Tensor]:
+        model = copy.deepcopy(start)
+        ledger = DpSgdLedger("rdp", 4.0, DpSgdPlan(0.0, 1.0, 1, 1e-3, 1), [])
+        privacy = dataclasses.replace(node.cfg.privacy, max_grad_norm=clip)
+        train_round(dataclasses.replace(node, examples=examples,
+                                        cfg=dataclasses.replace(node.cfg, privacy=privacy)),
+                    model, lr=1.0, local_epochs=1, batch_size=0, proximal_mu=0.0, seed=3,
+                    ledger=ledger)
+        return {group: torch.cat([p.detach().flatten() for name, p in model.named_parameters()
+                                  if name.startswith(group)])
+                for group in ("attribute_embedding", "item_mlp", "user_mlp")}
+
+    clip = 0.01
+    parts = {"attribute_embedding": 0.0, "item_mlp": clip / 10 ** 0.5,
+             "user_mlp": 3 * clip / 10 ** 0.5}
+    with_all, with_fewer = step(node.examples, clip), step(without, clip)
+    unclipped = {group: (a - b).norm() for (group, a), b in
+                 zip(step(node.examples, 1e6).items(), step(without, 1e6).values(), strict=True)}
+    first = torch.cat([p.detach().flatten() for name, p in start.named_parameters()
+                       if name.startswith("attribute_embedding")])
+    assert torch.equal(with_all["attribute_embedding"], first)
+    for group, part in parts.items():
+        assert (with_all[group] - with_fewer[group]).norm() <= part * (1 + 1e-4)
+        if part > 0:
+            assert unclipped[group] > 10 * part
+
+
+def test_clip_groups_must_cover_the_model():
+    """A group that names no parameter, or a parameter in no group, is refused by name."""
+    node = load_node(f"{DP} ++privacy.clip_groups={{item_mlp:1,user_mlp:1,item_table:1}}", 0, 3)
+    with pytest.raises(ConfigError, match=r"no parameter in: \['item_table'\]; in no group: "
+                                          r"\['item_embedding.weight', 'attribute_embedding"):
+        clip_groups(node_model(node), node.cfg.privacy)
 
 
 @pytest.mark.parametrize("model", ["", "model.user_tower=attention",

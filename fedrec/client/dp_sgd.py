@@ -26,7 +26,7 @@ from torch import nn
 
 from fedrec.accounting import DpSgdPlan, Step, epsilon_of
 from fedrec.client.shopper_objective import ShopperObjective
-from fedrec.config import DpSgdConfig, DpSgdStepConfig
+from fedrec.config import ConfigError, DpSgdConfig, DpSgdStepConfig
 from fedrec.data.sequences import TrainExamples
 from fedrec.model import ITEM_TABLE
 from fedrec.train import (
@@ -137,7 +137,7 @@ def train_dp_sgd(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
             raise ValueError("DP-SGD by shopper needs one shopper's batch objective: negatives "
                              "that shopper draws, no logQ from other shoppers' targets")
         result = _train_by_shopper(model, shared_optimizer, examples, objective, ledger.plan,
-                                   cfg.max_grad_norm, step.examples_per_shopper, seed=seed,
+                                   clip_groups(model, cfg), step.examples_per_shopper, seed=seed,
                                    noise_seed=noise_seed, after_step=after_step)
     else:
         if not objective.per_example:
@@ -152,15 +152,54 @@ def train_dp_sgd(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
     return result
 
 
+def clip_groups(model: nn.Module, cfg: DpSgdConfig) -> list[tuple[list[str], float]]:
+    """``privacy.clip_groups`` on ``model``: each group's trainable parameters, by name, and the
+    norm its part of a shopper's gradient is clipped to; groups of weight 0 left out (they do
+    not train). Empty: one group of every trainable parameter, at ``max_grad_norm``."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not cfg.clip_groups:
+        return [(trainable, cfg.max_grad_norm)]
+    members = {prefix: [name for name in trainable if name == prefix
+                        or name.startswith(f"{prefix}.")] for prefix in cfg.clip_groups}
+    claimed = [name for names in members.values() for name in names]
+    empty = [prefix for prefix, names in members.items() if not names]
+    unclaimed = [name for name in trainable if name not in claimed]
+    if empty or unclaimed or len(set(claimed)) != len(claimed):
+        raise ConfigError(
+            f"privacy.clip_groups={dict(cfg.clip_groups)} must put each trainable parameter in "
+            f"exactly one group (a module name such as item_mlp); no parameter in: {empty}; "
+            f"in no group: {unclaimed}; the model's: {trainable}")
+    total = math.sqrt(sum(weight ** 2 for weight in cfg.clip_groups.values()))
+    return [(members[prefix], cfg.max_grad_norm * weight / total)
+            for prefix, weight in cfg.clip_groups.items() if weight > 0]
+
+
+def _clip_each_group(grads: dict[str, torch.Tensor],
+                     groups: list[tuple[list[str], float]]) -> dict[str, torch.Tensor]:
+    """Each shopper's part of ``grads`` (per-shopper gradients) in each group scaled to at most
+    that group's norm: the whole is then within the root-sum-square of the norms,
+    ``max_grad_norm``, where Opacus' own clipping leaves it."""
+    clipped = {}
+    for names, norm in groups:
+        norms = torch.linalg.vector_norm(torch.stack([
+            torch.linalg.vector_norm(grads[name].flatten(1), dim=1) for name in names]), dim=0)
+        scale = (norm / (norms + 1e-6)).clamp(max=1.0)
+        clipped.update({name: grads[name] * scale.view(-1, *[1] * (grads[name].dim() - 1))
+                        for name in names})
+    return clipped
+
+
 def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
                       examples: TrainExamples, objective: Objective, plan: DpSgdPlan,
-                      max_grad_norm: float, examples_per_shopper: int, *, seed: int,
+                      groups: list[tuple[list[str], float]], examples_per_shopper: int, *,
+                      seed: int,
                       noise_seed: int | None,
                       after_step: Callable[[], None] | None) -> TrainResult:
     """User-level DP-SGD: each step Poisson-samples shoppers at the plan's rate, computes each
     sampled shopper's gradient (mean loss over up to ``examples_per_shopper`` of their
     examples), and hands these as per-sample gradients to Opacus' DPOptimizer, which clips each
-    to ``max_grad_norm`` and adds the noise once to their sum. Adding or removing a shopper
+    to ``max_grad_norm`` and adds the noise once to their sum (with ``groups``, each group is
+    clipped to its own part of that norm first). Adding or removing a shopper
     changes one clipped term: that is the unit the accountant's add/remove bound protects.
     The step follows the noisy sum, not the sum over the client's own count of shoppers: a
     divisor that depends on the data is a release the accountant does not cover (Adam, the
@@ -173,6 +212,10 @@ def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
     params = {name: p for name, p in model.named_parameters() if id(p) in trainable}
     if len(params) != len(trainable):
         raise ValueError("the optimizer holds parameters that are not the model's")
+    if sorted(params) != sorted(name for names, _ in groups for name in names):
+        raise ValueError(f"the optimizer trains {sorted(params)}, not the clipping groups' "
+                         f"{groups}: build it over their parameters alone")
+    max_grad_norm = math.sqrt(sum(norm ** 2 for _, norm in groups))
     optimizer = DPOptimizer(
         shared_optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=1, generator=torch.Generator().manual_seed(_draw_seed(noise_seed, 1)))
@@ -192,6 +235,8 @@ def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
                                       generator))
         # Opacus clips each chunk's shoppers and adds them up; the step adds the noise once.
         for grads, chunk_losses in shopper_gradients(shopper_loss, params, terms):
+            if len(groups) > 1:
+                grads = _clip_each_group(grads, groups)
             for name, p in params.items():
                 p.grad_sample = grads[name]
             optimizer.clip_and_accumulate()

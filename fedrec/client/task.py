@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedrec.accounting import check_delta, plan_dp_sgd
-from fedrec.client.dp_sgd import DpSgdLedger, train_dp_sgd
+from fedrec.client.dp_sgd import DpSgdLedger, clip_groups, train_dp_sgd
 from fedrec.config import Config, ConfigError, DpSgdConfig, compose_config, federated_config
 from fedrec.data.dataset import Dataset
 from fedrec.data.federation import Federation, build_federation
@@ -339,9 +339,9 @@ def train_round(
     ``batch_size`` are unused), recording the round in the ledger. ``seed``: the client's own
     secret for the round, never the server's."""
     after_step = proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
-    optimizer = make_optimizer(model.parameters(), node.cfg.train.optimizer, lr=lr,
-                               weight_decay=node.weight_decay)
     if ledger is None:
+        optimizer = make_optimizer(model.parameters(), node.cfg.train.optimizer, lr=lr,
+                                   weight_decay=node.weight_decay)
         loader = make_loader(node.examples, batch_size, seed)
         return train(model, optimizer, loader, node.objective, epochs=local_epochs, seed=seed,
                      after_step=after_step)
@@ -349,6 +349,10 @@ def train_round(
         raise ValueError("DP-SGD does not cover a personal embedding")
     privacy = node.cfg.privacy
     assert isinstance(privacy, DpSgdConfig)
+    # A clipping group of weight 0 keeps the public model's values: no step moves it.
+    trained = {name for names, _ in clip_groups(model, privacy) for name in names}
+    optimizer = make_optimizer((p for name, p in model.named_parameters() if name in trained),
+                               node.cfg.train.optimizer, lr=lr, weight_decay=node.weight_decay)
     return train_dp_sgd(model, optimizer, node.examples,
                         node.objective, ledger, privacy, node.cfg.train.dp_sgd, seed=seed,
                         noise_seed=None if node.cfg.client_seed is None else seed,

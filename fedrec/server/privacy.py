@@ -503,7 +503,8 @@ class PrivacyReport:
             report.update(
                 unit=cfg.unit, neighbouring=cfg.neighbouring, sampling=cfg.sampling,
                 delta=plan.delta, noise_multiplier=plan.noise_multiplier,
-                clipping_norm=cfg.max_grad_norm, target_epsilon=cfg.target_epsilon,
+                clipping_norm=cfg.max_grad_norm, clip_groups=dict(cfg.clip_groups),
+                target_epsilon=cfg.target_epsilon,
                 accountant=f"opacus-{cfg.accountant}", sample_rate=plan.sample_rate,
                 steps_per_round=plan.steps_per_round, planned_rounds=plan.planned_rounds,
                 rounds_per_client_at_most=self._dp_sgd_rounds,
