@@ -257,6 +257,7 @@ class DpSgdStepConfig:
     # A number, never chosen from the data: a choice made from a client's shoppers would say
     # something about them that the noise does not cover.
     weight_decay: float = MISSING
+    keep_optimizer_state: bool = MISSING
 
     def __post_init__(self) -> None:
         _check(self.weight_decay >= 0, "train.dp_sgd.weight_decay", self.weight_decay,
@@ -351,6 +352,9 @@ class TrainConfig:
     # late ones settle instead of each client dragging the model toward its own data. The
     # centralized reference ignores it.
     round_lr_decay: float = MISSING
+    # A client keeps its optimizer's state (Adam's moments) in its own Context.state from one
+    # round to its next, in place of a fresh optimizer each round; it never leaves the client.
+    keep_optimizer_state: bool = MISSING
     dp_sgd: DpSgdStepConfig = MISSING
     catalogue_pretraining: CataloguePretrainingConfig = MISSING
 

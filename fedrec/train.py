@@ -30,6 +30,8 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # history, target, user
 class TrainResult:
     loss: float  # mean batch loss of the last epoch
     num_examples: int  # examples per epoch
+    # The optimizer's state after the round, when the client keeps it (train_round).
+    optimizer_state: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

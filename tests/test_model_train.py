@@ -287,3 +287,30 @@ def test_a_client_trains_with_the_decay_chosen_from_its_own_shoppers():
     auto = round_with("train.weight_decay=null")
     assert torch.equal(auto, round_with(f"train.weight_decay={decay}"))
     assert not torch.allclose(auto, round_with("train.weight_decay=0"))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_client_that_keeps_its_optimizer_state_resumes_adam(keep):
+    """Two rounds of a client that keeps its optimizer's state (the second from the first's
+    model, as with one client) take the same steps as one Adam trained over both rounds'
+    batches, each round at its own lr; with a fresh optimizer each round they do not, and the
+    result carries no state."""
+    node = load_node(f"{TINY} train.optimizer=adam train.weight_decay=0 "
+                     f"train.keep_optimizer_state={str(keep).lower()}", 0, 3)
+    torch.manual_seed(0)
+    start = node_model(node)
+    rounds = copy.deepcopy(start)
+    first = train_round(node, rounds, lr=0.05, local_epochs=1, batch_size=16, proximal_mu=0.0,
+                        seed=1)
+    assert (first.optimizer_state is not None) == keep
+    train_round(node, rounds, lr=0.02, local_epochs=1, batch_size=16, proximal_mu=0.0, seed=2,
+                optimizer_state=first.optimizer_state)
+
+    one = copy.deepcopy(start)
+    optimizer = make_optimizer(one.parameters(), "adam", lr=0.05, weight_decay=0.0)
+    train(one, optimizer, make_loader(node.examples, 16, 1), node.objective, epochs=1, seed=1)
+    optimizer.param_groups[0]["lr"] = 0.02
+    train(one, optimizer, make_loader(node.examples, 16, 2), node.objective, epochs=1, seed=2)
+    same = all(torch.allclose(a, b, atol=1e-6) for a, b in
+               zip(rounds.shared_state().values(), one.shared_state().values(), strict=True))
+    assert same == keep

@@ -36,7 +36,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedrec.accounting import DpSgdPlan, default_delta, dp_sgd_epsilon, plan_dp_sgd
-from fedrec.client.app import DP_SGD_STATE
+from fedrec.client.app import DP_SGD_STATE, OPTIMIZER_STATE
 from fedrec.client.app import app as client_app
 from fedrec.client.dp_sgd import (
     DpSgdLedger,
@@ -321,6 +321,23 @@ def test_a_client_refuses_a_server_that_asks_past_its_plan():
     reply = client_app(loose, fresh)
     assert reply.has_error() and reply.error.code == OUTSIDE_PLAN
     assert "privacy.delta=0.5" in reply.error.reason
+
+
+def test_a_dp_sgd_client_keeps_adams_moments_and_never_sends_them():
+    """Under DP-SGD (train.dp_sgd.keep_optimizer_state=true) a client's Adam moments stay in
+    its own Context.state from one round to the next; the reply holds the model alone."""
+    message, context = train_message(DP, **DP_REQUEST)
+    reply = client_app(message, context)
+    assert not reply.has_error()
+    kept = context.state.array_records[OPTIMIZER_STATE].to_torch_state_dict()
+    assert any(name.endswith("exp_avg_sq") for name in kept)
+    assert set(reply.content.array_records) == {"arrays"}
+    assert set(reply.content["arrays"]) == set(node_model(load_node(DP, 0, 3)).shared_state())
+    second, _ = train_message(DP, **{**DP_REQUEST, "server-round": 2})
+    assert not client_app(second, context).has_error()
+    moved = context.state.array_records[OPTIMIZER_STATE].to_torch_state_dict()
+    assert all(float(moved[name]) == 2 * float(kept[name]) for name in kept
+               if name.endswith(".step"))
 
 
 def test_exhausted_client_replies_with_an_error_and_keeps_its_ledger():

@@ -63,6 +63,8 @@ NODES = NodeHolder()
 
 PERSONAL_STATE = "fedrec.personal"
 DP_SGD_STATE = "fedrec.dp_sgd"
+# A client's optimizer state between its rounds (train.keep_optimizer_state): never sent.
+OPTIMIZER_STATE = "fedrec.optimizer"
 SECRET_STATE = "fedrec.secret"
 
 
@@ -314,10 +316,15 @@ def _train_client(node: NodeData, data: TrainingData, client: int | None,
                                None if saved is None else DpSgdLedger.from_record(saved))
         if client is not None and not ledger.can_train():  # a node checks in dp_sgd_budget
             raise Refusal(BUDGET_EXHAUSTED, f"shopper {client}'s privacy budget is exhausted")
+    kept = context.state.array_records.get(OPTIMIZER_STATE + suffix)
     result = train_round(data, model, lr=request.lr, local_epochs=request.local_epochs,
                          batch_size=request.batch_size, proximal_mu=request.proximal_mu,
                          seed=round_seed(context, data.cfg, request.run_round, client),
-                         ledger=ledger)
+                         ledger=ledger,
+                         optimizer_state=None if kept is None else kept.to_torch_state_dict())
+    if result.optimizer_state is not None:
+        context.state[OPTIMIZER_STATE + suffix] = ArrayRecord(
+            torch_state_dict=result.optimizer_state)
     if model.personal is not None and client is None:
         context.state[PERSONAL_STATE] = ArrayRecord(torch_state_dict={
             k: v for k, v in model.state_dict().items() if k.startswith(PERSONAL_PREFIX)})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -333,30 +333,68 @@ def train_round(
     proximal_mu: float,
     seed: int,
     ledger: DpSgdLedger | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` (already holding the global shared state) on the node's examples; with a
     ``ledger``, by DP-SGD on the ledger's plan (which fixes the steps: ``local_epochs`` and
     ``batch_size`` are unused), recording the round in the ledger. ``seed``: the client's own
-    secret for the round, never the server's."""
+    secret for the round, never the server's. Where the config keeps the optimizer's state,
+    the optimizer starts from ``optimizer_state`` (the last round's, or None) and the result
+    carries its state after the round."""
     after_step = proximal_step(model, lr * proximal_mu) if proximal_mu > 0 else None
-    if ledger is None:
-        optimizer = make_optimizer(model.parameters(), node.cfg.train.optimizer, lr=lr,
-                                   weight_decay=node.weight_decay)
-        loader = make_loader(node.examples, batch_size, seed)
-        return train(model, optimizer, loader, node.objective, epochs=local_epochs, seed=seed,
-                     after_step=after_step)
-    if model.personal is not None:  # refused when the config is composed; never trained here
-        raise ValueError("DP-SGD does not cover a personal embedding")
     privacy = node.cfg.privacy
-    assert isinstance(privacy, DpSgdConfig)
-    # A clipping group of weight 0 keeps the public model's values: no step moves it.
-    trained = {name for names, _ in clip_groups(model, privacy) for name in names}
-    optimizer = make_optimizer((p for name, p in model.named_parameters() if name in trained),
-                               node.cfg.train.optimizer, lr=lr, weight_decay=node.weight_decay)
-    return train_dp_sgd(model, optimizer, node.examples,
-                        node.objective, ledger, privacy, node.cfg.train.dp_sgd, seed=seed,
-                        noise_seed=None if node.cfg.client_seed is None else seed,
-                        after_step=after_step)
+    trained = model.parameters()
+    if ledger is not None:
+        if model.personal is not None:  # refused when the config is composed; never here
+            raise ValueError("DP-SGD does not cover a personal embedding")
+        assert isinstance(privacy, DpSgdConfig)
+        # A clipping group of weight 0 keeps the public model's values: no step moves it.
+        names = {name for group, _ in clip_groups(model, privacy) for name in group}
+        trained = (p for name, p in model.named_parameters() if name in names)
+    optimizer = make_optimizer(trained, node.cfg.train.optimizer, lr=lr,
+                               weight_decay=node.weight_decay)
+    keep = (node.cfg.train.dp_sgd if ledger is not None else node.cfg.train).keep_optimizer_state
+    if keep and optimizer_state is not None:
+        load_optimizer_state(optimizer, optimizer_state)
+    if ledger is None:
+        loader = make_loader(node.examples, batch_size, seed)
+        result = train(model, optimizer, loader, node.objective, epochs=local_epochs, seed=seed,
+                       after_step=after_step)
+    else:
+        assert isinstance(privacy, DpSgdConfig)
+        result = train_dp_sgd(model, optimizer, node.examples,
+                              node.objective, ledger, privacy, node.cfg.train.dp_sgd, seed=seed,
+                              noise_seed=None if node.cfg.client_seed is None else seed,
+                              after_step=after_step)
+    if not keep:
+        return result
+    return replace(result, optimizer_state=saved_optimizer_state(optimizer))
+
+
+def saved_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state (Adam's step and moments) as flat tensors, as a
+    Context.state ArrayRecord holds them: ``"<parameter index>.<key>"``."""
+    return {f"{index}.{key}": torch.as_tensor(value).clone()
+            for index, state in optimizer.state_dict()["state"].items()
+            for key, value in state.items()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer,
+                         saved: dict[str, torch.Tensor]) -> None:
+    """``saved`` (``saved_optimizer_state``) into ``optimizer``, whose own hyper-parameters (this
+    round's lr) stay."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in saved.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    current = optimizer.state_dict()
+    sizes = [p.numel() for group in optimizer.param_groups for p in group["params"]]
+    for index, entries in state.items():
+        moments = [v for k, v in entries.items() if k != "step"]
+        if index >= len(sizes) or any(v.numel() != sizes[index] for v in moments):
+            raise ValueError(f"the kept optimizer state does not fit this model's parameter "
+                             f"{index}: was the model changed within the run?")
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 def proximal_step(model: TwoTower, strength: float) -> Callable[[], None]:
