@@ -997,8 +997,10 @@ def _explain(err: BaseException) -> str:
         elif line and not line.startswith(_NOISE) and line not in parts:
             options = None
             parts.append(line)
-    if any("is not in struct" in line for line in lines):
-        # Hydra merges a mapping into the default's keys, and that default holds none.
+    if key and key.startswith("privacy.clip_groups.") and any("is not in struct" in line
+                                                              for line in lines):
+        # Hydra merges a mapping into the default's keys, and that default holds none; any other
+        # key "not in struct" is a typo, which this hint would mislead.
         parts.append("a mapping such as privacy.clip_groups takes new keys with ++, as in "
                      "++privacy.clip_groups={item_mlp:1,user_mlp:1}")
     text = "; ".join(parts)

@@ -80,3 +80,19 @@ def test_no_dataset_is_named_in_the_training_defaults():
                                      "experiment=cross_device_sparse train.epochs=3"))
     assert (sparse.train.optimizer, sparse.train.weight_decay) == ("sgd", 0.0)
     assert sparse.train.epochs == 3
+
+
+def test_clip_groups_are_set_with_plus_plus_and_checked():
+    """Hydra refuses new keys in the empty default mapping: the error says to write ++; with
+    ++ the groups compose, and a weight below 0 or all weights 0 are refused by key."""
+    with pytest.raises(ConfigError, match=r"privacy.clip_groups.item_mlp: .*with \+\+"):
+        compose_config("privacy=dp_sgd privacy.clip_groups={item_mlp:1}")
+    groups = to_typed(compose_config(
+        "privacy=dp_sgd ++privacy.clip_groups={item_mlp:1,user_mlp:0}"))
+    assert dict(groups.privacy.clip_groups) == {"item_mlp": 1.0, "user_mlp": 0.0}
+    for bad in ("{item_mlp:0}", "{item_mlp:-1,user_mlp:1}"):
+        with pytest.raises(ConfigError, match=r"privacy\.clip_groups="):
+            to_typed(compose_config(f"privacy=dp_sgd ++privacy.clip_groups={bad}"))
+    with pytest.raises(ConfigError, match=r"privacy\.unit=example"):
+        to_typed(compose_config("privacy=dp_sgd privacy.unit=example "
+                                "++privacy.clip_groups={item_mlp:1}"))
