@@ -21,6 +21,9 @@ PERSONAL_PREFIX = "personal"
 # The item id table's name in the shared state: the parameter the server steps apart
 # (strategy.item_server_lr) and a pool node keeps row by row (fedrec.client.shopper_update).
 ITEM_TABLE = "item_embedding.weight"
+# The attribute table: per-shopper gradients take it row by row too (fedrec.client
+# .shopper_objective).
+ATTRIBUTE_TABLE = "attribute_embedding.weight"
 
 
 class TwoTower(nn.Module):

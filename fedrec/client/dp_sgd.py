@@ -25,10 +25,14 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
 from fedrec.accounting import DpSgdPlan, Step, epsilon_of
-from fedrec.client.shopper_objective import ShopperObjective
+from fedrec.client.shopper_objective import (
+    ShopperObjective,
+    attribute_gradients,
+    attribute_means,
+)
 from fedrec.config import ConfigError, DpSgdConfig, DpSgdStepConfig
 from fedrec.data.sequences import TrainExamples
-from fedrec.model import ITEM_TABLE
+from fedrec.model import ATTRIBUTE_TABLE, ITEM_TABLE
 from fedrec.train import (
     Objective,
     TrainResult,
@@ -295,15 +299,20 @@ def shopper_gradients(objective: ShopperObjective, params: dict[str, nn.Paramete
 
     ``torch.func.vmap`` takes the chunk's gradients apart in one pass (shoppers sorted by size,
     so a chunk pads little). A shopper's gradient on the id table is taken on the rows it read,
-    then laid into a table of its own for Opacus."""
+    and on the attribute table from its items' mean attribute rows, then laid into a table of
+    its own for Opacus."""
     floats = sum(p.numel() for p in params.values())
     per_chunk = max(1, min(512, GRADIENT_FLOATS // max(floats, 1)))
-    dense = {name: p.detach() for name, p in params.items() if name != ITEM_TABLE}
-    table = objective.model.item_embedding.weight.detach()
-    table_trains = ITEM_TABLE in params
+    dense = {name: p.detach() for name, p in params.items()
+             if name not in (ITEM_TABLE, ATTRIBUTE_TABLE)}
+    model = objective.model
+    table = model.item_embedding.weight.detach()
+    table_trains, attributes_train = ITEM_TABLE in params, ATTRIBUTE_TABLE in params
+    means = attribute_means(model)
     per_shopper = torch.func.vmap(
-        torch.func.grad_and_value(objective.loss, argnums=(0, 1) if table_trains else 0),
-        in_dims=(None, 0, 0), randomness="different")  # dropout: each shopper its own mask
+        torch.func.grad_and_value(objective.loss, argnums=(0, *[1] * table_trains,
+                                                            *[2] * attributes_train)),
+        in_dims=(None, 0, 0, 0), randomness="different")  # dropout: each shopper its own mask
     by_size = sorted(terms, key=lambda term: len(term.rows))
     sizes = torch.tensor([len(term.rows) for term in by_size], dtype=torch.long)
     for rows in row_chunks(sizes, SHOPPER_CHUNK_ROWS):
@@ -312,12 +321,17 @@ def shopper_gradients(objective: ShopperObjective, params: dict[str, nn.Paramete
             chunk = by_size[first:last]
             batch = objective.batch(torch.cat([term.rows for term in chunk]), sizes[first:last],
                                     torch.stack([term.negatives for term in chunk]))
-            grads, losses = per_shopper(dense, table[batch["items"]], batch)
+            items = batch["items"]
+            (grads, *rest), losses = per_shopper(dense, table[items], means[items], batch)
             if table_trains:
-                grads, read_grads = grads
-                items = batch["items"].unsqueeze(-1).expand_as(read_grads)
-                grads = {**grads, ITEM_TABLE: table.new_zeros((len(chunk), *table.shape))
-                         .scatter_add_(1, items, read_grads)}
+                read_grads = rest.pop(0)
+                grads[ITEM_TABLE] = table.new_zeros((len(chunk), *table.shape)).scatter_add_(
+                    1, items.unsqueeze(-1).expand_as(read_grads), read_grads)
+            if attributes_train:
+                owner, attribute, attribute_grads = attribute_gradients(model, items, rest.pop())
+                grads[ATTRIBUTE_TABLE] = attribute_grads.new_zeros(
+                    (len(chunk), *model.attribute_embedding.weight.shape))
+                grads[ATTRIBUTE_TABLE][owner, attribute] = attribute_grads
             yield grads, losses
 
 

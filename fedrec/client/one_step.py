@@ -28,10 +28,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fedrec.client.shopper_objective import ShopperObjective, log_expected
+from fedrec.client.shopper_objective import (
+    ShopperObjective,
+    attribute_gradients,
+    attribute_means,
+    log_expected,
+)
 from fedrec.client.task import NodeData, TrainRequest, proximal_step
 from fedrec.config import CentralDpConfig
-from fedrec.model import ITEM_TABLE, PERSONAL_PREFIX, TwoTower
+from fedrec.model import ATTRIBUTE_TABLE, ITEM_TABLE, PERSONAL_PREFIX, TwoTower
 from fedrec.train import TrainResult, make_optimizer, row_chunks
 
 # Rows of one forward pass, which holds a (shoppers x their most rows x negatives) product.
@@ -108,38 +113,53 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
     model.train()
     table = model.item_embedding.weight.detach()
     dense = {name: p.detach() for name, p in model.named_parameters()
-             if name != ITEM_TABLE and not name.startswith(PERSONAL_PREFIX)}
+             if name not in (ITEM_TABLE, ATTRIBUTE_TABLE)
+             and not name.startswith(PERSONAL_PREFIX)}
     # A frozen id table (item vectors and histories from attributes alone) has no gradient:
     # carrying its zero rows through every shopper's norm and sum cost a quarter of the step
     # (559 Beauty shoppers, one thread: 1.3 s, 1.0 s without).
     table_trains = model.item_embedding.weight.requires_grad
+    attributes_train = model.attribute_embedding.weight.requires_grad
+    means = attribute_means(model)
     objective = ShopperObjective(model, node.examples, logq=node.cfg.train.logq_correction)
     per_shopper = torch.func.vmap(
-        torch.func.grad_and_value(objective.loss, argnums=(0, 1) if table_trains else (0,)),
-        in_dims=(None, 0, 0))
+        torch.func.grad_and_value(objective.loss, argnums=(0, *[1] * table_trains,
+                                                            *[2] * attributes_train)),
+        in_dims=(None, 0, 0, 0))
     step = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in dense.items()}
-    if table_trains:
-        step[ITEM_TABLE] = torch.zeros_like(table, dtype=torch.float64)
+    for name, trains in ((ITEM_TABLE, table_trains), (ATTRIBUTE_TABLE, attributes_train)):
+        if trains:
+            step[name] = torch.zeros_like(model.get_parameter(name), dtype=torch.float64)
     total_loss, first = 0.0, 0
     for chunk in row_chunks(sizes, CLIPPED_CHUNK_ROWS):
         count = int(sizes[chunk].sum())
         batch = objective.batch(rows[first:first + count], sizes[chunk],
                                 _negatives(model, node, shoppers[chunk], seeds))
-        # row_grads: the id rows' gradient if the table trains, else nothing.
-        (dense_grads, *row_grads), losses = per_shopper(dense, table[batch["items"]], batch)
-        grads = [*dense_grads.values(), *row_grads]
-        norms = torch.linalg.vector_norm(torch.stack([
-            torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float64) for g in grads]),
-            dim=0)
-        update_norms = lr * norms
+        items = batch["items"]
+        grads, losses = per_shopper(dense, table[items], means[items], batch)
+        dense_grads, rest = grads[0], list(grads[1:])
+        row_grads = rest.pop(0) if table_trains else None
+        attribute_rows = attribute_gradients(model, items, rest.pop()) if attributes_train \
+            else None
+        squares = sum(torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float64) ** 2
+                      for g in [*dense_grads.values(), *[row_grads] * table_trains])
+        if attribute_rows is not None:
+            owner, _, attribute_grads = attribute_rows
+            squares = squares + torch.zeros_like(squares).index_add_(
+                0, owner, attribute_grads.double().pow(2).sum(1))
+        update_norms = lr * squares.sqrt()
         scale = torch.where(update_norms > 0, (clipping_norm / update_norms).clamp(max=1.0), 1.0)
         weights = (-lr * scale).float()  # each shopper's clipped step, summed over the chunk
         for name, grad in dense_grads.items():
             step[name] += torch.einsum("s,s...->...", weights, grad).double()
-        for row_grad in row_grads:
-            step[ITEM_TABLE].index_add_(0, batch["items"].flatten(),
-                                        (weights[:, None, None] * row_grad).flatten(0, 1)
+        if row_grads is not None:
+            step[ITEM_TABLE].index_add_(0, items.flatten(),
+                                        (weights[:, None, None] * row_grads).flatten(0, 1)
                                         .double())
+        if attribute_rows is not None:
+            owner, attribute, attribute_grads = attribute_rows
+            step[ATTRIBUTE_TABLE].index_add_(0, attribute,
+                                             (weights[owner, None] * attribute_grads).double())
         total_loss += float((losses.double() * sizes[chunk]).sum())
         first += count
     if not math.isfinite(total_loss):
