@@ -54,7 +54,8 @@ class TwoTower(nn.Module):
                              "(only the padding one): use model.item_vectors=id_and_attributes")
         self.item_mlp = _mlp((1 if cfg.item_vectors == "attributes" else 2) * dim,
                              cfg.hidden_dim, dim, cfg.dropout)
-        if cfg.item_vectors == "attributes" and cfg.history_items == "attributes":
+        self.reads_id_rows = cfg.item_vectors != "attributes" or cfg.history_items != "attributes"
+        if not self.reads_id_rows:
             # Nothing reads the id table, so nothing trains it: no optimizer decays it, and
             # shopper-level DP-SGD does not carry a zero gradient of the whole table for every
             # sampled shopper (3 MB each on Beauty).

@@ -29,6 +29,7 @@ from fedrec.client.shopper_objective import (
     ShopperObjective,
     attribute_gradients,
     attribute_means,
+    id_rows,
 )
 from fedrec.config import ConfigError, DpSgdConfig, DpSgdStepConfig
 from fedrec.data.sequences import TrainExamples
@@ -322,7 +323,7 @@ def shopper_gradients(objective: ShopperObjective, params: dict[str, nn.Paramete
             batch = objective.batch(torch.cat([term.rows for term in chunk]), sizes[first:last],
                                     torch.stack([term.negatives for term in chunk]))
             items = batch["items"]
-            (grads, *rest), losses = per_shopper(dense, table[items], means[items], batch)
+            (grads, *rest), losses = per_shopper(dense, id_rows(model, items), means[items], batch)
             if table_trains:
                 read_grads = rest.pop(0)
                 grads[ITEM_TABLE] = table.new_zeros((len(chunk), *table.shape)).scatter_add_(

@@ -32,6 +32,7 @@ from fedrec.client.shopper_objective import (
     ShopperObjective,
     attribute_gradients,
     attribute_means,
+    id_rows,
     log_expected,
 )
 from fedrec.client.task import NodeData, TrainRequest, proximal_step
@@ -111,7 +112,6 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
     and their mean loss over their rows. ``model`` is left unchanged."""
     shoppers, sizes, rows = _by_size(node, seeds)
     model.train()
-    table = model.item_embedding.weight.detach()
     dense = {name: p.detach() for name, p in model.named_parameters()
              if name not in (ITEM_TABLE, ATTRIBUTE_TABLE)
              and not name.startswith(PERSONAL_PREFIX)}
@@ -136,7 +136,7 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
         batch = objective.batch(rows[first:first + count], sizes[chunk],
                                 _negatives(model, node, shoppers[chunk], seeds))
         items = batch["items"]
-        grads, losses = per_shopper(dense, table[items], means[items], batch)
+        grads, losses = per_shopper(dense, id_rows(model, items), means[items], batch)
         dense_grads, rest = grads[0], list(grads[1:])
         row_grads = rest.pop(0) if table_trains else None
         attribute_rows = attribute_gradients(model, items, rest.pop()) if attributes_train \

@@ -106,6 +106,14 @@ class ShopperObjective(nn.Module):
                 "real": real}
 
 
+def id_rows(model: TwoTower, items: torch.Tensor) -> torch.Tensor:
+    """The id rows of ``items`` (shoppers, items) for ``ShopperObjective.loss``; none (a last
+    axis of 0) when the model reads no id row: the gather of rows nothing reads cost 0.03 s of
+    a Beauty pool node's 0.71 s clipped step (559 shoppers, one thread)."""
+    table = model.item_embedding.weight.detach()
+    return table[items] if model.reads_id_rows else table.new_zeros((*items.shape, 0))
+
+
 def attribute_means(model: TwoTower) -> torch.Tensor:
     """Every item's mean attribute row, the padding item's included (zero), as the model's
     item tower reads it (``TwoTower._item_parts``)."""
