@@ -314,3 +314,18 @@ def test_a_client_that_keeps_its_optimizer_state_resumes_adam(keep):
     same = all(torch.allclose(a, b, atol=1e-6) for a, b in
                zip(rounds.shared_state().values(), one.shared_state().values(), strict=True))
     assert same == keep
+
+
+def test_a_kept_optimizer_state_that_does_not_fit_the_model_is_refused():
+    """State kept by a client whose model had other shapes (a config changed between runs that
+    share a Context) is refused by name, not loaded into the wrong moments."""
+    node = load_node(f"{TINY} train.optimizer=adam train.weight_decay=0 "
+                     "train.keep_optimizer_state=true", 0, 3)
+    torch.manual_seed(0)
+    kept = train_round(node, node_model(node), lr=0.05, local_epochs=1, batch_size=16,
+                       proximal_mu=0.0, seed=1).optimizer_state
+    wider = load_node(f"{TINY} train.optimizer=adam train.weight_decay=0 "
+                      "train.keep_optimizer_state=true model.embedding_dim=12", 0, 3)
+    with pytest.raises(ValueError, match="does not fit this model's parameter 0"):
+        train_round(wider, node_model(wider), lr=0.05, local_epochs=1, batch_size=16,
+                    proximal_mu=0.0, seed=2, optimizer_state=kept)
