@@ -3,10 +3,12 @@ learns from the catalogue alone which items go together."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from conftest import typed_config
+from conftest import federated_run_in_process, typed_config
 
 from fedrec.config import ConfigError
 from fedrec.data.synthetic import generate_shop
@@ -108,3 +110,25 @@ def test_a_catalogue_where_no_two_items_share_an_attribute_is_refused():
 def test_bad_pretraining_keys_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         typed_config(*override.split())
+
+
+def test_the_clients_receive_the_pretrained_model_at_round_0(tmp_path):
+    """Round 0 is the clients' evaluation of the arrays the server sends first: with
+    pretraining they rank held-out items better than the untrained model does, and the round's
+    figures are those of the pretrained model, not of a model trained on any shopper."""
+    shop = ("dataset.num_users=60 dataset.num_items=160 dataset.num_categories=8 "
+            "model.embedding_dim=16 model.hidden_dim=32 partition=user strategy.fraction_train=0.2 "
+            "num_rounds=1 eval.num_negatives=49")
+    round_0 = {}
+    for steps in (0, 300):
+        out = tmp_path / f"steps-{steps}"
+        out.mkdir()
+        summary, _, _ = federated_run_in_process(
+            f"{shop} train.catalogue_pretraining.steps={steps}", 2, out)
+        assert (summary["catalogue_pretraining"] is None) == (steps == 0)
+        first = json.loads((out / "pool-2" / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["round"] == 0
+        round_0[steps] = first["valid"]["sampled"]["hr@10"]
+    # 49 negatives put chance at 0.2.
+    assert round_0[0] < 0.35
+    assert round_0[300] > round_0[0] + 0.15, round_0
