@@ -25,12 +25,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
 from fedrec.accounting import DpSgdPlan, Step, epsilon_of
-from fedrec.client.shopper_objective import (
-    ShopperObjective,
-    attribute_gradients,
-    attribute_means,
-    id_rows,
-)
+from fedrec.client.shopper_objective import ShopperObjective, per_shopper_gradients
 from fedrec.config import ConfigError, DpSgdConfig, DpSgdStepConfig
 from fedrec.data.sequences import TrainExamples
 from fedrec.model import ATTRIBUTE_TABLE, ITEM_TABLE
@@ -308,12 +303,9 @@ def shopper_gradients(objective: ShopperObjective, params: dict[str, nn.Paramete
              if name not in (ITEM_TABLE, ATTRIBUTE_TABLE)}
     model = objective.model
     table = model.item_embedding.weight.detach()
-    table_trains, attributes_train = ITEM_TABLE in params, ATTRIBUTE_TABLE in params
-    means = attribute_means(model)
-    per_shopper = torch.func.vmap(
-        torch.func.grad_and_value(objective.loss, argnums=(0, *[1] * table_trains,
-                                                            *[2] * attributes_train)),
-        in_dims=(None, 0, 0, 0), randomness="different")  # dropout: each shopper its own mask
+    gradients = per_shopper_gradients(  # dropout: each shopper its own mask
+        objective, dense, id_table=ITEM_TABLE in params, attributes=ATTRIBUTE_TABLE in params,
+        randomness="different")
     by_size = sorted(terms, key=lambda term: len(term.rows))
     sizes = torch.tensor([len(term.rows) for term in by_size], dtype=torch.long)
     for rows in row_chunks(sizes, SHOPPER_CHUNK_ROWS):
@@ -322,18 +314,17 @@ def shopper_gradients(objective: ShopperObjective, params: dict[str, nn.Paramete
             chunk = by_size[first:last]
             batch = objective.batch(torch.cat([term.rows for term in chunk]), sizes[first:last],
                                     torch.stack([term.negatives for term in chunk]))
-            items = batch["items"]
-            (grads, *rest), losses = per_shopper(dense, id_rows(model, items), means[items], batch)
-            if table_trains:
-                read_grads = rest.pop(0)
+            shopper = gradients(batch)
+            grads = shopper.dense
+            if shopper.id_rows is not None:
                 grads[ITEM_TABLE] = table.new_zeros((len(chunk), *table.shape)).scatter_add_(
-                    1, items.unsqueeze(-1).expand_as(read_grads), read_grads)
-            if attributes_train:
-                owner, attribute, attribute_grads = attribute_gradients(model, items, rest.pop())
+                    1, batch["items"].unsqueeze(-1).expand_as(shopper.id_rows), shopper.id_rows)
+            if shopper.attribute_rows is not None:
+                owner, attribute, attribute_grads = shopper.attribute_rows
                 grads[ATTRIBUTE_TABLE] = attribute_grads.new_zeros(
                     (len(chunk), *model.attribute_embedding.weight.shape))
                 grads[ATTRIBUTE_TABLE][owner, attribute] = attribute_grads
-            yield grads, losses
+            yield grads, shopper.losses
 
 
 def _noise_only_step(optimizer: DPOptimizer) -> None:

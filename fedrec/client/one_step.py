@@ -28,13 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fedrec.client.shopper_objective import (
-    ShopperObjective,
-    attribute_gradients,
-    attribute_means,
-    id_rows,
-    log_expected,
-)
+from fedrec.client.shopper_objective import ShopperObjective, log_expected, per_shopper_gradients
 from fedrec.client.task import NodeData, TrainRequest, proximal_step
 from fedrec.config import CentralDpConfig
 from fedrec.model import ATTRIBUTE_TABLE, ITEM_TABLE, PERSONAL_PREFIX, TwoTower
@@ -120,12 +114,9 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
     # (559 Beauty shoppers, one thread: 1.3 s, 1.0 s without).
     table_trains = model.item_embedding.weight.requires_grad
     attributes_train = model.attribute_embedding.weight.requires_grad
-    means = attribute_means(model)
     objective = ShopperObjective(model, node.examples, logq=node.cfg.train.logq_correction)
-    per_shopper = torch.func.vmap(
-        torch.func.grad_and_value(objective.loss, argnums=(0, *[1] * table_trains,
-                                                            *[2] * attributes_train)),
-        in_dims=(None, 0, 0, 0))
+    gradients = per_shopper_gradients(objective, dense, id_table=table_trains,
+                                      attributes=attributes_train)
     step = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in dense.items()}
     for name, trains in ((ITEM_TABLE, table_trains), (ATTRIBUTE_TABLE, attributes_train)):
         if trains:
@@ -135,32 +126,27 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
         count = int(sizes[chunk].sum())
         batch = objective.batch(rows[first:first + count], sizes[chunk],
                                 _negatives(model, node, shoppers[chunk], seeds))
-        items = batch["items"]
-        grads, losses = per_shopper(dense, id_rows(model, items), means[items], batch)
-        dense_grads, rest = grads[0], list(grads[1:])
-        row_grads = rest.pop(0) if table_trains else None
-        attribute_rows = attribute_gradients(model, items, rest.pop()) if attributes_train \
-            else None
+        grads = gradients(batch)
         squares = sum(torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float64) ** 2
-                      for g in [*dense_grads.values(), *[row_grads] * table_trains])
-        if attribute_rows is not None:
-            owner, _, attribute_grads = attribute_rows
+                      for g in (*grads.dense.values(), grads.id_rows) if g is not None)
+        if grads.attribute_rows is not None:
+            owner, _, attribute_grads = grads.attribute_rows
             squares = squares + torch.zeros_like(squares).index_add_(
                 0, owner, attribute_grads.double().pow(2).sum(1))
         update_norms = lr * squares.sqrt()
         scale = torch.where(update_norms > 0, (clipping_norm / update_norms).clamp(max=1.0), 1.0)
         weights = (-lr * scale).float()  # each shopper's clipped step, summed over the chunk
-        for name, grad in dense_grads.items():
+        for name, grad in grads.dense.items():
             step[name] += torch.einsum("s,s...->...", weights, grad).double()
-        if row_grads is not None:
-            step[ITEM_TABLE].index_add_(0, items.flatten(),
-                                        (weights[:, None, None] * row_grads).flatten(0, 1)
+        if grads.id_rows is not None:
+            step[ITEM_TABLE].index_add_(0, batch["items"].flatten(),
+                                        (weights[:, None, None] * grads.id_rows).flatten(0, 1)
                                         .double())
-        if attribute_rows is not None:
-            owner, attribute, attribute_grads = attribute_rows
+        if grads.attribute_rows is not None:
+            owner, attribute, attribute_grads = grads.attribute_rows
             step[ATTRIBUTE_TABLE].index_add_(0, attribute,
                                              (weights[owner, None] * attribute_grads).double())
-        total_loss += float((losses.double() * sizes[chunk]).sum())
+        total_loss += float((grads.losses.double() * sizes[chunk]).sum())
         first += count
     if not math.isfinite(total_loss):
         raise FloatingPointError(f"training loss became {total_loss}: lower train.lr")

@@ -18,6 +18,8 @@ Two paths take shoppers apart this way: a pool node's shoppers under user-level 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +106,44 @@ class ShopperObjective(nn.Module):
                 "target_at": target_at[source], "negatives_at": negatives_at.view(negatives.shape),
                 "log_expected": expected[source].float(), "sampled": sampled[source],
                 "real": real}
+
+
+@dataclass(frozen=True)
+class ShopperGradients:
+    """A chunk's per-shopper gradients: on the dense parameters ({name: (shoppers, *shape)}),
+    on the id rows each read ((shoppers, items, dim), None when the id table does not train),
+    on the attribute rows each reached (``attribute_gradients``, None when that table does not
+    train); and each shopper's loss."""
+
+    dense: dict[str, torch.Tensor]
+    id_rows: torch.Tensor | None
+    attribute_rows: AttributeRowGradients | None
+    losses: torch.Tensor
+
+
+def per_shopper_gradients(objective: ShopperObjective, dense: dict[str, torch.Tensor], *,
+                          id_table: bool, attributes: bool,
+                          randomness: str = "error") -> Callable[[dict[str, torch.Tensor]],
+                                                                 ShopperGradients]:
+    """Each shopper's gradient of ``objective.loss`` at ``dense`` and the model's tables as they
+    stand, for a ``batch`` of ``objective.batch``; the id table's and the attribute table's only
+    when asked (``id_table``, ``attributes``: whether each trains)."""
+    model = objective.model
+    means = attribute_means(model)
+    per_shopper = torch.func.vmap(
+        torch.func.grad_and_value(objective.loss, argnums=(0, *[1] * id_table,
+                                                            *[2] * attributes)),
+        in_dims=(None, 0, 0, 0), randomness=randomness)
+
+    def gradients(batch: dict[str, torch.Tensor]) -> ShopperGradients:
+        items = batch["items"]
+        (dense_grads, *rest), losses = per_shopper(dense, id_rows(model, items), means[items],
+                                                   batch)
+        return ShopperGradients(
+            dense_grads, rest.pop(0) if id_table else None,
+            attribute_gradients(model, items, rest.pop()) if attributes else None, losses)
+
+    return gradients
 
 
 def id_rows(model: TwoTower, items: torch.Tensor) -> torch.Tensor:
