@@ -166,6 +166,11 @@ class TwoTower(nn.Module):
         else:
             mask = known.unsqueeze(-1).float()
             pooled = (embedded * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self._user_from_pooled(pooled, users)
+
+    def _user_from_pooled(self, pooled: torch.Tensor,
+                          users: torch.Tensor | None) -> torch.Tensor:
+        """The user tower past the reading of the history, from its pooled (or encoded) form."""
         parts = [pooled]
         if self.feature_embedding is not None:
             if users is None:
