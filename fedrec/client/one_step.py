@@ -127,7 +127,9 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
         batch = objective.batch(rows[first:first + count], sizes[chunk],
                                 _negatives(model, node, shoppers[chunk], seeds))
         grads = gradients(batch)
-        squares = sum(torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float64) ** 2
+        # Each array's norm in float32, added up in float64: float64 norms of every shopper's
+        # arrays, and einsum's weighted sums below, cost 0.02 s of a 0.54 s step (Beauty).
+        squares = sum(torch.linalg.vector_norm(g.flatten(1), dim=1).double() ** 2
                       for g in (*grads.dense.values(), grads.id_rows) if g is not None)
         if grads.attribute_rows is not None:
             owner, _, attribute_grads = grads.attribute_rows
@@ -137,7 +139,7 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
         scale = torch.where(update_norms > 0, (clipping_norm / update_norms).clamp(max=1.0), 1.0)
         weights = (-lr * scale).float()  # each shopper's clipped step, summed over the chunk
         for name, grad in grads.dense.items():
-            step[name] += torch.einsum("s,s...->...", weights, grad).double()
+            step[name] += (weights @ grad.flatten(1)).view(grad.shape[1:]).double()
         if grads.id_rows is not None:
             step[ITEM_TABLE].index_add_(0, batch["items"].flatten(),
                                         (weights[:, None, None] * grads.id_rows).flatten(0, 1)
