@@ -10,6 +10,10 @@ table's gradient was a dense copy per shopper through the embedding's backward: 
 (638 attributes, 559 shoppers, one thread) the clipped step of a pool node took 0.83 s with it
 and 0.60 s with the table left out altogether.
 
+The item tower runs once over the catalogue when it has no dropout (``ItemTower``): a shopper's
+gradient on its items' vectors comes out of ``vmap``, and the tower's backward runs per shopper
+by hand from the shared forward pass.
+
 Two paths take shoppers apart this way: a pool node's shoppers under user-level DP-FedAvg
 (``fedrec.client.one_step``), and the sampled shoppers of a DP-SGD step by shopper
 (``fedrec.client.dp_sgd``), where a shopper's examples are one unit and may share negatives.
@@ -38,7 +42,8 @@ class ShopperObjective(nn.Module):
     """One shopper's mean loss over its rows, as its own batch computes it
     (``fedrec.train.Objective``), as a function of the dense parameters (all but the id and
     attribute tables), of the id rows that shopper reads and of those items' mean attribute
-    rows; ``batch`` lays a chunk of shoppers out one per slot for ``vmap``."""
+    rows, and of its items' vectors when they are handed in (``ItemTower``); ``batch`` lays a
+    chunk of shoppers out one per slot for ``vmap``."""
 
     def __init__(self, model: TwoTower, examples: TrainExamples, *, logq: bool) -> None:
         super().__init__()
@@ -47,14 +52,18 @@ class ShopperObjective(nn.Module):
         self.logq = logq
 
     def loss(self, dense: dict[str, torch.Tensor], read_rows: torch.Tensor,
-             attr_mean: torch.Tensor, shopper: dict[str, torch.Tensor]) -> torch.Tensor:
+             attr_mean: torch.Tensor, vectors: torch.Tensor | None,
+             shopper: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``vectors``: the item vectors of the shopper's items, or None to compute them here
+        (through the item tower, with ``dense``'s item MLP)."""
         params = {f"model.{name}": value for name, value in dense.items()}
-        return torch.func.functional_call(self, params, (read_rows, attr_mean, shopper))
+        return torch.func.functional_call(self, params, (read_rows, attr_mean, vectors, shopper))
 
     def forward(self, read_rows: torch.Tensor, attr_mean: torch.Tensor,
-                shopper: dict[str, torch.Tensor]) -> torch.Tensor:
+                vectors: torch.Tensor | None, shopper: dict[str, torch.Tensor]) -> torch.Tensor:
         model = self.model
-        vectors = model._vector(read_rows, attr_mean)
+        if vectors is None:
+            vectors = model._vector(read_rows, attr_mean)
         read = read_rows if model.history_items == "id" else model._history_read(read_rows,
                                                                                   attr_mean)
         if model.history_encoder is None:
@@ -145,23 +154,94 @@ def per_shopper_gradients(objective: ShopperObjective, dense: dict[str, torch.Te
                                                                  ShopperGradients]:
     """Each shopper's gradient of ``objective.loss`` at ``dense`` and the model's tables as they
     stand, for a ``batch`` of ``objective.batch``; the id table's and the attribute table's only
-    when asked (``id_table``, ``attributes``: whether each trains)."""
+    when asked (``id_table``, ``attributes``: whether each trains).
+
+    Without dropout in the item tower, an item's vector is the same for every shopper that reads
+    it, so the tower runs once over the catalogue (``ItemTower``) and ``vmap`` takes each
+    shopper's gradient on its items' vectors; the tower's backward then runs per shopper by
+    hand. Inside ``vmap`` the tower ran forward again for each (shopper, item) pair: on Beauty
+    (559 shoppers, about 280 items each) that was most of the clipped step."""
     model = objective.model
     means = attribute_means(model)
+    tower = (ItemTower(model, means, dense) if model.item_mlp[2].p == 0
+             and all(name in dense for name in ITEM_MLP) else None)
     per_shopper = torch.func.vmap(
-        torch.func.grad_and_value(objective.loss, argnums=(0, *[1] * id_table,
-                                                            *[2] * attributes)),
-        in_dims=(None, 0, 0, 0), randomness=randomness)
+        torch.func.grad_and_value(objective.loss, argnums=(
+            0, *[1] * id_table, *[2] * attributes, *[3] * (tower is not None))),
+        in_dims=(None, 0, 0, None if tower is None else 0, 0), randomness=randomness)
+    inside = dense if tower is None else {name: value for name, value in dense.items()
+                                          if name not in ITEM_MLP}
 
     def gradients(batch: dict[str, torch.Tensor]) -> ShopperGradients:
         items = batch["items"]
-        (dense_grads, *rest), losses = per_shopper(dense, id_rows(model, items), means[items],
-                                                   batch)
+        item_means = means[items]
+        vectors = None if tower is None else tower.vectors[items]
+        (dense_grads, *rest), losses = per_shopper(inside, id_rows(model, items), item_means,
+                                                   vectors, batch)
+        row_grads = rest.pop(0) if id_table else None
+        mean_grads = rest.pop(0) if attributes else None
+        if tower is not None:
+            mlp_grads, input_grads = tower.backward(items, vectors, item_means, rest.pop(),
+                                                    inputs=id_table or attributes)
+            dense_grads = {**dense_grads, **mlp_grads}
+            if input_grads is not None:  # the tower's reads add to the history's
+                id_part, mean_part = input_grads[..., :-item_means.shape[-1]], input_grads[
+                    ..., -item_means.shape[-1]:]
+                if row_grads is not None and model.item_vectors_read != "attributes":
+                    row_grads = row_grads + id_part
+                if mean_grads is not None:
+                    mean_grads = mean_grads + mean_part
         return ShopperGradients(
-            dense_grads, rest.pop(0) if id_table else None,
-            attribute_gradients(model, items, rest.pop()) if attributes else None, losses)
+            dense_grads, row_grads,
+            None if mean_grads is None else attribute_gradients(model, items, mean_grads),
+            losses)
 
     return gradients
+
+
+# The item tower's MLP (``fedrec.model._mlp``: Linear, ReLU, Dropout, Linear), by name in the
+# model's parameters, whose per-shopper gradients ``ItemTower.backward`` takes by hand.
+ITEM_MLP = ("item_mlp.0.weight", "item_mlp.0.bias", "item_mlp.3.weight", "item_mlp.3.bias")
+NORMALIZE_EPS = 1e-12  # F.normalize's
+
+
+class ItemTower:
+    """The item tower run once over every item (the padding item included) at ``dense``'s item
+    MLP, keeping what its backward reads: each item's input, hidden layer, output norm and
+    vector (``TwoTower._vector``, without dropout)."""
+
+    def __init__(self, model: TwoTower, means: torch.Tensor,
+                 dense: dict[str, torch.Tensor]) -> None:
+        self.weights = [dense[name] for name in ITEM_MLP]
+        first_w, first_b, last_w, last_b = self.weights
+        self.reads_ids = model.item_vectors_read != "attributes"
+        self.inputs = torch.cat([model.item_embedding.weight.detach(), means],
+                                dim=-1) if self.reads_ids else means
+        self.hidden = F.relu(self.inputs @ first_w.T + first_b)
+        out = self.hidden @ last_w.T + last_b
+        self.norms = torch.linalg.vector_norm(out, dim=-1, keepdim=True)
+        self.vectors = out / self.norms.clamp(min=NORMALIZE_EPS)
+
+    def backward(self, items: torch.Tensor, vectors: torch.Tensor, means: torch.Tensor,
+                 vector_grads: torch.Tensor, *, inputs: bool,
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Each shopper's gradient on the item MLP, from its gradient on the vectors of the
+        ``items`` it read (shoppers, items, dim); and on those items' inputs (id row, mean
+        attribute row) when ``inputs``."""
+        first_w, _, last_w, _ = self.weights
+        norms, hidden = self.norms[items], self.hidden[items]
+        # F.normalize's backward: the part along the vector drops out, over the norm (below
+        # F.normalize's eps, the output is the input over eps).
+        along = torch.where(norms > NORMALIZE_EPS,
+                            (vectors * vector_grads).sum(-1, keepdim=True), 0.0)
+        out_grads = (vector_grads - vectors * along) / norms.clamp(min=NORMALIZE_EPS)
+        # ReLU's backward as autograd runs it: a mask built and multiplied in cost 0.06 s of
+        # the 0.2 s this backward took (Beauty, 559 shoppers, one thread).
+        hidden_grads = torch.ops.aten.threshold_backward(out_grads @ last_w, hidden, 0)
+        item_inputs = self.inputs[items] if self.reads_ids else means
+        grads = dict(zip(ITEM_MLP, (hidden_grads.mT @ item_inputs, hidden_grads.sum(1),
+                                    out_grads.mT @ hidden, out_grads.sum(1)), strict=True))
+        return grads, hidden_grads @ first_w if inputs else None
 
 
 def id_rows(model: TwoTower, items: torch.Tensor) -> torch.Tensor:
