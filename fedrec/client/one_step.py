@@ -10,10 +10,10 @@ rows, instead of a model reset, a dense item-table gradient and an optimizer ste
 Weight decay and FedProx's proximal step are linear in the step, so they carry over.
 
 Under user-level DP-FedAvg each shopper's update is clipped before the sum, which is not
-linear in its gradient: ``train_one_step_clipped`` takes each shopper's gradient apart with
-``torch.func.vmap``, over the item rows that shopper reads (not the whole table) and the dense
-layers, clips it, and adds the clipped steps. Without weight decay or a proximal term, the step
-is -lr times the gradient, so its norm is lr times the gradient's.
+linear in its gradient: ``train_one_step_clipped`` takes each shopper's gradient apart
+(``fedrec.client.shopper_objective``), over the item rows that shopper reads (not the whole
+table) and the dense layers, clips it, and adds the clipped steps. Without weight decay or a
+proximal term, the step is -lr times the gradient, so its norm is lr times the gradient's.
 
 Nothing else is batched this way: Adam's first step, several steps, dropout (of either kind:
 its masks come from the node's generator, not from each shopper's seed) and DP-SGD's
@@ -37,9 +37,10 @@ from fedrec.train import TrainResult, make_optimizer, row_chunks
 # Rows of one forward pass, which holds a (shoppers x their most rows x negatives) product.
 CHUNK_ROWS = 2048
 # Rows of one pass that takes each shopper's gradient apart: it holds every shopper's own
-# copy of the item tower's activations over the items it reads (about 280 on Beauty), which
-# stays in cache at this size. On Beauty, 549 shoppers took 1.2 s at 128 rows, 1.4 s at 512
-# and 2.6 s at 2,048 (one thread).
+# gradients over the items it reads (about 280 on Beauty), which stay in cache at this size.
+# On Beauty, 549 shoppers took 1.2 s at 128 rows, 1.4 s at 512 and 2.6 s at 2,048 (one
+# thread, when the item tower still ran inside vmap); 559 took 0.59 / 0.55 / 0.53 s at 64 /
+# 128 / 256 rows before it ran once per step (``fedrec.client.shopper_objective.ItemTower``).
 CLIPPED_CHUNK_ROWS = 128
 
 
