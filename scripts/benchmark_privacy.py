@@ -66,8 +66,11 @@ def main() -> None:
         today = (_result(f"{base} eval.server=true privacy=none",
                          out / f"{partition}-none-todays-model") if args.model else None)
         _print_table(partition, f"{base} {args.model}".strip(), results, today)
-        plot = _plot(f"{args.dataset}, {partition}: {args.model or 'the default model'}",
-                     results, today, out / f"privacy-{args.dataset}-{partition}.png")
+        # The title names every override the rows share but the dataset's path, so that a model
+        # change passed in the recipe is not drawn as the default model.
+        shared = " ".join([getattr(args, partition), *args.overrides, args.model]).strip()
+        plot = _plot(f"{args.dataset}, {partition}: {shared}", results, today,
+                     out / f"privacy-{args.dataset}-{partition}.png")
         print(f"\nplot: {plot}")
 
 
