@@ -41,6 +41,7 @@ from fedrec.client.app import app as client_app
 from fedrec.client.dp_sgd import (
     DpSgdLedger,
     clip_groups,
+    clipped_sum,
     embedding_norm_sample,
     shopper_gradients,
     shopper_term,
@@ -49,7 +50,7 @@ from fedrec.client.dp_sgd import (
 from fedrec.client.shopper_objective import ShopperObjective
 from fedrec.client.task import node_model, protected_units, train_round
 from fedrec.config import ConfigError
-from fedrec.model import ITEM_TABLE
+from fedrec.model import ATTRIBUTE_TABLE, ITEM_TABLE
 from fedrec.server.privacy import (
     _epsilon_after,
     _rdp_accountant,
@@ -236,7 +237,8 @@ def test_shopper_gradients_are_each_shoppers_own(model):
     assert len({len(term.rows) for term in terms}) > 1  # the padding is exercised
     by_size = sorted(range(len(terms)), key=lambda i: len(terms[i].rows))
     objective = ShopperObjective(net, node.examples, logq=False)
-    chunks = list(shopper_gradients(objective, params, terms))
+    chunks = [(_per_shopper_tables(g, items, params), g.losses)
+              for g, items in shopper_gradients(objective, params, terms)]
     grads = {name: torch.cat([g[name] for g, _ in chunks]) for name in params}
     losses = torch.cat([loss for _, loss in chunks])
     for slot, index in enumerate(by_size):
@@ -244,6 +246,63 @@ def test_shopper_gradients_are_each_shoppers_own(model):
         assert float(losses[slot]) == pytest.approx(expected_loss, rel=1e-5)
         for name, want in zip(params, expected, strict=True):
             torch.testing.assert_close(grads[name][slot], want, rtol=1e-4, atol=1e-6)
+
+
+def _per_shopper_tables(grads, items, params) -> dict[str, torch.Tensor]:
+    """Each shopper's gradient on every parameter as a tensor of the parameter's shape, the
+    tables' rows laid into a table per shopper: what Opacus reads as per-sample gradients."""
+    dense = dict(grads.dense)
+    if grads.id_rows is not None:
+        table = params[ITEM_TABLE]
+        dense[ITEM_TABLE] = table.new_zeros((len(items), *table.shape)).index_put_(
+            (torch.arange(len(items)).unsqueeze(1).expand_as(items), items), grads.id_rows,
+            accumulate=True)
+    if grads.attribute_rows is not None:
+        owner, attribute, attribute_grads = grads.attribute_rows
+        table = params[ATTRIBUTE_TABLE]
+        dense[ATTRIBUTE_TABLE] = table.new_zeros((len(items), *table.shape)).index_put_(
+            (owner, attribute), attribute_grads, accumulate=True)
+    return dense
+
+
+@pytest.mark.parametrize("groups", ["", "++privacy.clip_groups={item_embedding:2,"
+                                        "attribute_embedding:1,item_mlp:1,user_mlp:3}"])
+def test_clipped_sum_is_what_opacus_clips(groups):
+    """The sum DP-SGD by shopper clips from the rows each shopper reached equals the sum that
+    Opacus' own DPOptimizer.clip_and_accumulate makes of the same gradients laid out as dense
+    per-sample tensors, the id and attribute tables included; with clipping groups, each
+    group's part scaled to its norm first. A clip small enough that every shopper is cut."""
+    node = load_node(f"{DP} privacy.max_grad_norm=0.05 {groups}", 0, 3)
+    torch.manual_seed(0)
+    net = node_model(node)
+    params = {name: p for name, p in net.named_parameters() if p.requires_grad}
+    assert {ITEM_TABLE, ATTRIBUTE_TABLE} <= set(params)
+    cut = clip_groups(net, node.cfg.privacy)
+    assert len(cut) == (4 if groups else 1)
+    users = node.examples.user
+    terms = [shopper_term((users == shopper).nonzero().flatten(), node.objective, 8,
+                          torch.Generator().manual_seed(shopper))
+             for shopper in torch.unique(users)[:9].tolist()]
+    objective = ShopperObjective(net, node.examples, logq=False)
+    [(grads, items)] = list(shopper_gradients(objective, params, terms))
+    ours = clipped_sum(grads, items, params, cut)
+
+    per_sample = _per_shopper_tables(grads, items, params)
+    norms = {name: per_sample[name].flatten(1).norm(dim=1) for name in params}
+    assert (torch.stack(list(norms.values())).norm(dim=0) > node.cfg.privacy.max_grad_norm).all()
+    if groups:
+        for names, norm in cut:
+            group = torch.stack([norms[name] for name in names]).norm(dim=0)
+            for name in names:
+                per_sample[name] = per_sample[name] * (norm / (group + 1e-6)).clamp(
+                    max=1.0).view(-1, *[1] * (per_sample[name].dim() - 1))
+    optimizer = DPOptimizer(torch.optim.SGD(params.values(), lr=1.0), noise_multiplier=0.0,
+                            max_grad_norm=node.cfg.privacy.max_grad_norm, expected_batch_size=1)
+    for name, p in params.items():
+        p.grad_sample = per_sample[name]
+    optimizer.clip_and_accumulate()
+    for name, p in params.items():
+        torch.testing.assert_close(ours[name], p.summed_grad, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("unit", ["shopper", "example"])
