@@ -237,8 +237,8 @@ def test_shopper_gradients_are_each_shoppers_own(model):
     assert len({len(term.rows) for term in terms}) > 1  # the padding is exercised
     by_size = sorted(range(len(terms)), key=lambda i: len(terms[i].rows))
     objective = ShopperObjective(net, node.examples, logq=False)
-    chunks = [(_per_shopper_tables(g, items, params), g.losses)
-              for g, items in shopper_gradients(objective, params, terms)]
+    chunks = [(_per_shopper_tables(g, params), g.losses)
+              for g in shopper_gradients(objective, params, terms)]
     grads = {name: torch.cat([g[name] for g, _ in chunks]) for name in params}
     losses = torch.cat([loss for _, loss in chunks])
     for slot, index in enumerate(by_size):
@@ -248,10 +248,10 @@ def test_shopper_gradients_are_each_shoppers_own(model):
             torch.testing.assert_close(grads[name][slot], want, rtol=1e-4, atol=1e-6)
 
 
-def _per_shopper_tables(grads, items, params) -> dict[str, torch.Tensor]:
+def _per_shopper_tables(grads, params) -> dict[str, torch.Tensor]:
     """Each shopper's gradient on every parameter as a tensor of the parameter's shape, the
     tables' rows laid into a table per shopper: what Opacus reads as per-sample gradients."""
-    dense = dict(grads.dense)
+    dense, items = dict(grads.dense), grads.items
     if grads.id_rows is not None:
         table = params[ITEM_TABLE]
         dense[ITEM_TABLE] = table.new_zeros((len(items), *table.shape)).index_put_(
@@ -284,10 +284,10 @@ def test_clipped_sum_is_what_opacus_clips(groups):
                           torch.Generator().manual_seed(shopper))
              for shopper in torch.unique(users)[:9].tolist()]
     objective = ShopperObjective(net, node.examples, logq=False)
-    [(grads, items)] = list(shopper_gradients(objective, params, terms))
-    ours = clipped_sum(grads, items, params, cut)
+    [grads] = list(shopper_gradients(objective, params, terms))
+    ours = clipped_sum(grads, params, cut)
 
-    per_sample = _per_shopper_tables(grads, items, params)
+    per_sample = _per_shopper_tables(grads, params)
     norms = {name: per_sample[name].flatten(1).norm(dim=1) for name in params}
     assert (torch.stack(list(norms.values())).norm(dim=0) > node.cfg.privacy.max_grad_norm).all()
     if groups:

@@ -226,8 +226,8 @@ def _train_by_shopper(model: nn.Module, shared_optimizer: torch.optim.Optimizer,
         # Each chunk's shoppers clipped and added up into Opacus' sum of clipped gradients
         # (``summed_grad``, where its own clip_and_accumulate puts it); Opacus' step adds the
         # noise once to that sum and steps.
-        for grads, items in shopper_gradients(shopper_loss, params, terms):
-            for name, summed in clipped_sum(grads, items, params, groups).items():
+        for grads in shopper_gradients(shopper_loss, params, terms):
+            for name, summed in clipped_sum(grads, params, groups).items():
                 p = params[name]
                 p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
             losses.extend(grads.losses.tolist())
@@ -275,11 +275,9 @@ GRADIENT_FLOATS = 2**26
 
 
 def shopper_gradients(objective: ShopperObjective, params: dict[str, nn.Parameter],
-                      terms: list[ShopperTerm]) -> Iterator[tuple[ShopperGradients,
-                                                                  torch.Tensor]]:
+                      terms: list[ShopperTerm]) -> Iterator[ShopperGradients]:
     """Each term's gradient (of its mean loss over its examples) with respect to ``params``,
-    the model's trainable parameters, and its loss, in chunks, with the items each shopper of
-    the chunk read ((shoppers, items), the rows of its id-table gradient).
+    the model's trainable parameters, and its loss, in chunks.
 
     ``torch.func.vmap`` takes the chunk's gradients apart in one pass (shoppers sorted by size,
     so a chunk pads little). A shopper's gradient on the id table is taken on the rows it read,
@@ -300,52 +298,32 @@ def shopper_gradients(objective: ShopperObjective, params: dict[str, nn.Paramete
             chunk = by_size[first:last]
             batch = objective.batch(torch.cat([term.rows for term in chunk]), sizes[first:last],
                                     torch.stack([term.negatives for term in chunk]))
-            yield gradients(batch), batch["items"]
+            yield gradients(batch)
 
 
-def clipped_sum(grads: ShopperGradients, items: torch.Tensor,
-                params: dict[str, nn.Parameter],
+def clipped_sum(grads: ShopperGradients, params: dict[str, nn.Parameter],
                 groups: list[tuple[list[str], float]]) -> dict[str, torch.Tensor]:
     """The sum over a chunk's shoppers of each one's gradient, clipped as Opacus' DPOptimizer
     clips a per-sample gradient (to the root-sum-square of the groups' norms, with a 1e-6 in
     the divisor), each clipping group first scaled to at most its own norm.
 
-    It reads each shopper's gradient on the tables as the rows it reached (``items``, and the
-    attribute rows), never as a table of its own: Opacus' per-sample gradients are a dense
-    copy of every parameter per shopper, and on Beauty's default model (12,102 id rows)
-    laying out, clipping and adding those copies took about three quarters of a DP-SGD round.
-    A row a shopper read twice (the padding item) has a zero gradient in all but one place,
-    so the rows' norm is the table's."""
-    squares = {name: torch.linalg.vector_norm(g.flatten(1), dim=1) ** 2
-               for name, g in grads.dense.items()}
-    if grads.id_rows is not None:
-        squares[ITEM_TABLE] = grads.id_rows.pow(2).sum((1, 2))
-    if grads.attribute_rows is not None:
-        owner, _, attribute_grads = grads.attribute_rows
-        squares[ATTRIBUTE_TABLE] = torch.zeros(len(items)).index_add_(
-            0, owner, attribute_grads.pow(2).sum(1))
-    weights: dict[str, torch.Tensor] = {}
-    clipped_squares = torch.zeros(len(items))
+    It reads each shopper's gradient on the tables as the rows it reached: Opacus' per-sample
+    gradients are a dense copy of every parameter per shopper, and on Beauty's default model
+    (12,102 id rows) laying out, clipping and adding those copies took about three quarters
+    of a DP-SGD round."""
+    squares = grads.squares()
+    shoppers = len(grads.losses)
+    scales: dict[str, torch.Tensor] = {}
+    clipped_squares = torch.zeros(shoppers)
     for names, norm in groups:
         group_squares = sum(squares[name] for name in names)
         scale = ((norm / (group_squares.sqrt() + 1e-6)).clamp(max=1.0) if len(groups) > 1
-                 else torch.ones(len(items)))
-        weights.update(dict.fromkeys(names, scale))
+                 else torch.ones(shoppers))
+        scales.update(dict.fromkeys(names, scale))
         clipped_squares += scale ** 2 * group_squares
     max_grad_norm = math.sqrt(sum(norm ** 2 for _, norm in groups))
     factor = (max_grad_norm / (clipped_squares.sqrt() + 1e-6)).clamp(max=1.0)
-    summed = {name: (weights[name] * factor @ g.flatten(1)).view(g.shape[1:])
-              for name, g in grads.dense.items()}
-    if grads.id_rows is not None:
-        weight = weights[ITEM_TABLE] * factor
-        summed[ITEM_TABLE] = torch.zeros_like(params[ITEM_TABLE]).index_add_(
-            0, items.flatten(), (weight[:, None, None] * grads.id_rows).flatten(0, 1))
-    if grads.attribute_rows is not None:
-        owner, attribute, attribute_grads = grads.attribute_rows
-        weight = weights[ATTRIBUTE_TABLE] * factor
-        summed[ATTRIBUTE_TABLE] = torch.zeros_like(params[ATTRIBUTE_TABLE]).index_add_(
-            0, attribute, weight[owner, None] * attribute_grads)
-    return summed
+    return grads.weighted_sum({name: scale * factor for name, scale in scales.items()}, params)
 
 
 def _noise_only_step(optimizer: DPOptimizer) -> None:

@@ -119,9 +119,10 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
     gradients = per_shopper_gradients(objective, dense, id_table=table_trains,
                                       attributes=attributes_train)
     step = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in dense.items()}
-    for name, trains in ((ITEM_TABLE, table_trains), (ATTRIBUTE_TABLE, attributes_train)):
-        if trains:
-            step[name] = torch.zeros_like(model.get_parameter(name), dtype=torch.float64)
+    tables = {name: model.get_parameter(name).detach() for name, trains in
+              ((ITEM_TABLE, table_trains), (ATTRIBUTE_TABLE, attributes_train)) if trains}
+    step.update({name: torch.zeros_like(table, dtype=torch.float64)
+                 for name, table in tables.items()})
     total_loss, first = 0.0, 0
     for chunk in row_chunks(sizes, CLIPPED_CHUNK_ROWS):
         count = int(sizes[chunk].sum())
@@ -130,25 +131,12 @@ def train_one_step_clipped(node: NodeData, model: TwoTower, seeds: dict[int, int
         grads = gradients(batch)
         # Each array's norm in float32, added up in float64: float64 norms of every shopper's
         # arrays, and einsum's weighted sums below, cost 0.02 s of a 0.54 s step (Beauty).
-        squares = sum(torch.linalg.vector_norm(g.flatten(1), dim=1).double() ** 2
-                      for g in (*grads.dense.values(), grads.id_rows) if g is not None)
-        if grads.attribute_rows is not None:
-            owner, _, attribute_grads = grads.attribute_rows
-            squares = squares + torch.zeros_like(squares).index_add_(
-                0, owner, attribute_grads.double().pow(2).sum(1))
+        squares = sum(square.double() for square in grads.squares().values())
         update_norms = lr * squares.sqrt()
         scale = torch.where(update_norms > 0, (clipping_norm / update_norms).clamp(max=1.0), 1.0)
         weights = (-lr * scale).float()  # each shopper's clipped step, summed over the chunk
-        for name, grad in grads.dense.items():
-            step[name] += (weights @ grad.flatten(1)).view(grad.shape[1:]).double()
-        if grads.id_rows is not None:
-            step[ITEM_TABLE].index_add_(0, batch["items"].flatten(),
-                                        (weights[:, None, None] * grads.id_rows).flatten(0, 1)
-                                        .double())
-        if grads.attribute_rows is not None:
-            owner, attribute, attribute_grads = grads.attribute_rows
-            step[ATTRIBUTE_TABLE].index_add_(0, attribute,
-                                             (weights[owner, None] * attribute_grads).double())
+        for name, summed in grads.weighted_sum(dict.fromkeys(step, weights), tables).items():
+            step[name] += summed.double()
         total_loss += float((grads.losses.double() * sizes[chunk]).sum())
         first += count
     if not math.isfinite(total_loss):

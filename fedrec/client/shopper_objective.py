@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedrec.data.sequences import TrainExamples
-from fedrec.model import TwoTower, _masked_mean
+from fedrec.model import ATTRIBUTE_TABLE, ITEM_TABLE, TwoTower, _masked_mean
 
 # What ``attribute_gradients`` returns: for each (shopper, attribute row) pair a shopper's
 # items reach, the shopper's slot, the attribute, and the gradient on that row.
@@ -138,14 +138,50 @@ class ShopperObjective(nn.Module):
 @dataclass(frozen=True)
 class ShopperGradients:
     """A chunk's per-shopper gradients: on the dense parameters ({name: (shoppers, *shape)}),
-    on the id rows each read ((shoppers, items, dim), None when the id table does not train),
-    on the attribute rows each reached (``attribute_gradients``, None when that table does not
-    train); and each shopper's loss."""
+    on the id rows each read ((shoppers, items, dim), rows of ``items``; None when the id table
+    does not train), on the attribute rows each reached (``attribute_gradients``, None when
+    that table does not train); and each shopper's loss.
+
+    A shopper's gradient on a table stays the rows it reached, never a table of its own: the
+    two clipping paths (a pool node's under DP-FedAvg, DP-SGD by shopper) read norms and
+    weighted sums from the rows."""
 
     dense: dict[str, torch.Tensor]
     id_rows: torch.Tensor | None
     attribute_rows: AttributeRowGradients | None
     losses: torch.Tensor
+    items: torch.Tensor
+
+    def squares(self) -> dict[str, torch.Tensor]:
+        """Each shopper's squared norm of its gradient on each trained parameter, by name.
+        A row a shopper read twice (the padding item) has a zero gradient in all but one
+        place, so the rows' norm is the table's."""
+        squares = {name: torch.linalg.vector_norm(g.flatten(1), dim=1) ** 2
+                   for name, g in self.dense.items()}
+        if self.id_rows is not None:
+            squares[ITEM_TABLE] = self.id_rows.pow(2).sum((1, 2))
+        if self.attribute_rows is not None:
+            owner, _, attribute_grads = self.attribute_rows
+            squares[ATTRIBUTE_TABLE] = torch.zeros(len(self.items)).index_add_(
+                0, owner, attribute_grads.pow(2).sum(1))
+        return squares
+
+    def weighted_sum(self, weights: dict[str, torch.Tensor],
+                     tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The sum over the shoppers of each one's gradient on each trained parameter times its
+        weight for that parameter (``weights[name]``: (shoppers,)); ``tables`` shape the
+        tables' sums."""
+        summed = {name: (weights[name] @ g.flatten(1)).view(g.shape[1:])
+                  for name, g in self.dense.items()}
+        if self.id_rows is not None:
+            summed[ITEM_TABLE] = torch.zeros_like(tables[ITEM_TABLE]).index_add_(
+                0, self.items.flatten(),
+                (weights[ITEM_TABLE][:, None, None] * self.id_rows).flatten(0, 1))
+        if self.attribute_rows is not None:
+            owner, attribute, attribute_grads = self.attribute_rows
+            summed[ATTRIBUTE_TABLE] = torch.zeros_like(tables[ATTRIBUTE_TABLE]).index_add_(
+                0, attribute, weights[ATTRIBUTE_TABLE][owner, None] * attribute_grads)
+        return summed
 
 
 def per_shopper_gradients(objective: ShopperObjective, dense: dict[str, torch.Tensor], *,
@@ -195,7 +231,7 @@ def per_shopper_gradients(objective: ShopperObjective, dense: dict[str, torch.Te
         return ShopperGradients(
             dense_grads, row_grads,
             None if mean_grads is None else attribute_gradients(model, items, mean_grads),
-            losses)
+            losses, items)
 
     return gradients
 
